@@ -1,0 +1,87 @@
+"""Shared fixtures: the YOLOv5 backend, shared/ data (skipped when absent), small real YOLOv5 models."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("YOLO_PRUNE_SHARED", ROOT.parent / "shared"))
+SHARED_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
+
+
+
+@pytest.fixture(scope="session")
+def backend():
+    from yolo_prune_plugin.adapter import get_backend
+
+    return get_backend()
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    if not SHARED_WEIGHTS.is_file():
+        pytest.skip(f"needs the shared data folder ({SHARED}), which is absent on this machine")
+    return SHARED
+
+
+def data_yaml(shared: Path, name: str, dest: Path) -> Path:
+    """A copy of shared/data/<name>.yaml with an absolute ``path:``."""
+    d = yaml.safe_load((shared / "data" / f"{name}.yaml").read_text())
+    d["path"] = str((shared / "data" / d["path"]).resolve())
+    out = dest / f"{name}.yaml"
+    out.write_text(yaml.safe_dump(d))
+    return out
+
+
+@pytest.fixture(scope="session")
+def coco8_yaml(shared, tmp_path_factory) -> Path:
+    return data_yaml(shared, "coco8", tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def coco128_yaml(shared, tmp_path_factory) -> Path:
+    return data_yaml(shared, "coco128", tmp_path_factory.mktemp("data128"))
+
+
+@pytest.fixture(scope="session")
+def _small_model(backend):
+    torch.manual_seed(0)
+    cfg = Path(backend.root) / "models" / "yolov5n.yaml"
+    model = backend.yolo.Model(str(cfg), ch=3, nc=3)
+    model.names = {0: "circle", 1: "square", 2: "triangle"}
+    return model.eval()
+
+
+@pytest.fixture
+def small_model(_small_model):
+    """A real YOLOv5n detection model (random init, 3 classes): no shared data needed."""
+    return copy.deepcopy(_small_model)
+
+
+def save_checkpoint(model: torch.nn.Module, path: Path, **extra) -> Path:
+    """Save ``model`` the way YOLOv5's train.py + strip_optimizer do (fp16, no EMA)."""
+    m = copy.deepcopy(model).half()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    ckpt = {"epoch": -1, "best_fitness": None, "model": m, "ema": None, "updates": None, "optimizer": None,
+            "opt": {}, "date": "2026-01-01T00:00:00", **extra}
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture
+def small_ckpt(small_model, tmp_path) -> Path:
+    return save_checkpoint(small_model, tmp_path / "best.pt")
+
+
+@pytest.fixture(scope="session")
+def yolov5n(backend, shared):
+    from yolo_prune_plugin.adapter import load_checkpoint
+
+    return load_checkpoint(SHARED_WEIGHTS)["model"].float().eval()

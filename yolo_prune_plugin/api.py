@@ -1,0 +1,169 @@
+"""Python API: train with the plugin, prune an existing checkpoint, and the pre-training checks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+from .adapter import Backend, get_backend, load_checkpoint
+from .callbacks import PrunePlugin, register
+from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict, load_config
+from .errors import CheckpointError, ConfigError
+from .evaluation import make_settings, resolve_data
+from .pruning import check_scope
+from .runner import check_exports, prune_checkpoint, write_report
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+# names YOLOv5 downloads from its release assets when not found locally
+_RELEASE_WEIGHTS = re.compile(r"^yolov5[nsmlx]6?(-seg|-cls)?\.pt$")
+
+__all__ = ["train", "prune", "register", "PrunePlugin", "preflight", "train_opt"]
+
+
+@contextmanager
+def _argv(args: list[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = ["train.py", *args]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def train_opt(args: Optional[list[str]] = None, backend: Optional[Backend] = None, **kwargs: Any) -> argparse.Namespace:
+    """YOLOv5's train options from command-line ``args`` (strict: unknown flags are an error) and ``kwargs``."""
+    backend = backend or get_backend()
+    with _argv(list(args or [])):
+        opt = backend.train.parse_opt(False)
+    for k, v in kwargs.items():
+        if not hasattr(opt, k):
+            raise ConfigError(f"train: unknown YOLOv5 train option {k!r}")
+        setattr(opt, k, v)
+    return opt
+
+
+def _resolve_weights(weights: str) -> str:
+    if not weights or not weights.endswith(".pt") or weights.startswith(("http:/", "https:/")):
+        return weights
+    p = Path(weights).expanduser()
+    if p.is_file():
+        return str(p.resolve())  # a relative path would make YOLOv5 ask the Hugging Face hub
+    if p.is_dir():
+        raise CheckpointError(f"{p}: is a directory (--weights expects a YOLOv5 .pt checkpoint file)")
+    if _RELEASE_WEIGHTS.match(weights):
+        return weights  # YOLOv5 downloads its own release files
+    raise CheckpointError(f"{p}: no such file (--weights expects a YOLOv5 .pt checkpoint)")
+
+
+def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Backend] = None) -> None:
+    """Every check that can fail at train end, done before the first epoch. Normalises paths in ``opt``."""
+    backend = backend or get_backend()
+    if getattr(opt, "evolve", None):
+        raise ConfigError("--evolve: hyperparameter evolution replaces YOLOv5's callbacks between generations; "
+                          "prune the evolved best.pt afterwards with `yolo-prune prune`")
+    if getattr(opt, "resume", False):
+        return  # YOLOv5 restores opt from the run; the hook reads it from the checkpoint
+    data_path = str(opt.data)
+    if not data_path.startswith(("http:/", "https:/")):
+        p = Path(data_path).expanduser()
+        if not p.is_file():
+            raise ConfigError(f"--data {data_path}: data YAML not found")
+        opt.data = str(p.resolve())
+    data = resolve_data(opt.data, backend)
+    opt.weights = _resolve_weights(str(opt.weights))
+    if opt.weights.endswith(".pt") and Path(opt.weights).is_file():
+        model = load_checkpoint(opt.weights, backend)
+        model = model.get("ema") or model["model"]
+    elif opt.cfg:
+        model = backend.yolo.Model(opt.cfg, ch=3, nc=1 if opt.single_cls else int(data["nc"]))
+    else:
+        model = None
+    if model is not None:
+        check_scope(model, config.include, config.exclude, source="--prune-include/--prune-exclude")
+    if config.export:
+        from .export import check_export_requirements
+
+        check_export_requirements(config.export)
+    if config.method in DATA_AWARE_METHODS or config.schedule.final_amount is not None:
+        train_dir = data.get("train")
+        if not train_dir:
+            raise ConfigError(f"{opt.data}: no 'train' split for calibration images")
+    if config.schedule.final_amount is not None and config.schedule.end_epoch >= int(opt.epochs):
+        raise ConfigError(f"schedule.end_epoch ({config.schedule.end_epoch}) must be < --epochs ({opt.epochs}) so "
+                          "the final sparsity is reached before training ends")
+
+
+def train(prune: PruneConfig | Mapping[str, Any] | str | Path | None = None, callbacks: Any = None,
+          yolov5_dir: Optional[str] = None, **train_kwargs: Any) -> PrunePlugin | None:
+    """Run YOLOv5's real training (``train.main``) with the pruning hook registered.
+
+    ``prune`` is a :class:`PruneConfig`, a dict of config keys, or a YAML path; ``None`` trains without
+    pruning. ``train_kwargs`` are YOLOv5 train options (``data=``, ``weights=``, ``epochs=``, ...).
+    Returns the plugin (its ``entries``, ``report_path`` and ``error``), or None without pruning.
+    """
+    backend = get_backend(yolov5_dir)
+    opt = train_opt([], backend, **train_kwargs)
+    config: Optional[PruneConfig]
+    if prune is None or isinstance(prune, PruneConfig):
+        config = prune
+    elif isinstance(prune, Mapping):
+        config = config_from_dict(prune, source="prune=")
+    else:
+        config = load_config(prune)
+    return run_training(opt, config, backend, callbacks)
+
+
+def run_training(opt: argparse.Namespace, config: Optional[PruneConfig], backend: Backend,
+                 callbacks: Any = None) -> PrunePlugin | None:
+    """Preflight, register and run ``train.main`` with a fresh ``Callbacks`` (never 7.0.14's shared default)."""
+    callbacks = callbacks if callbacks is not None else backend.Callbacks()
+    plugin = None
+    if config is not None:
+        preflight(opt, config, backend)
+        if config.finetune.epochs or config.schedule.final_amount is not None:
+            from . import recovery
+
+            plugin = recovery.register(callbacks, config, opt=None if opt.resume else opt)
+        else:
+            plugin = register(callbacks, config, opt=None if opt.resume else opt)
+    else:
+        if not str(opt.data).startswith(("http:/", "https:/")) and Path(str(opt.data)).is_file():
+            opt.data = str(Path(str(opt.data)).resolve())
+        opt.weights = _resolve_weights(str(opt.weights))
+    backend.train.main(opt, callbacks=callbacks)
+    return plugin
+
+
+def prune(weights: str | Path, data: str | Path | None = None, config: PruneConfig | None = None,
+          imgsz: int = 640, batch_size: int = 32, device: str = "", workers: int = 8, single_cls: bool = False,
+          report_dir: str | Path | None = None, **overrides: Any) -> list[dict]:
+    """Prune an existing checkpoint (same code path as the train-end hook); returns the report entries.
+
+    Without ``data`` nothing is evaluated (and data-aware methods are unavailable).
+    """
+    backend = get_backend()
+    cfg = config or load_config()
+    if overrides:
+        cfg = cfg.with_overrides(**overrides)
+    weights = Path(weights).expanduser().resolve()
+    ckpt = load_checkpoint(weights, backend)
+    check_scope(ckpt.get("ema") or ckpt["model"], cfg.include, cfg.exclude, source="include/exclude")
+    if cfg.export:
+        from .export import check_export_requirements
+
+        check_export_requirements(cfg.export)
+    settings = None
+    if data is not None:
+        settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)
+    elif cfg.method in DATA_AWARE_METHODS:
+        raise ConfigError(f"method {cfg.method!r} needs calibration images from --data")
+    entry = prune_checkpoint(weights, cfg, settings, backend=backend, device=device or "cpu")
+    write_report([entry], cfg, report_dir or weights.parent)
+    check_exports([entry])
+    return [entry]

@@ -1,0 +1,224 @@
+"""``yolo-prune``: train with pruning, prune or export an existing checkpoint, sweep, demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+from .config import METHODS, PruneConfig, config_from_dict, load_config
+from .errors import ConfigError, PruneError
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    if not LOGGER.handlers:
+        h = logging.StreamHandler(sys.stderr)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        LOGGER.addHandler(h)
+    LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
+    LOGGER.propagate = False
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--yolov5-dir", default=None, metavar="DIR",
+                   help="use an upstream ultralytics/yolov5 checkout instead of the PyPI package")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoints without the class allow-list (ONLY for files you trust)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
+    """Flags that override the YAML config (``--prune-amount`` on train, ``--amount`` on prune)."""
+    p.add_argument(f"--{prefix}config", metavar="FILE", help="prune YAML config (default: built-in defaults)")
+    p.add_argument(f"--{prefix}amount", type=float, metavar="A", help="target fraction of Conv2d weights set to zero")
+    p.add_argument(f"--{prefix}method", metavar="M", help=f"importance method: {', '.join(METHODS)}")
+    p.add_argument(f"--{prefix}include", metavar="PATTERNS", help="comma-separated module-name patterns to prune")
+    p.add_argument(f"--{prefix}exclude", metavar="PATTERNS", help="comma-separated module-name patterns to skip")
+    p.add_argument(f"--{prefix}checkpoints", metavar="NAMES", help="best,last (train only; default best)")
+    p.add_argument(f"--{prefix}suffix", metavar="S", help="output name suffix (default _pruned)")
+    p.add_argument(f"--{prefix}export", metavar="FORMATS", help="export formats for the pruned model, e.g. onnx,torchscript")
+    p.add_argument(f"--{prefix}overwrite", action="store_true", default=None,
+                   help="replace an existing pruned file written with a different configuration")
+    p.add_argument(f"--{prefix}no-eval", dest=f"{prefix.replace('-', '_')}evaluate", action="store_false",
+                   default=None, help="skip validation after pruning")
+    if prefix:
+        p.add_argument("--prune-finetune-epochs", type=int, metavar="N", help="masked fine-tune epochs after pruning")
+
+
+def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConfig]:
+    pre = prefix.replace("-", "_")
+    keys = ("amount", "method", "include", "exclude", "checkpoints", "suffix", "export", "overwrite", "evaluate")
+    overrides = {k: getattr(ns, pre + k, None) for k in keys}
+    path = getattr(ns, pre + "config", None)
+    finetune = getattr(ns, "prune_finetune_epochs", None)
+    if prefix and path is None and finetune is None and all(v is None for v in overrides.values()):
+        return None  # `yolo-prune train` without any prune option behaves exactly like YOLOv5's train
+    for k, v in overrides.items():  # name the flag in errors: "--prune-amount: 'amount' must ..."
+        if v is not None:
+            config_from_dict({k: v}, source=f"--{prefix}{'no-eval' if k == 'evaluate' else k}")
+    cfg = load_config(path, **overrides)
+    if finetune is not None:
+        cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, "epochs": finetune})
+    return cfg
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="yolo-prune", allow_abbrev=False, description="Prune YOLOv5 detectors to one global Conv2d "
+                                     "sparsity, re-evaluate with YOLOv5's validator, export and verify.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", allow_abbrev=False, help="YOLOv5 training (every train.py flag) with the pruning hook",
+                       description="Runs YOLOv5's own training. All train.py flags are accepted as-is; the "
+                       "--prune-* flags below override the YAML given by --prune-config. Without any --prune-* "
+                       "flag it behaves exactly like YOLOv5's train.", add_help=True)
+    _prune_options(t, "prune-")
+    _common(t)
+
+    p = sub.add_parser("prune", help="prune an existing checkpoint (writes <stem>_pruned.pt beside it)")
+    p.add_argument("--weights", required=True, help="YOLOv5 .pt checkpoint")
+    p.add_argument("--data", help="dataset YAML (for evaluation and data-aware methods)")
+    p.add_argument("--img", "--imgsz", dest="imgsz", type=int, default=640, help="image size (default 640)")
+    p.add_argument("--batch-size", type=int, default=32, help="val batch size (default 32, as val.py)")
+    p.add_argument("--device", default="", help="cuda device (0, 0,1) or cpu; default: GPU when available")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--single-cls", action="store_true")
+    _prune_options(p, "")
+    _common(p)
+
+    e = sub.add_parser("export", help="export a (pruned) checkpoint and verify the zeros survived")
+    e.add_argument("--weights", required=True)
+    e.add_argument("--include", required=True, help="formats, e.g. onnx,torchscript")
+    e.add_argument("--img", "--imgsz", dest="imgsz", type=int, default=640)
+    e.add_argument("--device", default="cpu")
+    e.add_argument("--half", action="store_true")
+    e.add_argument("--dynamic", action="store_true")
+    e.add_argument("--simplify", action="store_true")
+    e.add_argument("--opset", type=int, default=None)
+    e.add_argument("--atol", type=float, default=1e-3, help="largest allowed output difference (default 1e-3)")
+    e.add_argument("--overwrite", action="store_true", help="replace existing artefacts")
+    _common(e)
+
+    s = sub.add_parser("sweep", help="evaluate many (method, amount) points in one process")
+    s.add_argument("--weights", required=True)
+    s.add_argument("--data", required=True)
+    s.add_argument("--amounts", default="0.1,0.2,0.3,0.4,0.5,0.6,0.7,0.8,0.9")
+    s.add_argument("--methods", default="global,lamp")
+    s.add_argument("--img", "--imgsz", dest="imgsz", type=int, default=640)
+    s.add_argument("--batch-size", type=int, default=32)
+    s.add_argument("--device", default="")
+    s.add_argument("--workers", type=int, default=8)
+    s.add_argument("--out", default=None, help="output folder (default: <weights folder>/sweep)")
+    s.add_argument("--layers-point", default=None, metavar="METHOD:AMOUNT",
+                   help="point whose per-layer sparsity goes to layers.png (default: first method at 0.5 or last)")
+    s.add_argument("--exist-ok", action="store_true", help="write into an existing output folder")
+    _common(s)
+
+    d = sub.add_parser("demo", help="generate the synthetic dataset, train a small YOLOv5 on it with pruning")
+    d.add_argument("--dir", default="runs/yolo-prune-demo", help="working folder (default runs/yolo-prune-demo)")
+    d.add_argument("--amount", type=float, default=None)
+    d.add_argument("--method", default=None)
+    d.add_argument("--epochs", type=int, default=None, help="override the demo's epoch count")
+    d.add_argument("--device", default="")
+    _common(d)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    ns, rest = parser.parse_known_args(argv)
+    if rest and ns.command != "train":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    _setup_logging(ns.verbose)
+    try:
+        if ns.trust_checkpoint:
+            from .adapter import enable_trusted_loading
+
+            LOGGER.warning("yolo_prune_plugin: --trust-checkpoint: loading checkpoints WITHOUT the class allow-list")
+            enable_trusted_loading()
+        return COMMANDS[ns.command](ns, rest)
+    except PruneError as e:
+        print(f"yolo-prune: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("yolo-prune: interrupted", file=sys.stderr)
+        return 130
+
+
+def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
+    from .adapter import get_backend
+    from .api import run_training, train_opt
+
+    config = _config_from_args(ns, "prune-")  # validated before YOLOv5 is even imported
+    backend = get_backend(ns.yolov5_dir)
+    opt = train_opt(rest, backend)
+    plugin = run_training(opt, config, backend)
+    if plugin is not None and plugin.error is not None:
+        return 1
+    if plugin is not None and not plugin.ran:
+        print("yolo-prune: error: training ended without running the pruning hook (stopped early?)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_prune(ns: argparse.Namespace, rest: list[str]) -> int:
+    from .adapter import get_backend
+    from .api import prune
+
+    config = _config_from_args(ns, "")
+    get_backend(ns.yolov5_dir)
+    prune(ns.weights, ns.data, config, imgsz=ns.imgsz, batch_size=ns.batch_size, device=ns.device,
+          workers=ns.workers, single_cls=ns.single_cls)
+    return 0
+
+
+def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
+    from .adapter import get_backend, load_checkpoint
+    from .export import check_export_requirements, export_and_verify
+
+    formats = [f.strip().lower() for f in ns.include.split(",") if f.strip()]
+    check_export_requirements(formats)
+    get_backend(ns.yolov5_dir)
+    load_checkpoint(ns.weights)  # refuse unsafe/bad files before YOLOv5's exporter touches them
+    arts = export_and_verify(Path(ns.weights).resolve(), formats, imgsz=ns.imgsz, device=ns.device, half=ns.half,
+                             dynamic=ns.dynamic, simplify=ns.simplify, opset=ns.opset, atol=ns.atol,
+                             overwrite=ns.overwrite)
+    ok = True
+    for a in arts:
+        d = a.to_dict()
+        ok &= bool(d.get("ok"))
+        print(f"{d['format']:<12} {'OK ' if d.get('ok') else 'FAIL'} {d['path']}  {d.get('bytes', 0):,} B "
+              f"(gzip {d.get('gzip_bytes', 0):,} B)  zeros {d.get('zeros')}/{d.get('expected_zeros')}  "
+              f"max|diff| {d.get('max_abs_diff')}  {d.get('message') or ''}")
+    return 0 if ok else 1
+
+
+def _cmd_sweep(ns: argparse.Namespace, rest: list[str]) -> int:
+    from .adapter import get_backend
+    from .sweep import run_sweep
+
+    get_backend(ns.yolov5_dir)
+    run_sweep(ns.weights, ns.data, amounts=ns.amounts, methods=ns.methods, imgsz=ns.imgsz,
+              batch_size=ns.batch_size, device=ns.device, workers=ns.workers, out=ns.out,
+              layers_point=ns.layers_point, exist_ok=ns.exist_ok)
+    return 0
+
+
+def _cmd_demo(ns: argparse.Namespace, rest: list[str]) -> int:
+    from .demo import run_demo
+
+    return run_demo(ns.dir, amount=ns.amount, method=ns.method, epochs=ns.epochs, device=ns.device,
+                    yolov5_dir=ns.yolov5_dir)
+
+
+COMMANDS = {"train": _cmd_train, "prune": _cmd_prune, "export": _cmd_export, "sweep": _cmd_sweep, "demo": _cmd_demo}
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

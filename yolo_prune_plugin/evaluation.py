@@ -1,0 +1,148 @@
+"""Evaluation with YOLOv5's own validator (``val.run``), set up the way YOLOv5's final validation is."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from .adapter import Backend, get_backend
+from .errors import ConfigError
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+
+@dataclass(frozen=True)
+class Metrics:
+    precision: float
+    recall: float
+    map50: float
+    map: float  # mAP50-95
+
+    @classmethod
+    def from_results(cls, results: Any) -> "Metrics":
+        """From YOLOv5's ``(P, R, mAP50, mAP50-95, box, obj, cls)`` tuple."""
+        p, r, m50, m = (float(x) for x in list(results)[:4])
+        return cls(p, r, m50, m)
+
+    def to_dict(self) -> dict:
+        return {"P": round(self.precision, 6), "R": round(self.recall, 6), "mAP50": round(self.map50, 6),
+                "mAP50-95": round(self.map, 6)}
+
+
+@dataclass
+class EvalSettings:
+    """The settings YOLOv5 used (or would use) for its final validation of a run."""
+
+    data: dict  # output of check_dataset
+    imgsz: int
+    batch_size: int  # val batch size (train.py uses 2 x the training batch size)
+    device: torch.device
+    single_cls: bool = False
+    workers: int = 8
+    iou_thres: float = 0.6
+
+    @property
+    def half(self) -> bool:
+        return self.device.type != "cpu"
+
+
+def resolve_data(data: str | Path | dict, backend: Optional[Backend] = None) -> dict:
+    """Load a data YAML through YOLOv5's ``check_dataset`` after checking it exists (no downloads)."""
+    backend = backend or get_backend()
+    if isinstance(data, dict):
+        return data
+    p = Path(data).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"{p}: data YAML not found (expected a YOLOv5 dataset .yaml)")
+    _check_data_yaml(p, backend)
+    try:
+        return backend.general.check_dataset(str(p.resolve()), autodownload=False)
+    except Exception as e:  # noqa: BLE001 - YOLOv5 raises bare Exception/AssertionError for missing splits
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{p}: not a usable YOLOv5 dataset ({msg})") from None
+
+
+def _check_data_yaml(p: Path, backend: Backend) -> None:
+    import yaml
+
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a YOLOv5 dataset mapping with 'train', 'val' and 'names'")
+    missing = [k for k in ("train", "val", "names") if not d.get(k)]
+    if missing:
+        raise ConfigError(f"{p}: dataset YAML lacks {', '.join(repr(k) for k in missing)}")
+    root = d.get("path")
+    if root and not Path(str(root)).is_absolute():
+        yolo_root = (Path(backend.general.ROOT) / str(root)).resolve()
+        beside = (p.parent / str(root)).resolve()
+        if not yolo_root.exists():
+            hint = f"; did you mean {beside}?" if beside.exists() else ""
+            raise ConfigError(f"{p}: 'path: {root}' is relative, and YOLOv5 resolves it against its own folder "
+                              f"({yolo_root}, which does not exist); write an absolute path{hint}")
+
+
+def is_coco(data: dict) -> bool:
+    val = data.get("val")
+    return isinstance(val, str) and val.replace("\\", "/").endswith("coco/val2017.txt")
+
+
+def make_settings(data: str | Path | dict, imgsz: int, batch_size: int, device: Any = "",
+                  single_cls: bool = False, workers: int = 8, backend: Optional[Backend] = None) -> EvalSettings:
+    backend = backend or get_backend()
+    data_dict = resolve_data(data, backend)
+    dev = device if isinstance(device, torch.device) else backend_select_device(backend, device, batch_size)
+    iou = 0.65 if is_coco(data_dict) else 0.60  # as train.py's final validation
+    return EvalSettings(data_dict, imgsz, batch_size, dev, single_cls, workers, iou)
+
+
+def backend_select_device(backend: Backend, device: Any, batch_size: int = 0) -> torch.device:
+    torch_utils = __import__(backend.prefix + "utils.torch_utils", fromlist=["select_device"])
+    return torch_utils.select_device(str(device), batch_size=batch_size)
+
+
+def make_dataloader(settings: EvalSettings, stride: int = 32, backend: Optional[Backend] = None):
+    """The val dataloader exactly as train.py builds it (rect, pad 0.5), built once and reusable."""
+    backend = backend or get_backend()
+    dataloaders = __import__(backend.prefix + "utils.dataloaders", fromlist=["create_dataloader"])
+    general = backend.general
+    return dataloaders.create_dataloader(settings.data["val"], settings.imgsz, settings.batch_size, stride,
+                                         settings.single_cls, hyp=None, rect=True, rank=-1,
+                                         workers=settings.workers, pad=0.5,
+                                         prefix=general.colorstr("val: "))[0]
+
+
+def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
+             backend: Optional[Backend] = None) -> Metrics:
+    """Validate ``model`` (a loaded YOLOv5 model, as ``attempt_load`` returns) with YOLOv5's ``val.run``.
+
+    Uses the model-passed path of ``val.run`` that train.py uses for its final validation; outputs YOLOv5's
+    validator writes (results.html) go to a temporary folder, never the run folder.
+    """
+    backend = backend or get_backend()
+    model = model.to(settings.device)
+    stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
+    if dataloader is None:
+        dataloader = make_dataloader(settings, stride, backend)
+    with tempfile.TemporaryDirectory(prefix="yolo_prune_val_") as tmp:
+        results = backend.val.run(settings.data, batch_size=settings.batch_size, imgsz=settings.imgsz,
+                                  model=model.half() if settings.half else model, iou_thres=settings.iou_thres,
+                                  single_cls=settings.single_cls, dataloader=dataloader, save_dir=Path(tmp),
+                                  plots=False, half=settings.half, verbose=False)[0]
+    return Metrics.from_results(results)
+
+
+def evaluate_weights(weights: str | Path, settings: EvalSettings, dataloader: Any = None,
+                     backend: Optional[Backend] = None) -> Metrics:
+    """Load ``weights`` with YOLOv5's ``attempt_load`` (fused, ``ema`` first) and :func:`evaluate` it."""
+    backend = backend or get_backend()
+    model = backend.attempt_load(weights, settings.device)
+    return evaluate(model, settings, dataloader, backend)

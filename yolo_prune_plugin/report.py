@@ -1,0 +1,102 @@
+"""The before/after table, ``prune_report.json`` and atomic file writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import torch
+
+
+@contextmanager
+def atomic_path(dest: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``dest``; on success it is renamed onto ``dest`` in one step.
+
+    On failure the temporary file is removed and ``dest`` is left as it was.
+    """
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp makes 0600 files; give the usual permissions
+        os.replace(tmp_path, dest)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_torch_save(obj: Any, dest: str | Path) -> None:
+    with atomic_path(dest) as tmp:
+        torch.save(obj, tmp)
+
+
+def atomic_write_text(text: str, dest: str | Path) -> None:
+    with atomic_path(dest) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(data: Any, dest: str | Path) -> None:
+    atomic_write_text(json.dumps(data, indent=2, default=_json_default) + "\n", dest)
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, Path):
+        return str(o)
+    if hasattr(o, "item"):
+        return o.item()
+    if hasattr(o, "to_dict"):
+        return o.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _fmt(v: Any, kind: str) -> str:
+    if v is None:
+        return "-"
+    if kind == "int":
+        return f"{int(v):,}"
+    if kind == "pct":
+        return f"{100 * v:.2f}%"
+    return f"{v:.4f}"
+
+
+def format_table(entry: dict) -> str:
+    """One before/after table for a pruned checkpoint (an entry of ``prune_report.json``)."""
+    b, a = entry.get("metrics_before") or {}, entry.get("metrics_after") or {}
+    sb, sa = entry["sparsity_before"], entry["sparsity_after"]
+    rows: list[tuple[str, Any, Any, str]] = [
+        ("P", b.get("P"), a.get("P"), "f"), ("R", b.get("R"), a.get("R"), "f"),
+        ("mAP50", b.get("mAP50"), a.get("mAP50"), "f"), ("mAP50-95", b.get("mAP50-95"), a.get("mAP50-95"), "f"),
+        ("parameters", sb["parameters"], sa["parameters"], "int"),
+        ("non-zero Conv2d weights", sb["nonzero"], sa["nonzero"], "int"),
+        ("Conv2d sparsity", sb["sparsity"], sa["sparsity"], "pct"),
+    ]
+    for art in entry.get("exports") or []:
+        rows.append((f"{art['format']} bytes (gzip)", None, art.get("gzip_bytes"), "int"))
+    w0 = max(len(r[0]) for r in rows)
+    title = (f"{Path(entry['checkpoint']).name} -> {Path(entry['output']).name}  "
+             f"(method={entry['method']}, amount={entry['amount']})")
+    lines = [title, f"{'':<{w0}}  {'before':>14}  {'after':>14}  {'change':>10}"]
+    for name, vb, va, kind in rows:
+        change = ""
+        if vb is not None and va is not None and kind != "int":
+            d = va - vb
+            change = f"{100 * d:+.2f}pp" if kind == "pct" else f"{d:+.4f}"
+        elif vb is not None and va is not None and kind == "int" and vb:
+            change = f"{100 * (va - vb) / vb:+.1f}%"
+        lines.append(f"{name:<{w0}}  {_fmt(vb, kind):>14}  {_fmt(va, kind):>14}  {change:>10}")
+    return "\n".join(lines)
+
+
+def print_report(entries: list[dict], echo: Optional[Callable[[str], None]] = None) -> str:
+    text = "\n\n".join(format_table(e) for e in entries)
+    (echo or print)(text)
+    return text
