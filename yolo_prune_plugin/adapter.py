@@ -271,14 +271,13 @@ def load_checkpoint(path: str | Path, backend: Optional[Backend] = None) -> dict
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=not trust_all_checkpoints())
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        if "Unsupported global" in msg or "not an allowed global" in msg or "WeightsUnpickler" in msg:
-            name = _unsupported_global(msg)
+        name = _unsupported_global(str(e))
+        if name:
             raise UnsafeCheckpointError(
                 f"{p}: refused to load: its pickle references {name}, which is not a YOLOv5/torch class on the "
                 f"allow-list (nothing was executed). If you trust this file, set {TRUST_ENV}=1 or pass "
                 "--trust-checkpoint") from None
-        raise CheckpointError(f"{p}: corrupted or not a torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{p}: corrupted, truncated or not a torch checkpoint ({_weights_only_reason(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{p}: corrupted, truncated or not a torch checkpoint ({_first_line(e)})") from None
     validate_checkpoint(ckpt, p)
@@ -290,11 +289,19 @@ def _first_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {s[0]}" if s else type(e).__name__
 
 
-def _unsupported_global(msg: str) -> str:
+def _unsupported_global(msg: str) -> Optional[str]:
     import re
 
-    m = re.search(r"Unsupported global: GLOBAL ([\w.]+)", msg) or re.search(r"GLOBAL ([\w.]+)", msg)
-    return m.group(1) if m else "an unsupported global"
+    m = re.search(r"GLOBAL ([\w.]+)", msg)
+    return m.group(1) if m else None
+
+
+def _weights_only_reason(e: BaseException) -> str:
+    """The informative line of torch's long weights-only error (not its generic preamble)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation",
+                                                       "(1)", "(2)", "In PyTorch", "Please file an issue"))]
+    return (useful[0] if useful else _first_line(e))[:200]
 
 
 def validate_checkpoint(ckpt: Any, path: Path | str) -> None:

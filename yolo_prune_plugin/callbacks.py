@@ -15,7 +15,7 @@ from typing import Any, Optional
 import torch
 
 from .adapter import Backend, get_backend, load_checkpoint
-from .config import PruneConfig, load_config
+from .config import DATA_AWARE_METHODS, PruneConfig, load_config
 from .errors import PruneError
 from .evaluation import Metrics, backend_select_device, make_settings
 from .runner import check_exports, prune_checkpoint, write_report
@@ -89,30 +89,33 @@ class PrunePlugin:
     def run(self, last: Path, best: Path, results: Any = None) -> list[dict]:
         backend = self.backend or get_backend()
         opt = self._opt(best, last)
+        self._resolved_opt = opt
         world = int(os.getenv("WORLD_SIZE", 1))
         local_rank = int(os.getenv("LOCAL_RANK", -1))
         device = (torch.device("cuda", local_rank) if local_rank != -1 else
                   backend_select_device(backend, opt.get("device", ""), 0))
-        batch = max(int(opt.get("batch_size", 16)) // world * 2, 1)  # train.py's val batch size
-        settings = make_settings(opt["data"], int(opt.get("imgsz", 640)), batch, device,
-                                 bool(opt.get("single_cls", False)), int(opt.get("workers", 8)), backend)
+        imgsz = int(opt.get("imgsz", 640))
+        settings = None
+        if self.config.evaluate or self.config.method in DATA_AWARE_METHODS:
+            batch = max(int(opt.get("batch_size", 16)) // world * 2, 1)  # train.py's val batch size
+            settings = make_settings(opt["data"], imgsz, batch, device, bool(opt.get("single_cls", False)),
+                                     int(opt.get("workers", 8)), backend)
         files = self.checkpoints(last, best)
         entries = []
         for f in files:
             # train.py's final validation ran on best.pt: reuse those numbers instead of validating again
             before = Metrics.from_results(results) if (results is not None and f == best and best.is_file()) else None
-            entries.append(prune_checkpoint(f, self.config, settings, before=before, backend=backend))
+            entries.append(prune_checkpoint(f, self.config, settings, before=before, backend=backend, device=device,
+                                            imgsz=imgsz))
         self.entries = entries
         self.report_path = write_report(entries, self.config, best.parent.parent, echo=LOGGER.info)
         check_exports(entries)
         return entries
 
     def retry_command(self, best: Any) -> str:
-        opt = {}
-        try:
-            opt = dict(vars(self.opt)) if self.opt is not None and not isinstance(self.opt, dict) else (self.opt or {})
-        except TypeError:
-            pass
+        opt = getattr(self, "_resolved_opt", None) or {}
+        if not opt and self.opt is not None:
+            opt = dict(self.opt) if isinstance(self.opt, dict) else dict(vars(self.opt))
         c = self.config
         parts = ["yolo-prune", "prune", "--weights", str(best)]
         if opt.get("data"):

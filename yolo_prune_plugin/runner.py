@@ -51,7 +51,7 @@ def check_output_free(out: Path, config: PruneConfig, backend: Optional[Backend]
 
 def prune_checkpoint(weights: str | Path, config: PruneConfig, settings: Optional[EvalSettings] = None,
                      before: Optional[Metrics] = None, backend: Optional[Backend] = None,
-                     device: Any = None) -> dict:
+                     device: Any = None, imgsz: Optional[int] = None) -> dict:
     """Prune one YOLOv5 checkpoint file and write ``<stem><suffix>.pt`` beside it.
 
     ``settings`` (data, image size, device, ...) is needed for evaluation and data-aware methods; ``before``
@@ -64,6 +64,7 @@ def prune_checkpoint(weights: str | Path, config: PruneConfig, settings: Optiona
     check_output_free(out, config, backend)
     ckpt = load_checkpoint(weights, backend)
     device = settings.device if settings is not None else torch.device(device or "cpu")
+    imgsz = settings.imgsz if settings is not None else (imgsz or 640)
 
     src = ckpt.get("ema") or ckpt["model"]
     saved_dtype = next(src.parameters()).dtype
@@ -120,7 +121,6 @@ def prune_checkpoint(weights: str | Path, config: PruneConfig, settings: Optiona
         from .export import export_and_verify
 
         o = config.export_options
-        imgsz = settings.imgsz if settings is not None else 640
         arts = export_and_verify(out, config.export, imgsz=imgsz, device=str(device.index if device.type == "cuda"
                                                                                else "cpu"),
                                  half=o.half, dynamic=o.dynamic, simplify=o.simplify, opset=o.opset, atol=o.atol,

@@ -1,0 +1,137 @@
+"""callbacks.py: the train-end hook — rank logic, fallbacks, failures that never touch training outputs."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+import yolo_prune_plugin.callbacks as cb_mod
+import yolo_prune_plugin.runner as runner_mod
+from yolo_prune_plugin.callbacks import PrunePlugin, register
+from yolo_prune_plugin.config import config_from_dict
+
+from conftest import save_checkpoint
+
+
+@pytest.fixture
+def run_dir(small_model, tmp_path):
+    """A finished YOLOv5 run folder: weights/best.pt and last.pt with the training options inside."""
+    w = tmp_path / "exp" / "weights"
+    w.mkdir(parents=True)
+    opt = {"data": "unused.yaml", "imgsz": 64, "batch_size": 4, "device": "cpu", "single_cls": False, "workers": 0}
+    save_checkpoint(small_model, w / "best.pt", opt=opt)
+    save_checkpoint(small_model, w / "last.pt", opt=opt)
+    return tmp_path / "exp"
+
+
+def _snapshot(folder):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def _no_eval(**kw):
+    return config_from_dict({"amount": 0.4, "evaluate": False, **kw})
+
+
+def test_register_adds_hook_to_yolov5_callbacks(backend):
+    callbacks = backend.Callbacks()
+    plugin = register(callbacks, amount=0.5, method="lamp")
+    hooks = callbacks.get_registered_actions("on_train_end")
+    assert [h["name"] for h in hooks] == ["yolo_prune_plugin"]
+    assert hooks[0]["callback"].__self__ is plugin and plugin.config.amount == 0.5
+    assert not backend.Callbacks().get_registered_actions("on_train_end")  # nothing leaks to a fresh instance
+
+
+@pytest.mark.parametrize("rank,runs", [("-1", True), ("0", True), ("1", False), ("3", False)])
+def test_only_rank_zero_prunes(run_dir, monkeypatch, rank, runs):
+    monkeypatch.setenv("RANK", rank)
+    w = run_dir / "weights"
+    plugin = PrunePlugin(_no_eval())
+    plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert plugin.ran is runs and plugin.error is None
+    assert (w / "best_pruned.pt").exists() is runs
+    assert (run_dir / "prune_report.json").exists() is runs
+
+
+def test_hook_writes_pruned_file_and_report(backend, run_dir):
+    w = run_dir / "weights"
+    before = _snapshot(w)
+    plugin = PrunePlugin(_no_eval(checkpoints=["best", "last"]))
+    plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert plugin.error is None
+    assert _snapshot(w).items() >= before.items()  # best.pt/last.pt byte-identical
+    report = json.loads((run_dir / "prune_report.json").read_text())
+    assert [r["output"] for r in report["results"]] == [str(w / "best_pruned.pt"), str(w / "last_pruned.pt")]
+    for f in ("best_pruned.pt", "last_pruned.pt"):
+        ckpt = torch.load(w / f)  # weights_only: plain YOLOv5 classes only
+        assert ckpt["ema"] is None and ckpt["model"].model[0].conv.weight.dtype == torch.float16
+        assert ckpt["prune"]["version"] and ckpt["prune"]["config"]["amount"] == 0.4
+        assert abs(ckpt["prune"]["sparsity_after"]["sparsity"] - 0.4) < 1e-3
+        model = backend.attempt_load(w / f, "cpu")
+        assert model(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8  # 3 classes + 5
+
+
+def test_best_falls_back_to_last(run_dir, caplog):
+    w = run_dir / "weights"
+    (w / "best.pt").unlink()
+    plugin = PrunePlugin(_no_eval())
+    with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
+        plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert (w / "last_pruned.pt").exists() and plugin.error is None
+    assert "best.pt not found, pruning last.pt instead" in caplog.text
+
+
+@pytest.mark.parametrize("target", ["callbacks.prune_checkpoint", "runner.prune_model", "runner.evaluate_weights"])
+def test_failure_at_train_end_is_logged_and_leaves_outputs(run_dir, monkeypatch, caplog, target):
+    w = run_dir / "weights"
+    before = _snapshot(run_dir)
+    mod, name = target.split(".")
+
+    def boom(*a, **k):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(cb_mod if mod == "callbacks" else runner_mod, name, boom)
+    cfg = config_from_dict({"amount": 0.4, "evaluate": name == "evaluate_weights"})
+    plugin = PrunePlugin(cfg, opt={"data": "x.yaml", "imgsz": 64, "device": "cpu", "batch_size": 2})
+    if name == "evaluate_weights":  # evaluation needs settings; give it real-looking ones without a dataset
+        monkeypatch.setattr(cb_mod, "make_settings", lambda *a, **k: _FakeSettings())
+    with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
+        plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)  # must not raise into YOLOv5
+    assert isinstance(plugin.error, RuntimeError)
+    assert _snapshot(run_dir) == before  # nothing written, nothing half-written, nothing changed
+    assert "injected fault" in caplog.text
+    assert f"yolo-prune prune --weights {w / 'best.pt'} --data x.yaml --img 64 --amount 0.4" in caplog.text
+
+
+class _FakeSettings:
+    device = torch.device("cpu")
+    imgsz, batch_size, iou_thres, half, data = 64, 2, 0.6, False, {}
+
+
+def test_existing_output_from_other_config_is_not_clobbered(run_dir, caplog):
+    w = run_dir / "weights"
+    PrunePlugin(_no_eval()).on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    first = (w / "best_pruned.pt").read_bytes()
+    plugin = PrunePlugin(config_from_dict({"amount": 0.6, "evaluate": False}))
+    plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert "exists from a different pruning configuration" in str(plugin.error)
+    assert (w / "best_pruned.pt").read_bytes() == first
+    # same config again: fine; overwrite flag: replaced
+    again = PrunePlugin(_no_eval())
+    again.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert again.error is None
+    forced = PrunePlugin(config_from_dict({"amount": 0.6, "evaluate": False, "overwrite": True}))
+    forced.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert forced.error is None
+    assert torch.load(w / "best_pruned.pt")["prune"]["config"]["amount"] == 0.6
+
+
+def test_user_file_of_same_name_is_not_clobbered(run_dir):
+    w = run_dir / "weights"
+    (w / "best_pruned.pt").write_bytes(b"my own file")
+    plugin = PrunePlugin(_no_eval())
+    plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert "not written by yolo_prune_plugin" in str(plugin.error)
+    assert (w / "best_pruned.pt").read_bytes() == b"my own file"
