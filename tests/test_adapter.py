@@ -32,9 +32,12 @@ class _Custom:
 
 
 def test_loads_upstream_spelled_checkpoint(backend, shared):
-    ckpt = load_checkpoint(SHARED_WEIGHTS)
-    assert type(ckpt["model"]).__module__ == "models.yolo"  # pickled by an upstream checkout
+    ckpt = load_checkpoint(SHARED_WEIGHTS)  # pickled by an upstream checkout as models.yolo.Model
+    # ... resolved to the classes of the YOLOv5 in use, so YOLOv5's isinstance checks (fuse) work
+    assert type(ckpt["model"]) is backend.yolo.DetectionModel
     assert sum(isinstance(m, torch.nn.Conv2d) for m in ckpt["model"].modules()) == 60
+    fused = ckpt["model"].float().fuse()
+    assert not any(type(m).__name__ == "BatchNorm2d" for m in fused.modules())
 
 
 def test_loads_pip_spelled_checkpoint(small_ckpt):
@@ -68,9 +71,16 @@ def test_allow_list_holds_only_classes_and_numpy_rebuilders(backend):
     for bad in (os.system, eval, exec, builtins.getattr, subprocess.Popen, pickle.loads):
         assert bad not in entries
     names = {e[1] for e in allowed_globals(backend) if isinstance(e, tuple)}
-    # both spellings of YOLOv5's classes are covered
-    modules = {getattr(e, "__module__", "") for e in entries}
-    assert {"models.common", "yolov5.models.common"} <= modules | {n.rsplit(".", 1)[0] for n in names}
+    # both spellings of YOLOv5's classes are covered, and the v6.x alias
+    assert {"models.common.Conv", "yolov5.models.common.Conv", "models.yolo.Model"} <= names
+    assert all(isinstance(e, type) for e in entries if e not in np_rebuilders())
+
+
+def np_rebuilders():
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    return (core.multiarray._reconstruct, core.multiarray.scalar)
 
 
 def test_custom_class_refused_by_default_and_loads_with_opt_out(small_model, tmp_path, monkeypatch):

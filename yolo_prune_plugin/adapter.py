@@ -192,40 +192,24 @@ def _patch_font_download(backend: Backend) -> None:
 # --------------------------------------------------------------------------------------------------
 # Safe checkpoint loading
 # --------------------------------------------------------------------------------------------------
-def _module_classes(module: ModuleType) -> list[type]:
-    return [obj for _, obj in inspect.getmembers(module, inspect.isclass)
-            if issubclass(obj, nn.Module) and obj.__module__ == module.__name__]
-
-
 def allowed_globals(backend: Backend) -> list[Any]:
     """The allow-list: YOLOv5's model classes under both spellings, the torch layers they use, numpy scalars.
 
     A class pickled as ``models.common.Conv`` (upstream-trained files) and one pickled as
-    ``yolov5.models.common.Conv`` (PyPI-trained files) both load. Where a spelling's package is importable
-    its own classes are allowed; otherwise the name is mapped to the backend's class of the same name.
+    ``yolov5.models.common.Conv`` (PyPI-trained files) both load, and both resolve to the class of the YOLOv5
+    in use, so YOLOv5's own ``isinstance`` checks (``fuse()``, ``Detect.export``) work on either kind of file.
     """
     import numpy as np
 
     entries: list[Any] = list(_TORCH_CLASSES)
+    spellings = ("models.", "yolov5.models.")
     for rel in _MODEL_MODULES:
         own = importlib.import_module(backend.prefix + rel)
-        own_classes = _module_classes(own)
-        entries += own_classes
-        # aliases such as models.yolo.Model = DetectionModel are pickled under their qualname, but old
-        # files (v6.1) spell the class "models.yolo.Model": allow that name too
-        aliases = {name: obj for name, obj in vars(own).items()
-                   if inspect.isclass(obj) and obj in own_classes and name != obj.__name__}
-        for spelling in {"yolov5." + rel, rel} - {own.__name__}:
-            try:
-                other = importlib.import_module(spelling)
-                if Path(getattr(other, "__file__", "")).resolve() != Path(own.__file__).resolve():
-                    raise ImportError  # an unrelated package of the same name: never trust it
-                entries += _module_classes(other)
-                entries += [(getattr(other, n), f"{spelling}.{n}") for n in aliases if hasattr(other, n)]
-            except ImportError:
-                entries += [(c, f"{spelling}.{c.__name__}") for c in own_classes]
-                entries += [(c, f"{spelling}.{n}") for n, c in aliases.items()]
-        entries += [(c, f"{own.__name__}.{n}") for n, c in aliases.items()]
+        leaf = rel.split(".", 1)[1]
+        for name, obj in vars(own).items():
+            # classes defined here, plus aliases such as models.yolo.Model = DetectionModel (v6.x files)
+            if inspect.isclass(obj) and issubclass(obj, nn.Module) and obj.__module__ == own.__name__:
+                entries += [(obj, f"{sp}{leaf}.{name}") for sp in spellings]
     # numpy scalars and arrays (best_fitness is a numpy array in checkpoints YOLOv5 writes); an object
     # array's elements are unpickled through the same allow-list
     core = getattr(np, "_core", None) or np.core

@@ -89,7 +89,7 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
     if config.export:
         from .export import check_export_requirements
 
-        check_export_requirements(config.export)
+        check_export_requirements(config.export, simplify=config.export_options.simplify)
     if config.method in DATA_AWARE_METHODS or config.schedule.final_amount is not None:
         train_dir = data.get("train")
         if not train_dir:
@@ -130,6 +130,9 @@ def run_training(opt: argparse.Namespace, config: Optional[PruneConfig], backend
             from . import recovery
 
             plugin = recovery.register(callbacks, config, opt=None if opt.resume else opt)
+            with plugin:  # restores YOLOv5's patched names; fine-tunes after train.main has returned
+                backend.train.main(opt, callbacks=callbacks)
+            return plugin
         else:
             plugin = register(callbacks, config, opt=None if opt.resume else opt)
     else:
@@ -157,7 +160,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
     if cfg.export:
         from .export import check_export_requirements
 
-        check_export_requirements(cfg.export)
+        check_export_requirements(cfg.export, simplify=cfg.export_options.simplify)
     settings = None
     if data is not None:
         settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)

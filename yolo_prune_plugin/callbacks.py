@@ -96,7 +96,7 @@ class PrunePlugin:
                   backend_select_device(backend, opt.get("device", ""), 0))
         imgsz = int(opt.get("imgsz", 640))
         settings = None
-        if self.config.evaluate or self.config.method in DATA_AWARE_METHODS:
+        if self.config.evaluate or self.config.method in DATA_AWARE_METHODS or self.config.sweep.amounts:
             batch = max(int(opt.get("batch_size", 16)) // world * 2, 1)  # train.py's val batch size
             settings = make_settings(opt["data"], imgsz, batch, device, bool(opt.get("single_cls", False)),
                                      int(opt.get("workers", 8)), backend)
@@ -108,7 +108,15 @@ class PrunePlugin:
             entries.append(prune_checkpoint(f, self.config, settings, before=before, backend=backend, device=device,
                                             imgsz=imgsz))
         self.entries = entries
-        self.report_path = write_report(entries, self.config, best.parent.parent, echo=LOGGER.info)
+        extra = None
+        if self.config.sweep.amounts:
+            from .sweep import run_sweep
+
+            sw = run_sweep(files[0], settings.data, self.config.sweep.amounts, self.config.sweep.methods,
+                           out=best.parent.parent / "sweep", config=self.config, settings=settings, backend=backend,
+                           echo=LOGGER.info)
+            extra = {"sweep": {"outputs": sw["outputs"], "dense": sw["dense"], "points": sw["points"]}}
+        self.report_path = write_report(entries, self.config, best.parent.parent, extra=extra, echo=LOGGER.info)
         check_exports(entries)
         return entries
 

@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--workers", type=int, default=8)
     s.add_argument("--out", default=None, help="output folder (default: <weights folder>/sweep)")
     s.add_argument("--layers-point", default=None, metavar="METHOD:AMOUNT",
-                   help="point whose per-layer sparsity goes to layers.png (default: first method at 0.5 or last)")
+                   help="point whose per-layer sparsity goes to layers.png (default: first method at 0.5, else its largest amount)")
     s.add_argument("--exist-ok", action="store_true", help="write into an existing output folder")
     _common(s)
 
@@ -183,8 +183,8 @@ def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
     from .export import check_export_requirements, export_and_verify
 
     formats = [f.strip().lower() for f in ns.include.split(",") if f.strip()]
-    check_export_requirements(formats)
     get_backend(ns.yolov5_dir)
+    check_export_requirements(formats, simplify=ns.simplify)
     load_checkpoint(ns.weights)  # refuse unsafe/bad files before YOLOv5's exporter touches them
     arts = export_and_verify(Path(ns.weights).resolve(), formats, imgsz=ns.imgsz, device=ns.device, half=ns.half,
                              dynamic=ns.dynamic, simplify=ns.simplify, opset=ns.opset, atol=ns.atol,

@@ -165,13 +165,28 @@ SCORERS: dict[str, Callable[[Layers], list[torch.Tensor]]] = {"global": l1_score
 # ---------------------------------------------------------------------------------------------------
 # pruning
 # ---------------------------------------------------------------------------------------------------
+def global_masks(scores: Sequence[torch.Tensor], amount: float) -> list[torch.Tensor]:
+    """0/1 masks that zero exactly ``round(amount * total)`` of the lowest ``scores`` over all layers.
+
+    One ``kthvalue`` threshold (linear time, unlike a full sort/top-k); ties at the threshold are broken
+    deterministically so the count is exact.
+    """
+    flat = torch.cat([s.detach().flatten().float() for s in scores])
+    k = int(round(amount * flat.numel()))
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    if k > 0:
+        t = torch.kthvalue(flat.cpu(), k).values.to(flat.device)
+        keep = flat > t
+        excess = int((~keep).sum()) - k  # ties at the threshold beyond the k-th: keep the last of them
+        if excess > 0:
+            tied = torch.nonzero(flat == t).flatten()
+            keep[tied[-excess:]] = True
+    return [m.view_as(s) for m, s in zip(torch.split(keep, [s.numel() for s in scores]), scores)]
+
+
 def apply_global_scores(layers: Layers, scores: Sequence[torch.Tensor], amount: float) -> None:
     """Zero the ``round(amount * total)`` lowest-scoring weights over all ``layers`` and make it permanent."""
-    params = [(m, "weight") for _, m in layers]
-    prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount,
-                              importance_scores={(m, "weight"): s for (_, m), s in zip(layers, scores)})
-    for m, n in params:
-        prune.remove(m, n)
+    apply_masks(layers, global_masks(scores, amount))
 
 
 def apply_masks(layers: Layers, masks: Sequence[torch.Tensor]) -> None:

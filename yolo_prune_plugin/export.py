@@ -1,0 +1,620 @@
+"""Export a pruned checkpoint with YOLOv5's own ``export.run`` and prove the zeros survived.
+
+For each requested format the artefact is produced next to the weights file, under YOLOv5's own name
+(``best_pruned.pt`` -> ``best_pruned.onnx``, ``best_pruned.torchscript``), and verified before it is put there:
+
+1. the zero-valued Conv weights the artefact actually carries are counted and compared with the pruned model's;
+2. the artefact is run (onnxruntime / ``torch.jit``) next to the pruned ``.pt`` model (fused, eval, fp32) on the
+   same deterministic input, and the largest absolute difference of the predictions is reported.
+
+Safety: YOLOv5 exports from a *copy* of the weights inside a temporary folder beside them; an artefact that
+verifies is moved into place with ``os.replace`` (atomic on one filesystem). An export that fails, or an
+artefact that fails verification, is **not** moved into place and is deleted with the temporary folder: a file
+named ``best_pruned.onnx`` next to the weights is therefore always one that passed. Any file that already had
+that name is left unchanged in that case. The weights file and its neighbours (``best.pt``, ``last.pt``) are
+never opened for writing.
+
+Formats: only :data:`SUPPORTED_FORMATS` (``torchscript``, ``onnx``) are accepted. YOLOv5's other formats
+(OpenVINO, TensorRT, CoreML, TensorFlow, PaddlePaddle) need toolchains the plugin cannot read back to count
+zeros, so they are refused with a :class:`ConfigError` naming YOLOv5's own ``export.py`` instead of being
+exported unverified.
+
+Two YOLOv5 7.0.x quirks are handled during the export only (and undone afterwards):
+
+* torch >= 2.9 makes ``torch.onnx.export`` default to the dynamo exporter, which needs ``onnxscript`` and
+  ignores YOLOv5's opset-12 / ``dynamic_axes`` setup; the TorchScript-based exporter YOLOv5 was written for
+  is selected (``dynamo=False``).
+* a checkpoint pickled under the upstream spelling (``models.yolo.DetectionModel``, e.g. the released
+  ``yolov5n.pt``) loads into classes that the PyPI package's ``isinstance`` checks do not recognise: its
+  BatchNorms are not fused and ``Detect.export`` is not set, so the artefact would keep un-fused BatchNorms and
+  extra outputs. The loaded model's classes are re-pointed to the backend's same-named classes before fusing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import gzip
+import importlib
+import inspect
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from .adapter import Backend, get_backend, load_checkpoint
+from .errors import ConfigError, ExportError, OutputExistsError
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+#: Formats this module exports *and* verifies, mapped to YOLOv5's artefact suffix.
+SUPPORTED_FORMATS: dict[str, str] = {"torchscript": ".torchscript", "onnx": ".onnx"}
+#: Python packages each format needs beyond YOLOv5 (import name -> shown to the user).
+FORMAT_REQUIREMENTS: dict[str, tuple[str, ...]] = {"torchscript": (), "onnx": ("onnx", "onnxruntime")}
+EXTRA_HINT = "pip install yolo_prune_plugin[export]"
+#: Seed of the deterministic input image used to compare outputs.
+INPUT_SEED = 0
+
+_MODEL_MODULES = ("models.common", "models.yolo", "models.experimental")
+_export_lock = threading.Lock()
+
+
+@dataclass
+class ArtifactReport:
+    """The outcome of exporting and verifying one format.
+
+    ``conv_weights``/``zeros``: Conv weight elements the artefact carries and how many are exactly zero;
+    ``expected_zeros``/``expected_conv_weights``: the same counts for the pruned model as exported (fused);
+    ``bytes``/``gzip_bytes``: artefact size on disk and after gzip (level 6), where unstructured zeros pay off;
+    ``max_abs_diff``: largest absolute difference of the predictions (pixels / scores) from the ``.pt`` model;
+    ``written``: whether the artefact was moved into ``path`` (only verified artefacts are); ``path`` is the
+    destination either way, so for a failed format it names a file that was not (re)written.
+    """
+
+    format: str
+    path: Optional[str]
+    ok: bool
+    message: str
+    bytes: Optional[int] = None
+    gzip_bytes: Optional[int] = None
+    conv_layers: Optional[int] = None
+    conv_weights: Optional[int] = None
+    zeros: Optional[int] = None
+    expected_conv_weights: Optional[int] = None
+    expected_zeros: Optional[int] = None
+    max_abs_diff: Optional[float] = None
+    atol: Optional[float] = None
+    written: bool = False
+
+    @property
+    def sparsity(self) -> Optional[float]:
+        """Fraction of the artefact's Conv weights that are exactly zero."""
+        return self.zeros / self.conv_weights if self.zeros is not None and self.conv_weights else None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sparsity"] = None if self.sparsity is None else round(self.sparsity, 6)
+        return d
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks done before anything is exported
+# --------------------------------------------------------------------------------------------------
+def _yolov5_formats(backend: Optional[Backend]) -> tuple[str, ...]:
+    if backend is None:
+        return ()
+    try:
+        return tuple(str(a) for a in backend.export.export_formats()["Argument"][1:])
+    except Exception:  # noqa: BLE001 - only used to word an error message
+        return ()
+
+
+def normalize_formats(formats: Sequence[str] | str) -> list[str]:
+    """Lower-case, strip and de-duplicate format names (``"onnx, torchscript"`` is accepted too)."""
+    if isinstance(formats, str):
+        formats = formats.split(",")
+    out: list[str] = []
+    for f in formats:
+        f = str(f).strip().lower().lstrip(".")
+        if f and f not in out:
+            out.append(f)
+    return out
+
+
+def _missing_modules(names: Sequence[str]) -> list[str]:
+    missing = []
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
+def check_export_requirements(formats: Sequence[str], *, simplify: bool = False,
+                              backend: Optional[Backend] = None) -> None:
+    """Raise :class:`ConfigError` for an unknown/unverifiable format or a missing optional package.
+
+    Meant to run at start, before training or pruning, so a long run does not die at its last step.
+    """
+    fmts = normalize_formats(formats)
+    allowed = ", ".join(SUPPORTED_FORMATS)
+    if not fmts:
+        raise ConfigError(f"export formats: none given (expected one or more of: {allowed})")
+    for f in fmts:
+        if f in SUPPORTED_FORMATS:
+            continue
+        try:
+            backend = backend or get_backend()
+        except Exception:  # noqa: BLE001 - the format is unknown either way
+            backend = None
+        if f in _yolov5_formats(backend):
+            raise ConfigError(f"export format '{f}': YOLOv5 can export it but the plugin cannot verify that "
+                              f"its zeros survive; allowed: {allowed} (use YOLOv5's export.py for '{f}')")
+        raise ConfigError(f"export format '{f}' is unknown; allowed: {allowed}")
+    needed = [m for f in fmts for m in FORMAT_REQUIREMENTS[f]]
+    if "onnx" in fmts and simplify:
+        needed.append("onnxsim")
+    missing = _missing_modules(list(dict.fromkeys(needed)))
+    if missing:
+        what = ", ".join(missing)
+        if missing == ["onnxsim"]:
+            raise ConfigError(f"export simplify: true needs onnx-simplifier (missing module onnxsim): "
+                              "pip install onnxsim, or set simplify: false")
+        raise ConfigError(f"export to {', '.join(fmts)} needs {what} (not installed): {EXTRA_HINT}")
+
+
+def _check_options(device: str, half: bool, dynamic: bool, atol: float, imgsz: Any) -> None:
+    dev = str(device).strip().lower()
+    if half and (dev == "cpu" or (dev == "" and not torch.cuda.is_available())):
+        raise ConfigError("export half: true needs a CUDA device (YOLOv5 exports FP16 on GPU only); "
+                          "set half: false or device: 0")
+    if half and dynamic:
+        raise ConfigError("export half and dynamic cannot both be true (YOLOv5 refuses the combination)")
+    if not (isinstance(atol, (int, float)) and atol >= 0):
+        raise ConfigError(f"export atol: expected a number >= 0, got {atol!r}")
+    sizes = imgsz if isinstance(imgsz, (tuple, list)) else (imgsz,)
+    if not sizes or len(sizes) > 2 or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0
+                                               for s in sizes):
+        raise ConfigError(f"export imgsz: expected a positive integer (or [height, width]), got {imgsz!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading the model YOLOv5 exports
+# --------------------------------------------------------------------------------------------------
+def respell_model_classes(model: nn.Module, backend: Optional[Backend] = None) -> int:
+    """Point modules of the other YOLOv5 spelling (``models.*`` vs ``yolov5.models.*``) at the backend's classes.
+
+    Both spellings are the same source loaded twice, so only ``__class__`` changes. Afterwards YOLOv5's
+    ``isinstance`` checks (``fuse()``, ``Detect.export`` in ``export.run``) see the model. Returns the number of
+    modules changed.
+    """
+    backend = backend or get_backend()
+    changed = 0
+    for rel in _MODEL_MODULES:
+        own = importlib.import_module(backend.prefix + rel)
+        others = {"yolov5." + rel, rel} - {own.__name__}
+        for m in model.modules():
+            cls = type(m)
+            if cls.__module__ in others:
+                target = getattr(own, cls.__name__, None)
+                if inspect.isclass(target) and issubclass(target, nn.Module) and target is not cls:
+                    m.__class__ = target
+                    changed += 1
+    return changed
+
+
+def _fuse(model: nn.Module) -> nn.Module:
+    if hasattr(model, "fuse") and any(hasattr(m, "bn") and hasattr(m, "conv") for m in model.modules()):
+        model.fuse()
+    return model
+
+
+def load_export_model(weights: str | Path, device: Any = "cpu", backend: Optional[Backend] = None) -> nn.Module:
+    """Load ``weights`` the way ``export.run`` does (``ema`` before ``model``, fp32, eval), BatchNorm fused."""
+    b = backend or get_backend()
+    model = b.experimental.attempt_load(str(Path(weights).resolve()), device=device, inplace=True, fuse=False)
+    respell_model_classes(model, b)
+    return _fuse(model).float().eval()
+
+
+def prepare_reference(model: nn.Module, backend: Optional[Backend] = None) -> nn.Module:
+    """A fused, eval, fp32, CPU copy of an in-memory pruned model (the original is not modified)."""
+    b = backend or get_backend()
+    ref = copy.deepcopy(model).float().cpu()
+    respell_model_classes(ref, b)
+    return _fuse(ref).eval()
+
+
+@contextlib.contextmanager
+def _yolov5_export_patches(b: Backend) -> Iterator[list[str]]:
+    """Scoped patches for ``export.run``; yields the list YOLOv5's export-failure log lines are collected in."""
+    exp = b.export
+    orig_load = exp.attempt_load
+    orig_onnx_export = torch.onnx.export
+    failures: list[str] = []
+
+    def attempt_load(weights: Any, device: Any = None, inplace: bool = True, fuse: bool = True) -> nn.Module:
+        model = orig_load(weights, device=device, inplace=inplace, fuse=False)
+        respell_model_classes(model, b)
+        return _fuse(model) if fuse else model
+
+    def onnx_export(*args: Any, **kwargs: Any) -> Any:
+        if "dynamo" in inspect.signature(orig_onnx_export).parameters:
+            kwargs.setdefault("dynamo", False)
+        return orig_onnx_export(*args, **kwargs)
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "failure" in msg or "ERROR" in msg:
+                failures.append(" ".join(re.sub(r"\x1b\[[0-9;]*m", "", msg).split()))
+
+    handler = Collect(logging.INFO)
+    yolo_logger = b.general.LOGGER
+    with _export_lock:
+        exp.attempt_load = attempt_load
+        torch.onnx.export = onnx_export
+        yolo_logger.addHandler(handler)
+        try:
+            yield failures
+        finally:
+            yolo_logger.removeHandler(handler)
+            torch.onnx.export = orig_onnx_export
+            exp.attempt_load = orig_load
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading artefacts back
+# --------------------------------------------------------------------------------------------------
+def _onnx_conv_weights(path: Path) -> list[np.ndarray]:
+    """Weight tensors feeding ``Conv`` nodes of an ONNX graph (initializers or ``Constant`` nodes).
+
+    Only a Conv node's second input (``W``) is read: biases (third input), Detect's anchors and grids (constants of
+    ``Mul``/``Add`` nodes) and everything else are not Conv weights and are excluded. ``Identity``/``Cast`` between
+    a constant and the Conv are followed. A weight that cannot be resolved to a constant raises ExportError.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    consts: dict[str, Any] = {t.name: t for t in graph.initializer}
+    producers = {}
+    for node in graph.node:
+        for out in node.output:
+            producers[out] = node
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value":
+                    consts[node.output[0]] = attr.t
+    weights = []
+    for node in graph.node:
+        if node.op_type != "Conv":
+            continue
+        name = node.input[1]
+        while name not in consts and name in producers and producers[name].op_type in {"Identity", "Cast"}:
+            name = producers[name].input[0]
+        if name not in consts:
+            raise ExportError(f"{path}: Conv node {node.name or node.output[0]} takes its weight from "
+                              f"'{node.input[1]}', which is not a constant; cannot count its zeros")
+        weights.append(numpy_helper.to_array(consts[name]))
+    return weights
+
+
+def _torchscript_conv_weights(module: torch.jit.ScriptModule) -> list[torch.Tensor]:
+    """Weights of the ``Conv2d`` submodules a TorchScript module carries (by their ``original_name``).
+
+    Only each Conv2d's ``weight`` is read: its bias, any BatchNorm parameters/buffers left in the file and
+    Detect's anchors/grids are excluded.
+    """
+    return [sub.weight.detach() for _, sub in module.named_modules()
+            if getattr(sub, "original_name", None) == "Conv2d" and hasattr(sub, "weight")]
+
+
+def conv_weights_of(model: nn.Module) -> list[torch.Tensor]:
+    """Weights of every ``nn.Conv2d`` of an in-memory model (biases, BatchNorms, anchors excluded)."""
+    return [m.weight.detach() for m in model.modules() if isinstance(m, nn.Conv2d)]
+
+
+def _count(weights: Sequence[Any]) -> tuple[int, int]:
+    total = zeros = 0
+    for w in weights:
+        a = w.cpu().numpy() if isinstance(w, torch.Tensor) else np.asarray(w)
+        total += int(a.size)
+        zeros += int(a.size - np.count_nonzero(a))
+    return total, zeros
+
+
+def file_sizes(path: str | Path, level: int = 6) -> tuple[int, int]:
+    """(bytes, gzip bytes) of a file, or of all files of a directory artefact; gzip at ``level`` (gzip's default 6)."""
+    p = Path(path)
+    files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+    raw = packed = 0
+    for f in files:
+        raw += f.stat().st_size
+        counter = _CountingWriter()
+        with f.open("rb") as src, gzip.GzipFile(fileobj=counter, mode="wb", compresslevel=level, mtime=0) as gz:
+            shutil.copyfileobj(src, gz, 1 << 20)
+        packed += counter.n
+    return raw, packed
+
+
+class _CountingWriter:
+    """A write-only file object that only counts bytes."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def write(self, data: bytes) -> int:
+        self.n += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+
+def _format_of(path: Path) -> str:
+    for f, suffix in SUPPORTED_FORMATS.items():
+        if path.name.endswith(suffix):
+            return f
+    raise ConfigError(f"{path}: cannot tell the format from the name (expected a file ending in "
+                      f"{', '.join(SUPPORTED_FORMATS.values())})")
+
+
+def _artifact_input_shape(path: Path, fmt: str) -> Optional[tuple[int, int]]:
+    """(height, width) the artefact was exported for, when it is fixed."""
+    try:
+        if fmt == "onnx":
+            import onnx
+
+            dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+            if len(dims) == 4 and dims[2].dim_value > 0 and dims[3].dim_value > 0:
+                return int(dims[2].dim_value), int(dims[3].dim_value)
+        elif fmt == "torchscript":
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("extra/config.txt")), None)
+                if name:
+                    shape = json.loads(z.read(name))["shape"]
+                    return int(shape[2]), int(shape[3])
+    except Exception:  # noqa: BLE001 - fall back to the imgsz given
+        return None
+    return None
+
+
+def deterministic_input(hw: tuple[int, int], seed: int = INPUT_SEED) -> torch.Tensor:
+    """A fixed pseudo-random BCHW image in [0, 1) (the same on every machine for a given seed and size)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(1, 3, *hw, generator=g)
+
+
+def _first_output(y: Any) -> torch.Tensor:
+    while isinstance(y, (list, tuple)):
+        y = y[0]
+    return y if isinstance(y, torch.Tensor) else torch.from_numpy(np.asarray(y))
+
+
+def _torch_device(device: str) -> torch.device:
+    d = str(device).strip().lower().replace("cuda:", "")
+    if d in {"", "cpu"} or not torch.cuda.is_available():
+        return torch.device("cpu")
+    first = d.split(",")[0]
+    return torch.device(f"cuda:{first}" if first.isdigit() else "cuda")
+
+
+def _run_artifact(path: Path, fmt: str, im: torch.Tensor, device: str) -> torch.Tensor:
+    """The artefact's first output for ``im`` (onnxruntime on CUDA when asked and available, else CPU)."""
+    dev = _torch_device(device)
+    if fmt == "onnx":
+        import onnxruntime as ort
+
+        providers = ["CPUExecutionProvider"]
+        if dev.type == "cuda" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, "CUDAExecutionProvider")
+        sess = ort.InferenceSession(str(path), providers=providers)
+        inp = sess.get_inputs()[0]
+        dtype = np.float16 if "float16" in inp.type else np.float32
+        out = sess.run(None, {inp.name: im.numpy().astype(dtype)})
+        return torch.from_numpy(np.asarray(out[0])).float()
+    ts = torch.jit.load(str(path), map_location=dev)
+    ts.eval()
+    dtype = next((p.dtype for p in ts.parameters()), torch.float32)
+    with torch.no_grad():
+        y = ts(im.to(dev, dtype))
+    return _first_output(y).float().cpu()
+
+
+def verify_artifact(path: str | Path, pruned_model: nn.Module | str | Path, imgsz: int | Sequence[int] = 640,
+                    atol: float = 1e-3, fmt: Optional[str] = None, device: str = "cpu",
+                    backend: Optional[Backend] = None, _cache: Optional[dict] = None) -> ArtifactReport:
+    """Check that an exported artefact carries the pruned model's zeros and reproduces its outputs.
+
+    ``pruned_model`` is the pruned checkpoint path or an in-memory model; it is compared fused, eval and fp32
+    (a copy is used). The expected zeros are counted on the *fused* Conv weights: fusion multiplies each output
+    channel by gamma/sigma, which keeps every zero and only adds one where gamma is 0. If the artefact stores
+    FP16 weights, the expected count is taken after the same FP16 cast (tiny weights can underflow to zero).
+    Only Conv *weights* are counted. In ONNX that is the second input (``W``) of each ``Conv`` node, resolved
+    to its initializer/``Constant``; Conv biases (third input), Detect's anchors and grids (constants feeding
+    ``Mul``/``Add``) and any other initializer are not. In TorchScript it is the ``weight`` of each submodule
+    whose ``original_name`` is ``Conv2d``; biases, BatchNorm parameters/buffers and Detect buffers are not. On the
+    pruned model it is ``weight`` of every ``nn.Conv2d`` after fusion. Both sides must also agree on the number
+    of Conv layers and Conv weights, so a missing or extra layer fails too.
+    FP16 artefacts (``half``) differ from the fp32 model by far more than 1e-3: pass a larger ``atol``.
+    ``imgsz`` is used only when the artefact's input size is not fixed (dynamic ONNX).
+
+    Returns a report with ``ok=False`` and a message when the counts differ or an output differs by more than
+    ``atol``; raises :class:`ExportError` when the artefact cannot be read at all.
+    """
+    b = backend or get_backend()
+    path = Path(path)
+    fmt = fmt or _format_of(path)
+    if fmt not in SUPPORTED_FORMATS:
+        raise ConfigError(f"verify format '{fmt}': expected one of {', '.join(SUPPORTED_FORMATS)}")
+    if _cache is not None and "model" in _cache:  # export_and_verify: already loaded, fused and on the CPU
+        ref = _cache["model"]
+    elif isinstance(pruned_model, (str, Path)):
+        ref = load_export_model(pruned_model, "cpu", b)
+    else:
+        ref = prepare_reference(pruned_model, b)
+    raw, packed = file_sizes(path)
+    report = ArtifactReport(format=fmt, path=str(path), ok=False, message="", bytes=raw, gzip_bytes=packed,
+                            atol=float(atol))
+    try:
+        if fmt == "onnx":
+            got = _onnx_conv_weights(path)
+        else:
+            got = _torchscript_conv_weights(torch.jit.load(str(path), map_location="cpu"))
+    except ExportError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{path}: cannot read the exported {fmt} model ({type(e).__name__}: {e})") from None
+    half = any(getattr(w, "dtype", None) in (torch.float16, np.float16) for w in got)
+    ref_w = conv_weights_of(ref)
+    report.conv_layers = len(got)
+    report.conv_weights, report.zeros = _count(got)
+    report.expected_conv_weights, report.expected_zeros = _count([w.half() if half else w for w in ref_w])
+
+    hw = _artifact_input_shape(path, fmt)
+    if hw is None:
+        sizes = list(imgsz) if isinstance(imgsz, (list, tuple)) else [imgsz, imgsz]
+        gs = int(max(getattr(ref, "stride", torch.tensor([32.0]))))
+        hw = tuple(int(b.general.check_img_size(int(s), gs)) for s in sizes[:2])  # type: ignore[assignment]
+    im = deterministic_input(hw)  # type: ignore[arg-type]
+    cache = _cache if _cache is not None else {}
+    if hw not in cache:
+        with torch.no_grad():
+            cache[hw] = _first_output(ref(im)).float()
+    expected = cache[hw]
+    try:
+        got_out = _run_artifact(path, fmt, im, device)
+    except Exception as e:  # noqa: BLE001
+        raise ExportError(f"{path}: cannot run the exported {fmt} model ({type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+    problems = []
+    if len(got) != len(ref_w) or report.conv_weights != report.expected_conv_weights:
+        problems.append(f"carries {len(got)} Conv layers / {report.conv_weights} weights, the pruned model "
+                        f"{len(ref_w)} / {report.expected_conv_weights}")
+    if report.zeros != report.expected_zeros:
+        problems.append(f"zeros did not survive: {report.zeros} zero Conv weights, expected "
+                        f"{report.expected_zeros}")
+    if tuple(got_out.shape) != tuple(expected.shape):
+        problems.append(f"output shape {tuple(got_out.shape)} != {tuple(expected.shape)}")
+    else:
+        report.max_abs_diff = float((got_out - expected).abs().max())
+        if not np.isfinite(report.max_abs_diff) or report.max_abs_diff > atol:
+            problems.append(f"outputs differ by up to {report.max_abs_diff:.3g} (atol {atol:g})")
+    report.ok = not problems
+    sp = report.sparsity or 0.0
+    report.message = ("; ".join(problems) if problems else
+                      f"ok: {report.zeros}/{report.conv_weights} Conv weights zero ({sp:.1%}), "
+                      f"max |diff| {report.max_abs_diff:.2g}")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+def artifact_path(weights: str | Path, fmt: str) -> Path:
+    """Where YOLOv5 puts ``fmt``'s artefact for ``weights`` (same folder and stem, YOLOv5's suffix)."""
+    return Path(weights).with_suffix(SUPPORTED_FORMATS[fmt])
+
+
+def export_and_verify(weights: str | Path, formats: Sequence[str], imgsz: int | Sequence[int] = 640,
+                      device: str = "cpu", half: bool = False, dynamic: bool = False, simplify: bool = False,
+                      opset: Optional[int] = None, atol: float = 1e-3, overwrite: bool = True,
+                      backend: Optional[Backend] = None) -> list[ArtifactReport]:
+    """Export ``weights`` to each format with YOLOv5's ``export.run``, verify, and move verified artefacts beside it.
+
+    Raises :class:`ConfigError` (bad format/option, missing extra), :class:`OutputExistsError` (an artefact
+    exists and ``overwrite`` is false; checked for every format before anything is exported) or
+    :class:`CheckpointError` (unreadable weights). An export or verification failure does not raise: its report
+    has ``ok=False``, ``written=False`` and says why; nothing beside the weights is created or changed for it.
+    """
+    b = backend or get_backend()
+    fmts = normalize_formats(formats)
+    check_export_requirements(fmts, simplify=simplify, backend=b)
+    _check_options(device, half, dynamic, atol, imgsz)
+    weights = Path(weights).expanduser().resolve()
+    load_checkpoint(weights, b)  # CheckpointError for a missing/unsafe/non-YOLOv5 file, before any export
+    dests = {f: artifact_path(weights, f) for f in fmts}
+    if not overwrite:
+        existing = [str(p) for p in dests.values() if p.exists()]
+        if existing:
+            raise OutputExistsError(f"{', '.join(existing)} already exist(s); pass overwrite=True "
+                                    "(--overwrite) or move it away")
+    size = tuple(imgsz) if isinstance(imgsz, (list, tuple)) else (imgsz, imgsz)
+    if len(size) == 1:
+        size = (size[0], size[0])
+    reference = load_export_model(weights, "cpu", b)
+
+    return _export_all(b, weights, fmts, dests, reference, size, device, half, dynamic, simplify, opset, atol)
+
+
+def _export_all(b: Backend, weights: Path, fmts: list[str], dests: dict[str, Path], reference: nn.Module,
+                size: tuple, device: str, half: bool, dynamic: bool, simplify: bool, opset: Optional[int],
+                atol: float) -> list[ArtifactReport]:
+    """One ``export.run`` for all formats from a copy in a temporary folder; verify each; move the good ones."""
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{weights.stem}-export-", dir=weights.parent))
+    except OSError as e:
+        raise ExportError(f"{weights.parent}: cannot create a temporary export folder beside the weights "
+                          f"({e.strerror or e})") from None
+    try:
+        src = tmp / weights.name
+        shutil.copyfile(weights, src)
+        kwargs: dict[str, Any] = dict(weights=str(src), imgsz=list(size), device=device, include=tuple(fmts),
+                                      half=half, dynamic=dynamic, simplify=simplify)
+        if opset is not None:
+            kwargs["opset"] = int(opset)
+        with _yolov5_export_patches(b) as failures:
+            try:
+                b.export.run(**kwargs)
+            except Exception as e:  # noqa: BLE001 - YOLOv5 asserts/raises outside its try_export too
+                failures.append(f"{type(e).__name__}: {e}")
+        cache: dict = {"model": reference}  # the reference output is computed once for all formats
+        return [_verify_and_place(b, fmt, artifact_path(src, fmt), dests[fmt], reference, size, device, atol,
+                                  failures, cache) for fmt in fmts]
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+_LABELS = {"onnx": "onnx:", "torchscript": "torchscript:"}
+
+
+def _verify_and_place(b: Backend, fmt: str, produced: Path, dest: Path, reference: nn.Module, size: tuple,
+                      device: str, atol: float, failures: list[str], cache: dict) -> ArtifactReport:
+    if not produced.is_file():
+        mine = [f for f in failures if _LABELS[fmt] in f.lower()]
+        why = (mine or failures or ["no file was written"])[-1]
+        return ArtifactReport(format=fmt, path=str(dest), ok=False, atol=float(atol),
+                              message=f"YOLOv5 export to {fmt} failed ({why}); {_not_written(dest)}")
+    try:
+        report = verify_artifact(produced, reference, imgsz=size, atol=atol, fmt=fmt, device=device, backend=b,
+                                 _cache=cache)
+    except ExportError as e:
+        raw, packed = file_sizes(produced)
+        return ArtifactReport(format=fmt, path=str(dest), ok=False, atol=float(atol), bytes=raw,
+                              gzip_bytes=packed, message=f"{e}; {_not_written(dest)}")
+    report.path = str(dest)
+    if report.ok:
+        os.replace(produced, dest)
+        report.written = True
+    else:
+        report.message += f"; {_not_written(dest)}"
+    return report
+
+
+def _not_written(dest: Path) -> str:
+    return f"not written ({dest.name} from before left unchanged)" if dest.exists() else "not written"
