@@ -165,28 +165,35 @@ def _patch_pillow() -> None:
 
 
 def _patch_font_download(backend: Backend) -> None:
-    """Offline, ``check_dataset`` dies trying to download Arial.ttf: make the font optional."""
-    general = backend.general
-    original = general.check_font
+    """Offline, ``check_dataset`` dies trying to download Arial.ttf: make the font optional.
 
-    def check_font(font: Any = "Arial.ttf", progress: bool = False) -> None:
-        try:
-            original(font, progress=progress)
-        except Exception as e:  # noqa: BLE001 - any download failure: plots fall back to PIL's default font
-            LOGGER.debug("font %s unavailable (%s); YOLOv5 plots use PIL's default font", font, e)
-
-    general.check_font = check_font
-    # plots.check_pil_font already falls back to PIL's default font on URLError; make every failure a URLError
-    plots = importlib.import_module(backend.prefix + "utils.plots")
+    Patched under every spelling already imported (a checkout's ``utils.general``, the package's
+    ``yolov5.utils.general``), since YOLOv5's modules may reach either.
+    """
     from urllib.error import URLError
 
-    def plots_check_font(font: Any = "Arial.ttf", progress: bool = False) -> None:
-        try:
-            original(font, progress=progress)
-        except Exception as e:  # noqa: BLE001
-            raise URLError(str(e)) from e
+    for prefix in dict.fromkeys((backend.prefix, "", "yolov5.")):
+        general, plots = sys.modules.get(prefix + "utils.general"), sys.modules.get(prefix + "utils.plots")
+        if general is None or getattr(general.check_font, "_yolo_prune_patched", False):
+            continue
+        original = general.check_font
 
-    plots.check_font = plots_check_font
+        def check_font(font: Any = "Arial.ttf", progress: bool = False, _orig: Any = original) -> None:
+            try:
+                _orig(font, progress=progress)
+            except Exception as e:  # noqa: BLE001 - any download failure: plots use PIL's default font
+                LOGGER.debug("font %s unavailable (%s); YOLOv5 plots use PIL's default font", font, e)
+
+        def plots_check_font(font: Any = "Arial.ttf", progress: bool = False, _orig: Any = original) -> None:
+            try:  # plots.check_pil_font falls back to PIL's default font on URLError only
+                _orig(font, progress=progress)
+            except Exception as e:  # noqa: BLE001
+                raise URLError(str(e)) from e
+
+        check_font._yolo_prune_patched = True  # type: ignore[attr-defined]
+        general.check_font = check_font
+        if plots is not None:
+            plots.check_font = plots_check_font
 
 
 # --------------------------------------------------------------------------------------------------

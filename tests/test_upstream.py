@@ -1,0 +1,65 @@
+"""Upstream ultralytics/yolov5 checkouts (top-level train/val/export/models/utils): the installed PyPI
+package's folder stands in for a checkout. Each test runs in a fresh process (YOLOv5 is imported once)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def checkout() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("yolov5")
+    return Path(spec.origin).parent
+
+
+def _run(args, cwd, env_extra=None, timeout=600):
+    env = {**os.environ, **(env_extra or {})}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.run([sys.executable, "-m", "yolo_prune_plugin.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_backend_from_checkout(checkout, tmp_path):
+    code = ("from yolo_prune_plugin.adapter import get_backend; b = get_backend(); "
+            "print(b.kind, b.train.__name__, b.yolo.__name__)")
+    env = {**os.environ, "YOLO_PRUNE_YOLOV5_DIR": str(checkout), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-3:] == ["checkout", "train", "models.yolo"]
+
+
+def test_not_a_checkout_is_a_clear_error(tmp_path):
+    out = _run(["prune", "--yolov5-dir", str(tmp_path), "--weights", "x.pt"], cwd=tmp_path)
+    assert out.returncode == 1
+    assert f"{tmp_path} is not a YOLOv5 checkout: missing train.py" in out.stderr
+
+
+def test_prune_with_checkout(checkout, small_ckpt):
+    out = _run(["prune", "--yolov5-dir", str(checkout), "--weights", str(small_ckpt), "--amount", "0.3",
+                "--device", "cpu"], cwd=small_ckpt.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    ckpt = torch.load(small_ckpt.with_name("best_pruned.pt"))
+    assert abs(ckpt["prune"]["sparsity_after"]["sparsity"] - 0.3) < 1e-3
+
+
+def test_train_with_checkout(checkout, coco8_yaml, tmp_path):
+    out = _run(["train", "--yolov5-dir", str(checkout), "--data", str(coco8_yaml), "--weights",
+                str(ROOT.parent / "shared" / "weights" / "yolov5n.pt"), "--img", "64", "--epochs", "1",
+                "--batch-size", "4", "--workers", "0", "--device", "cpu", "--noplots", "--project",
+                str(tmp_path / "runs"), "--name", "exp", "--prune-amount", "0.25"], cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "exp" / "prune_report.json").read_text())
+    entry = report["results"][0]
+    assert abs(entry["sparsity_after"]["sparsity"] - 0.25) < 1e-3
+    assert entry["metrics_before"] is not None and entry["metrics_after"] is not None
