@@ -23,16 +23,32 @@ class Metrics:
     recall: float
     map50: float
     map: float  # mAP50-95
+    nms_timeouts: int = 0  # batches where YOLOv5's NMS hit its time limit (metrics then undercount)
 
     @classmethod
-    def from_results(cls, results: Any) -> "Metrics":
+    def from_results(cls, results: Any, nms_timeouts: int = 0) -> "Metrics":
         """From YOLOv5's ``(P, R, mAP50, mAP50-95, box, obj, cls)`` tuple."""
         p, r, m50, m = (float(x) for x in list(results)[:4])
-        return cls(p, r, m50, m)
+        return cls(p, r, m50, m, nms_timeouts)
 
     def to_dict(self) -> dict:
-        return {"P": round(self.precision, 6), "R": round(self.recall, 6), "mAP50": round(self.map50, 6),
-                "mAP50-95": round(self.map, 6)}
+        d = {"P": round(self.precision, 6), "R": round(self.recall, 6), "mAP50": round(self.map50, 6),
+             "mAP50-95": round(self.map, 6)}
+        if self.nms_timeouts:
+            d["nms_timeouts"] = self.nms_timeouts
+        return d
+
+
+class _NMSTimeoutCounter(logging.Handler):
+    """Counts YOLOv5's 'NMS time limit exceeded' warnings: on a slow or busy CPU they silently lower mAP."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.count = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "NMS time limit" in record.getMessage():
+            self.count += 1
 
 
 @dataclass
@@ -132,12 +148,21 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
     stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
     if dataloader is None:
         dataloader = make_dataloader(settings, stride, backend)
-    with tempfile.TemporaryDirectory(prefix="yolo_prune_val_") as tmp:
-        results = backend.val.run(settings.data, batch_size=settings.batch_size, imgsz=settings.imgsz,
-                                  model=model.half() if settings.half else model, iou_thres=settings.iou_thres,
-                                  single_cls=settings.single_cls, dataloader=dataloader, save_dir=Path(tmp),
-                                  plots=False, half=settings.half, verbose=False)[0]
-    return Metrics.from_results(results)
+    counter = _NMSTimeoutCounter()
+    yolo_logger = logging.getLogger(getattr(backend.general, "LOGGING_NAME", "yolov5"))
+    yolo_logger.addHandler(counter)
+    try:
+        with tempfile.TemporaryDirectory(prefix="yolo_prune_val_") as tmp:
+            results = backend.val.run(settings.data, batch_size=settings.batch_size, imgsz=settings.imgsz,
+                                      model=model.half() if settings.half else model, iou_thres=settings.iou_thres,
+                                      single_cls=settings.single_cls, dataloader=dataloader, save_dir=Path(tmp),
+                                      plots=False, half=settings.half, verbose=False)[0]
+    finally:
+        yolo_logger.removeHandler(counter)
+    if counter.count:
+        LOGGER.warning("yolo_prune_plugin: YOLOv5's NMS hit its time limit in %d batch(es); mAP is undercounted "
+                       "(slow or busy CPU). Re-validate on an idle machine or a GPU for exact numbers.", counter.count)
+    return Metrics.from_results(results, counter.count)
 
 
 def evaluate_weights(weights: str | Path, settings: EvalSettings, dataloader: Any = None,
