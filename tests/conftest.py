@@ -55,6 +55,7 @@ def _small_model(backend):
     cfg = Path(backend.root) / "models" / "yolov5n.yaml"
     model = backend.yolo.Model(str(cfg), ch=3, nc=3)
     model.names = {0: "circle", 1: "square", 2: "triangle"}
+    model.nc = 3
     return model.eval()
 
 

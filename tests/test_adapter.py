@@ -135,3 +135,27 @@ def test_pillow_getsize_shim(backend):
     font = ImageFont.load_default()
     w, h = font.getsize("abc")
     assert w > 0 and h > 0
+
+
+@pytest.mark.parametrize("cfg", ["yolov5n.yaml", "hub/yolov5n6.yaml", "hub/yolov5s-ghost.yaml",
+                                 "hub/yolov5s-transformer.yaml"])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_real_checkpoint_shapes_load(backend, tmp_path, cfg, with_state):
+    """Every YOLOv5 detection layout (P5/P6) with and without EMA and optimizer state, as train.py saves them."""
+    import numpy as np
+
+    torch_utils = __import__(backend.prefix + "utils.torch_utils", fromlist=["ModelEMA"])
+    model = backend.yolo.Model(str(backend.root / "models" / cfg), nc=2)
+    model.nc = 2  # train.py attaches it
+    ckpt = {"epoch": 3, "best_fitness": np.array([0.5]), "model": model.half(), "ema": None, "updates": None,
+            "optimizer": None, "opt": {"data": "x.yaml", "imgsz": 640}, "date": "2026-01-01"}
+    if with_state:
+        opt = torch.optim.SGD(model.float().parameters(), lr=0.1, momentum=0.9)
+        model(torch.zeros(2, 3, 128, 128))[0].sum().backward()
+        opt.step()
+        ema = torch_utils.ModelEMA(model)
+        ckpt.update(model=model.half(), ema=ema.ema.half(), updates=ema.updates, optimizer=opt.state_dict())
+    torch.save(ckpt, tmp_path / "ck.pt")
+    loaded = load_checkpoint(tmp_path / "ck.pt")
+    assert loaded["epoch"] == 3 and (loaded["ema"] is not None) is with_state
+    assert backend.attempt_load(tmp_path / "ck.pt", "cpu").nc == 2

@@ -70,3 +70,18 @@ def test_train_without_prune_flags_is_plain_yolov5(backend, tiny_data, tmp_path)
     run = tmp_path / "runs" / "exp"
     assert (run / "weights" / "best.pt").exists()
     assert not (run / "prune_report.json").exists() and not list(run.rglob("*_pruned.pt"))
+
+
+def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data, tmp_path, monkeypatch, caplog):
+    import yolo_prune_plugin.runner as runner_mod
+
+    def boom(*a, **k):
+        raise RuntimeError("injected pruning fault")
+
+    monkeypatch.setattr(runner_mod, "prune_model", boom)
+    rc = main(_train_args(backend, tiny_data, tmp_path / "runs", "--prune-amount", "0.3"))
+    assert rc == 1
+    w = tmp_path / "runs" / "exp" / "weights"
+    assert (w / "best.pt").exists() and (w / "last.pt").exists() and _sparsity(w / "best.pt") < 0.01
+    assert not list(w.glob("*_pruned.pt")) and not list(w.glob(".*.tmp"))
+    assert "injected pruning fault" in caplog.text and f"yolo-prune prune --weights {w / 'best.pt'}" in caplog.text
