@@ -15,13 +15,20 @@ from .errors import ConfigError, PruneError
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time of each record (it may be redirected)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging(verbose: bool = False) -> None:
-    if not LOGGER.handlers:
-        h = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in LOGGER.handlers):
+        h = _StderrHandler()
         h.setFormatter(logging.Formatter("%(message)s"))
         LOGGER.addHandler(h)
     LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
-    LOGGER.propagate = False
 
 
 def _common(p: argparse.ArgumentParser) -> None:
