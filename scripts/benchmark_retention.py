@@ -21,24 +21,15 @@ from datetime import date
 from pathlib import Path
 
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from yolo_prune_plugin.adapter import get_backend, load_checkpoint  # noqa: E402
 from yolo_prune_plugin.config import PruneConfig  # noqa: E402
-from yolo_prune_plugin.evaluation import make_settings  # noqa: E402
+from yolo_prune_plugin.evaluation import make_settings, write_absolute_data_yaml  # noqa: E402
 from yolo_prune_plugin.pruning import prune_model  # noqa: E402
 from yolo_prune_plugin.sweep import sweep_model  # noqa: E402
-
-
-def data_yaml(shared: Path, name: str, dest: Path) -> Path:
-    d = yaml.safe_load((shared / "data" / f"{name}.yaml").read_text())
-    d["path"] = str((shared / "data" / d["path"]).resolve())
-    out = dest / f"{name}.yaml"
-    out.write_text(yaml.safe_dump(d))
-    return out
 
 
 def time_separate_val(backend, src_ckpt: dict, points, data: Path, imgsz: int, batch: int, device: str,
@@ -93,10 +84,9 @@ def main() -> int:
     amounts = [float(a) for a in args.amounts.split(",") if a]
     with tempfile.TemporaryDirectory() as t:
         tmp = Path(t)
-        data = data_yaml(shared, args.data, tmp)
+        data = write_absolute_data_yaml(shared / "data" / f"{args.data}.yaml", tmp)
         ckpt = load_checkpoint(weights)
         settings = make_settings(data, args.img, args.batch_size, args.device, False, args.workers, backend)
-        lines: list[str] = []
         t0 = time.perf_counter()
         result = sweep_model(ckpt["model"], settings, amounts, methods, PruneConfig(), backend, echo=print)
         sweep_s = time.perf_counter() - t0

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("YOLO_PRUNE_SHARED", ROOT.parent / "shared"))
@@ -32,11 +31,9 @@ def shared() -> Path:
 
 def data_yaml(shared: Path, name: str, dest: Path) -> Path:
     """A copy of shared/data/<name>.yaml with an absolute ``path:``."""
-    d = yaml.safe_load((shared / "data" / f"{name}.yaml").read_text())
-    d["path"] = str((shared / "data" / d["path"]).resolve())
-    out = dest / f"{name}.yaml"
-    out.write_text(yaml.safe_dump(d))
-    return out
+    from yolo_prune_plugin.evaluation import write_absolute_data_yaml
+
+    return write_absolute_data_yaml(shared / "data" / f"{name}.yaml", dest)
 
 
 @pytest.fixture(scope="session")

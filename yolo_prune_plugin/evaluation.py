@@ -106,6 +106,26 @@ def _check_data_yaml(p: Path, backend: Backend) -> None:
                               f"({yolo_root}, which does not exist); write an absolute path{hint}")
 
 
+def write_absolute_data_yaml(src: str | Path, dest_dir: str | Path) -> Path:
+    """Copy a data YAML into ``dest_dir`` with its relative ``path:`` made absolute (relative to ``src``'s folder).
+
+    YOLOv5 resolves a relative ``path:`` against its own install folder; this is the fix for files written
+    the usual way (``path: coco128`` beside the dataset).
+    """
+    import yaml
+
+    src = Path(src).expanduser().resolve()
+    d = yaml.safe_load(src.read_text(encoding="utf-8"))
+    if not isinstance(d, dict):
+        raise ConfigError(f"{src}: expected a YOLOv5 dataset mapping")
+    root = Path(str(d.get("path") or "."))
+    d["path"] = str(root if root.is_absolute() else (src.parent / root).resolve())
+    out = Path(dest_dir) / src.name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(d, sort_keys=False), encoding="utf-8")
+    return out
+
+
 def is_coco(data: dict) -> bool:
     val = data.get("val")
     return isinstance(val, str) and val.replace("\\", "/").endswith("coco/val2017.txt")
