@@ -54,6 +54,7 @@ class FinetuneOptions:
     epochs: int = 0
     lr_scale: float = 0.1
     imgsz: Optional[int] = None
+    warmup: bool = False  # YOLOv5's >=100-iteration lr warmup from 0 (most of a short fine-tune)
 
 
 @dataclass(frozen=True)
@@ -206,6 +207,8 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = float(_number(v, q, where))
                 if not 0 < out[k] <= 10:
                     raise ConfigError(f"{where}: '{q}' must be in (0, 10], got {v}")
+            elif k == "warmup":
+                out[k] = _bool(v, q, where)
             else:
                 out[k] = None if v is None else int(_number(v, q, where, integer=True))
         elif cls is ScheduleOptions:

@@ -867,7 +867,7 @@ def check_recovery(config: PruneConfig, opt: Any = None) -> None:
 
 
 def register(callbacks: Any, config: Optional[PruneConfig] = None, opt: Any = None,
-             warmup: bool = FINETUNE_WARMUP, **overrides: Any) -> _RecoveryPlugin:
+             warmup: Optional[bool] = None, **overrides: Any) -> _RecoveryPlugin:
     """Register a recovery mode on YOLOv5 ``Callbacks`` and return the plugin (a context manager).
 
     ``config.finetune.epochs > 0``: :class:`FinetunePlugin`; ``config.schedule.final_amount`` set:
@@ -884,7 +884,7 @@ def register(callbacks: Any, config: Optional[PruneConfig] = None, opt: Any = No
         hooks: tuple[str, ...] = ("on_pretrain_routine_start", "on_train_start", "on_train_epoch_start",
                                   "on_fit_epoch_end", "on_model_save", "on_train_end")
     elif cfg.finetune.epochs:
-        plugin = FinetunePlugin(cfg, opt=opt, warmup=warmup)
+        plugin = FinetunePlugin(cfg, opt=opt, warmup=cfg.finetune.warmup if warmup is None else warmup)
         hooks = ("on_train_end",)
     else:
         raise ConfigError("recovery: set finetune.epochs > 0 or schedule.final_amount to use a recovery mode")
