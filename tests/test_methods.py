@@ -1,0 +1,414 @@
+"""Data-aware pruning (``obs``: SparseGPT-style reconstruction), its calibration images, and LAMP scores."""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import yaml
+
+from yolo_prune_plugin import methods
+from yolo_prune_plugin.adapter import get_backend
+from yolo_prune_plugin.calibration import load_calibration_images
+from yolo_prune_plugin.errors import ConfigError
+from yolo_prune_plugin.pruning import conv_layers, lamp_scores, prune_model, sparsity_stats
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+COCO8 = SHARED / "data" / "coco8"
+WEIGHTS = SHARED / "weights" / "yolov5n.pt"
+needs_coco8 = pytest.mark.skipif(not COCO8.is_dir(), reason=f"shared dataset {COCO8} not present")
+
+
+# ---------------------------------------------------------------------------------------------------
+# fixtures
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def backend():
+    return get_backend()
+
+
+@pytest.fixture(scope="module")
+def small_yolo(backend):
+    """A real YOLOv5 DetectionModel (yolov5n.yaml at half width, 3 classes), randomly initialised."""
+    cfg = yaml.safe_load((backend.root / "models" / "yolov5n.yaml").read_text())
+    cfg["width_multiple"] = 0.125
+    torch.manual_seed(0)
+    model = backend.yolo.Model(cfg, ch=3, nc=3).eval()
+    # give BatchNorm non-trivial statistics, as in a trained model
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    return model
+
+
+@pytest.fixture(scope="module")
+def calib() -> torch.Tensor:
+    """Smooth random 'images' (blurred noise) at 64 px."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+    return torch.nn.functional.interpolate(x, size=64, mode="bilinear", align_corners=False)
+
+
+@pytest.fixture(scope="module")
+def pretrained(backend, tmp_path_factory):
+    """Shared COCO-pretrained yolov5n and four coco8 training images at 128 px."""
+    if not (WEIGHTS.is_file() and COCO8.is_dir()):
+        pytest.skip(f"shared weights/data under {SHARED} not present")
+    model = backend.attempt_load(WEIGHTS, device="cpu", fuse=False).eval()
+    return model, load_calibration_images(_coco8_yaml(tmp_path_factory.mktemp("data")), 128, n=4)
+
+
+def _layer_inputs(model, conv, x):
+    box = {}
+    h = conv.register_forward_pre_hook(lambda m, inp: box.setdefault("x", inp[0].detach()))
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return box["x"]
+
+
+def _coco8_yaml(tmp_path: Path) -> Path:
+    d = yaml.safe_load((SHARED / "data" / "coco8.yaml").read_text())
+    d["path"] = str(COCO8)
+    p = tmp_path / "coco8.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+# ---------------------------------------------------------------------------------------------------
+# LAMP (pruning.lamp_scores)
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("weights, expected", [
+    ([1.0, 2.0, 3.0], [1 / 14, 4 / 13, 1.0]),        # 1/(1+4+9), 4/(4+9), 9/9
+    ([2.0, -1.0, 3.0], [4 / 13, 1 / 14, 1.0]),       # sign-free, order of positions kept
+    ([0.5, -3.0, 1.0, 2.0], [0.25 / 14.25, 1.0, 1 / 14, 4 / 13]),
+])
+def test_lamp_scores_hand_checked(weights, expected):
+    conv = nn.Conv2d(1, len(weights), 1, bias=False)
+    with torch.no_grad():
+        conv.weight.copy_(torch.tensor(weights).view(-1, 1, 1, 1))
+    (scores,) = lamp_scores([("c", conv)])
+    assert scores.shape == conv.weight.shape
+    assert torch.allclose(scores.flatten(), torch.tensor(expected), atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-layer counts
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("allocation", methods.ALLOCATIONS)
+@pytest.mark.parametrize("amount", [0.1, 0.5, 0.93])
+@pytest.mark.parametrize("protect", [(), ("model.24.*",)])
+def test_layer_counts_sum_exactly(small_yolo, allocation, amount, protect):
+    layers = conv_layers(small_yolo)
+    g = torch.Generator().manual_seed(0)
+    scores = [torch.rand(m.weight.shape, generator=g) for _, m in layers] if allocation == "hessian" else None
+    counts = methods.layer_counts(layers, amount, allocation, protect, scores)
+    sizes = [m.weight.numel() for _, m in layers]
+    assert sum(counts) == round(amount * sum(sizes))
+    assert all(0 <= c < s for c, s in zip(counts, sizes))
+    if protect:
+        assert all(c == 0 for (n, _), c in zip(layers, counts) if n.startswith("model.24."))
+    if allocation == "uniform" and not protect:
+        assert all(abs(c - amount * s) < 1 for c, s in zip(counts, sizes))
+
+
+def test_layer_counts_rejects_unknown_allocation_and_missing_scores(small_yolo):
+    layers = conv_layers(small_yolo)
+    with pytest.raises(ConfigError, match="allocation"):
+        methods.layer_counts(layers, 0.5, "owl")
+    with pytest.raises(ConfigError, match="scores"):
+        methods.layer_counts(layers, 0.5, "hessian")
+    with pytest.raises(ConfigError, match="protect"):
+        methods.layer_counts(layers, 0.5, protect=("model.*",))
+
+
+def test_layer_counts_global_matches_magnitude_threshold(small_yolo):
+    layers = conv_layers(small_yolo)
+    amount = 0.4
+    counts = methods.layer_counts(layers, amount, "global")
+    w = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
+    thr = torch.sort(w).values[round(amount * w.numel()) - 1]
+    for (_, m), c in zip(layers, counts):
+        assert c == int((m.weight.detach().abs() <= thr).sum())  # no ties in random weights
+
+
+# ---------------------------------------------------------------------------------------------------
+# SparseGPT on one layer
+# ---------------------------------------------------------------------------------------------------
+def _reference_sparsegpt(W, H, k_per_block, blocksize, damp=0.01):
+    """Column-by-column SparseGPT (Frantar & Alistarh 2023, Alg. 1) with per-block mask selection."""
+    W = W.clone()
+    cols = W.shape[1]
+    H = H.double() + damp * torch.diag(H.double()).mean() * torch.eye(cols, dtype=torch.float64)
+    Hinv = torch.linalg.cholesky(torch.linalg.inv(H), upper=True).float()
+    keep = torch.ones_like(W, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Q1, Err1 = torch.zeros_like(W1), torch.zeros_like(W1)
+        score = W1 ** 2 / torch.diag(Hinv1).view(1, -1) ** 2
+        m = torch.ones(score.numel(), dtype=torch.bool)
+        m[torch.argsort(score.flatten(), stable=True)[:k_per_block]] = False
+        m = m.view_as(W1)
+        keep[:, i1:i2] = m
+        for i in range(i2 - i1):
+            w, d = W1[:, i], Hinv1[i, i]
+            q = w * m[:, i]
+            Q1[:, i] = q
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W, keep
+
+
+def _correlated_inputs(n: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, cols, generator=g) @ (torch.randn(cols, cols, generator=g) * 0.3) \
+        + torch.randn(n, cols, generator=g)
+
+
+@pytest.mark.parametrize("blocksize", [16, 32])
+def test_sparsegpt_layer_matches_columnwise_reference(blocksize):
+    rows, cols = 12, 64
+    X = _correlated_inputs(400, cols)
+    H = X.T @ X / 400
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
+    k_per_block = rows * blocksize // 2
+    ref_w, ref_keep = _reference_sparsegpt(W, H, k_per_block, blocksize)
+    new_w, keep = methods.sparsegpt_layer(W, H, k_per_block * (cols // blocksize), blocksize=blocksize)
+    assert torch.equal(keep, ref_keep)
+    assert torch.allclose(new_w, ref_w, atol=1e-4, rtol=1e-4)
+    assert int((~keep).sum()) == k_per_block * (cols // blocksize)
+    assert torch.equal(new_w == 0, ~keep)
+
+
+@pytest.mark.parametrize("k", [1, 37, 200, 383])
+@pytest.mark.parametrize("mask_block", [None, 0, 10])
+def test_sparsegpt_layer_exact_count_and_forced(k, mask_block):
+    rows, cols = 6, 64
+    X = _correlated_inputs(300, cols, seed=2)
+    H = X.T @ X
+    H[:, 5] = H[5, :] = 0  # a dead input
+    W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
+    forced = torch.zeros_like(W, dtype=torch.bool)
+    forced[0, :1] = True
+    new_w, keep = methods.sparsegpt_layer(W, H, k, blocksize=16, mask_block=mask_block, forced=forced)
+    assert int((~keep).sum()) == k
+    assert not keep[forced].any()
+    assert torch.equal(new_w == 0, ~keep)
+
+
+def test_sparsegpt_layer_survives_singular_hessian():
+    """Rank-deficient inputs and no dampening: the float64 / extra-dampening fallback still prunes."""
+    X = _correlated_inputs(10, 48, seed=4)  # 10 samples, 48 columns: rank <= 10
+    H = X.T @ X
+    W = torch.randn(4, 48, generator=torch.Generator().manual_seed(5))
+    new_w, keep = methods.sparsegpt_layer(W, H, 100, damp=0.0)
+    assert torch.isfinite(new_w).all() and int((~keep).sum()) == 100
+
+
+# ---------------------------------------------------------------------------------------------------
+# the obs method through prune_model
+# ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("amount, include, zero_first", [
+    (0.3, (), 0),
+    (0.5, (), 50),          # 50 weights already exactly zero
+    (0.7, ("model.2*", "model.24.*"), 0),
+])
+def test_obs_exact_global_sparsity_on_yolov5(small_yolo, calib, amount, include, zero_first):
+    model = copy.deepcopy(small_yolo)
+    layers = conv_layers(model, include)
+    if zero_first:
+        with torch.no_grad():
+            layers[3][1].weight.view(-1)[:zero_first] = 0
+    model.train()
+    bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+    bn_before = bn.running_mean.clone()
+    out_of_scope = {n: m.weight.clone() for n, m in conv_layers(model) if (n, m) not in layers}
+    in_scope = {n: m.weight.clone() for n, m in layers}
+
+    res = prune_model(model, amount, "obs", include=include, calibration=calib, log=False)
+
+    total = sum(m.weight.numel() for _, m in layers)
+    assert sparsity_stats(model, layers).zeros == round(amount * total)
+    assert res.after.zeros == round(amount * total)
+    assert model.training and torch.equal(bn.running_mean, bn_before)  # calibration ran in eval mode
+    for n, m in conv_layers(model):
+        if n in out_of_scope:
+            assert torch.equal(m.weight, out_of_scope[n])
+    # reconstruction: kept weights moved, not just masked
+    assert sum(int(((m.weight != in_scope[n]) & (m.weight != 0)).sum()) for n, m in layers) > 0
+    assert res.extra["calibration_images"] == calib.shape[0] and not res.extra["fallback_layers"]
+    assert 0 <= res.extra["mean_rel_error"] < 1
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(calib)[0]).all()
+
+
+def test_obs_matches_layer_by_layer_reference(small_yolo, calib):
+    """One forward with pruning pre-hooks == pruning layer by layer, each from a fresh forward of the
+    model pruned so far (every layer sees inputs from the pruned layers upstream)."""
+    amount = 0.5
+    fast = copy.deepcopy(small_yolo)
+    prune_model(fast, amount, "obs", calibration=calib, log=False)
+
+    ref = copy.deepcopy(small_yolo).eval()
+    layers = conv_layers(ref)
+    counts = dict(zip([id(m) for _, m in layers], methods.layer_counts(layers, amount)))
+    images = torch.cat([calib, calib.flip(-1)])  # the default calibrates on mirrored images too
+    order: list[nn.Conv2d] = []
+    hooks = [m.register_forward_pre_hook(lambda mod, inp: order.append(mod)) for _, m in layers]
+    with torch.no_grad():
+        ref(images)
+    for h in hooks:
+        h.remove()
+    assert len(order) == len(layers) and order != [m for _, m in layers]  # C3: cv3 runs after m
+    with torch.no_grad():
+        for conv in order:
+            x = _layer_inputs(ref, conv, images)
+            W0 = conv.weight.flatten(1)
+            w, _ = methods.sparsegpt_layer(W0, methods.layer_hessian(conv, x), counts[id(conv)], mask_block=0)
+            conv.weight.copy_(w.view_as(conv.weight))
+    for (n, a), (_, b) in zip(conv_layers(fast), layers):
+        assert torch.equal(a.weight == 0, b.weight == 0), n
+        assert torch.allclose(a.weight, b.weight, atol=1e-5, rtol=1e-4), n
+
+
+class _Unusual(nn.Module):
+    """A non-YOLOv5 model: a grouped conv, and a conv that forward never calls."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.SiLU(),
+                                  nn.Conv2d(8, 8, 3, padding=1, groups=8, bias=False), nn.SiLU(),
+                                  nn.Conv2d(8, 4, 1))
+        self.unused = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_obs_generic_model_grouped_and_unreached_convs_fall_back():
+    torch.manual_seed(0)
+    model = _Unusual().eval()
+    res = prune_model(model, 0.6, "obs", calibration=torch.rand(2, 3, 16, 16), log=False)
+    total = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert res.after.zeros == round(0.6 * total)
+    assert res.extra["fallback_layers"] == ["body.3", "unused"]
+
+
+@pytest.mark.parametrize("options", [
+    {"allocation": "hessian"},
+    {"allocation": "lamp", "protect": ("model.24.*",), "flip": False},
+    {"allocation": "uniform", "mask_block": None, "blocksize": 32, "damp": 0.1},
+])
+def test_obs_options_keep_exact_sparsity(small_yolo, calib, monkeypatch, options):
+    model = copy.deepcopy(small_yolo)
+    monkeypatch.setitem(methods.DATA_AWARE, "obs", lambda m, l, a, c: methods.obs_prune(m, l, a, c, **options))
+    res = prune_model(model, 0.45, "obs", calibration=calib, log=False)
+    total = sum(m.weight.numel() for _, m in conv_layers(model))
+    assert res.after.zeros == round(0.45 * total)
+    assert res.extra["allocation"] == options["allocation"] and res.extra["flip"] == options.get("flip", True)
+    for n, m in conv_layers(model):
+        if any(n.startswith(p[:-1]) for p in options.get("protect", ())):
+            assert int((m.weight == 0).sum()) == 0
+
+
+def test_obs_rejects_bad_calibration(small_yolo):
+    with pytest.raises(ConfigError, match="calibration"):
+        prune_model(copy.deepcopy(small_yolo), 0.3, "obs", calibration=torch.rand(3, 64, 64), log=False)
+
+
+@pytest.mark.parametrize("source", ["random-init", "pretrained+coco8"])
+@pytest.mark.parametrize("layer", ["model.2.cv1.conv", "model.3.conv", "model.8.m.0.cv2.conv"])
+@pytest.mark.parametrize("amount", [0.3, 0.6])
+def test_obs_output_error_below_magnitude(request, small_yolo, calib, source, layer, amount):
+    """On one real YOLOv5 conv and its real inputs, OBS pruning + reconstruction beats magnitude pruning."""
+    model, x = (small_yolo, calib) if source == "random-init" else request.getfixturevalue("pretrained")
+    conv = dict(model.named_modules())[layer]
+    inp = _layer_inputs(model, conv, x)
+    W = conv.weight.detach().flatten(1)
+    k = round(amount * W.numel())
+    X = methods._unfold(conv, inp)
+    H = X.T @ X / X.shape[0]
+
+    obs_w, keep = methods.sparsegpt_layer(W, H, k)
+    mag = W.clone().flatten()
+    mag[torch.argsort(mag.abs(), stable=True)[:k]] = 0
+    mag = mag.view_as(W)
+
+    def out_err(w):
+        return float(((X @ (W - w).T) ** 2).sum())
+
+    assert int((~keep).sum()) == k == int((mag == 0).sum())
+    assert out_err(obs_w) < 0.8 * out_err(mag)
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration images
+# ---------------------------------------------------------------------------------------------------
+@needs_coco8
+@pytest.mark.parametrize("imgsz, n", [(64, 3), (96, 10)])
+def test_calibration_from_train_split(backend, tmp_path, imgsz, n):
+    data = _coco8_yaml(tmp_path)
+    x = load_calibration_images(data, imgsz, n=n, seed=0)
+    assert x.dtype == torch.float32 and x.shape == (min(n, 4), 3, imgsz, imgsz)
+    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.std()) > 0.05
+    assert torch.equal(x, load_calibration_images(data, imgsz, n=n, seed=0))  # deterministic
+    # the same images whether given the YAML or YOLOv5's check_dataset dict
+    d = backend.general.check_dataset(str(data))
+    assert torch.equal(x, load_calibration_images(d, imgsz, n=n, seed=0))
+    # every image is a letterboxed TRAIN image, none a val image
+    import importlib
+
+    dl = importlib.import_module(backend.prefix + "utils.dataloaders")
+
+    def split(name):
+        ds = dl.LoadImagesAndLabels(str(COCO8 / "images" / name), imgsz, augment=False, rect=False)
+        return [ds[i][0].float() / 255 for i in range(len(ds))]
+
+    train, val = split("train"), split("val")
+    for im in x:
+        assert any(torch.equal(im, t) for t in train)
+        assert not any(torch.equal(im, v) for v in val)
+
+
+@needs_coco8
+def test_calibration_seed_picks_images(tmp_path):
+    data = _coco8_yaml(tmp_path)
+    picks = {tuple(float(im.sum()) for im in load_calibration_images(data, 64, n=2, seed=s)) for s in range(6)}
+    assert len(picks) > 1
+
+
+@pytest.mark.parametrize("train_entry", ["images/train", "images/missing"])
+def test_calibration_empty_or_missing_train_split(tmp_path, train_entry):
+    root = tmp_path / "ds"
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "images" / "val").mkdir(parents=True)
+    data = tmp_path / "empty.yaml"
+    data.write_text(yaml.safe_dump({"path": str(root), "train": train_entry, "val": "images/val",
+                                    "names": {0: "a"}}))
+    with pytest.raises(ConfigError, match=r"empty\.yaml.*train split"):
+        load_calibration_images(data, 64, n=2)
+
+
+def test_calibration_missing_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_calibration_images(tmp_path / "nope.yaml", 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_obs_on_cuda(small_yolo, calib):
+    model = copy.deepcopy(small_yolo).cuda()
+    res = prune_model(model, 0.5, "obs", calibration=calib.cuda(), log=False)
+    total = sum(m.weight.numel() for _, m in conv_layers(model))
+    assert res.after.zeros == round(0.5 * total)
+    assert all(m.weight.is_cuda for _, m in conv_layers(model))
+    assert math.isfinite(res.extra["mean_rel_error"])

@@ -1,0 +1,87 @@
+"""Calibration images for the data-aware pruning methods.
+
+A few images from the data YAML's TRAIN split (never val), letterboxed to a square ``imgsz`` exactly as
+YOLOv5's own dataset class does for non-augmented, non-rectangular loading.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Mapping, Union
+
+import torch
+
+from .adapter import get_backend
+from .errors import ConfigError
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+DataSpec = Union[str, Path, Mapping[str, Any]]
+
+
+def _train_split(data: DataSpec) -> tuple[Any, str]:
+    """The (absolute) train split of ``data`` and a name for messages."""
+    b = get_backend()
+    if isinstance(data, Mapping):
+        where = str(data.get("yaml_file") or "data")
+        d = data
+        if "train" not in d:
+            raise ConfigError(f"{where}: no 'train' key (calibration images come from the training split)")
+        root = Path(str(d.get("path") or ""))
+        train = d["train"]
+        # check_dataset makes the splits absolute; keep a plain dict usable too
+        resolve = (lambda t: str(Path(t) if Path(t).is_absolute() else (root / t).resolve()))
+        train = [resolve(t) for t in train] if isinstance(train, (list, tuple)) else resolve(train)
+        return train, where
+    p = Path(data).expanduser().resolve()
+    if not p.is_file():
+        raise ConfigError(f"{p}: data YAML not found (expected a YOLOv5 dataset YAML with a 'train' split)")
+    try:
+        d = b.general.check_dataset(str(p), autodownload=False)
+    except Exception as e:  # noqa: BLE001 - YOLOv5 raises bare Exception/AssertionError here
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{p}: not a usable YOLOv5 dataset YAML ({msg})") from None
+    return d["train"], str(p)
+
+
+def load_calibration_images(data: DataSpec, imgsz: int, n: int = 16, batch_size: int = 8, seed: int = 0,
+                            device: Any = "cpu") -> torch.Tensor:
+    """``n`` training images as a float tensor ``(N, 3, imgsz, imgsz)`` in [0, 1] on ``device``.
+
+    ``data`` is a data YAML path or the dict returned by YOLOv5's ``check_dataset``. Images are drawn
+    without replacement from the train split by a seeded permutation (same seed, same images) and are
+    letterboxed by YOLOv5's ``LoadImagesAndLabels`` (``augment=False, rect=False``). ``N = min(n, images in
+    the split)``. ``batch_size`` only bounds how many images are decoded at once. Raises
+    :class:`ConfigError` naming the file when the train split is missing or holds no images.
+    """
+    if n < 1:
+        raise ConfigError(f"calibration.images must be >= 1, got {n}")
+    train, where = _train_split(data)
+    b = get_backend()
+    import importlib
+
+    dataloaders = importlib.import_module(b.prefix + "utils.dataloaders")
+    stride = 32
+    imgsz = int(b.general.check_img_size(imgsz, stride))
+    try:
+        dataset = dataloaders.LoadImagesAndLabels(train, imgsz, batch_size=max(1, batch_size), augment=False,
+                                                  rect=False, stride=stride, pad=0.0, prefix="calibration: ",
+                                                  workers=0)
+    except Exception as e:  # noqa: BLE001 - "No images found" / "does not exist" are bare Exceptions
+        raise ConfigError(f"{where}: train split {train} has no images for calibration "
+                          f"({str(e).splitlines()[0]})") from None
+    total = len(dataset)
+    if total == 0:
+        raise ConfigError(f"{where}: train split {train} has no images for calibration")
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(total, generator=g)[: min(n, total)].tolist()
+    out = torch.empty((len(order), 3, imgsz, imgsz), dtype=torch.float32)
+    for j, i in enumerate(order):
+        im = dataset[i][0]  # uint8 CHW RGB, letterboxed to (imgsz, imgsz)
+        out[j] = im.float() / 255.0
+    LOGGER.info(f"calibration: {len(order)} images from {train} at {imgsz}")
+    return out.to(device)
+
+
+__all__ = ["load_calibration_images"]

@@ -1,0 +1,416 @@
+"""Data-aware one-shot pruning: SparseGPT-style layer-wise reconstruction (``method: obs``).
+
+Every Conv2d in scope is treated as a linear layer on its im2col inputs, ``Y = W X`` with ``W`` of shape
+``(out, in*kh*kw)``. Layers are pruned one at a time in execution order during a single forward pass of
+the calibration images, so each layer's Hessian ``H = X X^T`` is built from the inputs the already-pruned
+upstream layers produce. Each layer is pruned with the OBS updates of SparseGPT (Frantar & Alistarh,
+"SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot", ICML 2023): column blocks are
+visited left to right, the weights with the smallest ``w^2 / [H^-1]_jj^2`` are zeroed, and the error of
+every zeroed weight is compensated on the not-yet-visited weights of its row through the Cholesky factor
+of ``H^-1``.
+
+How many weights each layer loses is fixed up front (``allocation``), so that the total over all layers is
+exactly ``round(amount * total)``; by default the per-layer counts are those of global magnitude pruning.
+
+Entry point: :data:`DATA_AWARE` maps a method name to ``fn(model, layers, amount, calibration) -> (masks,
+extra)`` as called by :func:`yolo_prune_plugin.pruning.prune_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import ConfigError
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+Layers = list[tuple[str, nn.Conv2d]]
+ALLOCATIONS = ("global", "lamp", "uniform", "hessian")
+
+
+@dataclass
+class ObsOptions:
+    """Knobs of the ``obs`` method (defaults: the best measured on YOLOv5n / COCO128, see the README)."""
+
+    blocksize: int = 128  # columns per lazy OBS update block (speed only when mask_block == 0)
+    mask_block: Optional[int] = 0  # columns per mask-selection block (0: whole layer; None: = blocksize)
+    damp: float = 0.01  # dampening, fraction of the mean Hessian diagonal added to the diagonal
+    allocation: str = "global"  # per-layer counts: "global" (magnitude), "lamp", "uniform" or "hessian"
+    protect: tuple[str, ...] = ()  # fnmatch patterns of layers left dense (their share goes to the others)
+    flip: bool = True  # also calibrate on the horizontally flipped images (twice the data, same images)
+    batch_size: int = 8  # images per im2col chunk when accumulating a layer's Hessian (bounds memory)
+
+
+# ---------------------------------------------------------------------------------------------------
+# per-layer counts
+# ---------------------------------------------------------------------------------------------------
+def _fit_counts(target: Sequence[float], lower: Sequence[int], upper: Sequence[int], total: int) -> list[int]:
+    """Integers within ``[lower, upper]`` summing to ``total``, close to ``target`` (largest remainders)."""
+    n = len(target)
+    counts = [min(max(int(math.floor(t)), lo), up) for t, lo, up in zip(target, lower, upper)]
+    diff = total - sum(counts)
+    # hand out (or take back) one at a time, preferring the largest remainder (smallest when taking)
+    order = sorted(range(n), key=lambda i: target[i] - counts[i], reverse=diff > 0)
+    while diff != 0:
+        moved = False
+        for i in order:
+            if diff > 0 and counts[i] < upper[i]:
+                counts[i] += 1
+                diff -= 1
+                moved = True
+            elif diff < 0 and counts[i] > lower[i]:
+                counts[i] -= 1
+                diff += 1
+                moved = True
+            if diff == 0:
+                break
+        if not moved:
+            raise ValueError("per-layer bounds cannot meet the total")  # only on contradictory bounds
+    return counts
+
+
+def _global_counts(scores: Sequence[torch.Tensor], k: int) -> list[int]:
+    """How many of the ``k`` lowest scores over all tensors fall in each tensor (ties: earlier first)."""
+    if k == 0:
+        return [0] * len(scores)
+    flat = torch.cat([s.detach().flatten().float().cpu() for s in scores])
+    idx = torch.argsort(flat, stable=True)[:k]
+    owner = torch.repeat_interleave(torch.arange(len(scores)), torch.tensor([s.numel() for s in scores]))
+    return torch.bincount(owner[idx], minlength=len(scores)).tolist()
+
+
+def layer_counts(layers: Layers, amount: float, allocation: str = "global", protect: Sequence[str] = (),
+                 scores: Optional[Sequence[torch.Tensor]] = None) -> list[int]:
+    """Weights to zero in each layer; the sum is exactly ``round(amount * total)``.
+
+    ``global``: the counts of one magnitude threshold over all layers; ``lamp``: of one LAMP threshold;
+    ``uniform``: ``amount`` of every layer; ``hessian``: of one threshold over ``scores`` (see
+    :func:`_hessian_scores`). Layers matching ``protect`` get 0 and the others take their share
+    (capped at all-but-one weight per layer). Weights that are already exactly zero always count as pruned.
+    """
+    from .pruning import lamp_scores, l1_scores
+
+    if allocation not in ALLOCATIONS:
+        raise ConfigError(f"obs allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
+    sizes = [m.weight.numel() for _, m in layers]
+    total = sum(sizes)
+    k = int(round(amount * total))
+    zeros = [int((m.weight == 0).sum()) for _, m in layers]
+    prot = [any(fnmatch.fnmatchcase(n, p) for p in protect) for n, _ in layers]
+    free = [i for i in range(len(layers)) if not prot[i]]
+    if not free:
+        raise ConfigError("obs: 'protect' patterns leave no layer to prune")
+    sub = [layers[i] for i in free]
+    if allocation == "uniform":
+        share = k / sum(sizes[i] for i in free)
+        target = [share * sizes[i] for i in free]
+    else:
+        if allocation == "hessian":
+            if scores is None:
+                raise ConfigError("obs: allocation 'hessian' needs per-weight scores")
+            scores = [scores[i] for i in free]
+        else:
+            scores = l1_scores(sub) if allocation == "global" else lamp_scores(sub)
+        target = [float(c) for c in _global_counts(scores, k)]
+    lower = [min(zeros[i], sizes[i] - 1) for i in free]
+    upper = [max(sizes[i] - 1, lower[j]) for j, i in enumerate(free)]
+    if k > sum(upper):
+        raise ConfigError(f"obs: cannot zero {k} weights while leaving one weight in every pruned layer")
+    sub_counts = _fit_counts(target, lower, upper, max(k, sum(lower)))
+    counts = [0] * len(layers)
+    for j, i in enumerate(free):
+        counts[i] = sub_counts[j]
+    return counts
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hessians
+# ---------------------------------------------------------------------------------------------------
+def supports_obs(conv: nn.Conv2d) -> bool:
+    """Whether ``conv`` can be treated as an im2col linear layer here (dense groups, zero padding)."""
+    return conv.groups == 1 and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+def _unfold(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col rows ``(B*L, in*kh*kw)`` of ``x`` for ``conv`` (columns ordered like ``weight.flatten(1)``)."""
+    cols = _unfold_cl(conv, x)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1])
+
+
+def _unfold_cl(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """im2col as ``(B, in*kh*kw, L)``; a plain view for 1x1, stride-1, unpadded convolutions."""
+    if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding in ((0, 0), 0):
+        return x.flatten(2)
+    return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
+
+
+def layer_hessian(conv: nn.Conv2d, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+    """``X X^T / n`` (float64) of the im2col inputs of ``conv`` for the input batch ``x``, ``chunk`` images
+    at a time."""
+    cols = conv.weight[0].numel()
+    H = torch.zeros(cols, cols, dtype=torch.float64, device=x.device)
+    n = 0
+    for xb in torch.split(x, max(1, chunk)):
+        X = _unfold_cl(conv, xb.float())  # (B, cols, L)
+        H += torch.matmul(X, X.transpose(1, 2)).sum(0).double()
+        n += X.shape[0] * X.shape[2]
+    return H / max(n, 1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# SparseGPT on one layer
+# ---------------------------------------------------------------------------------------------------
+def _cholesky_inverse_upper(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1`` (float32; float64 fallback, then more dampening)."""
+    for dtype in (torch.float32, torch.float64):
+        A = H.to(dtype)
+        extra = 0.0
+        for _ in range(6):
+            try:
+                Ad = A + extra * torch.eye(A.shape[0], dtype=dtype, device=A.device) if extra else A
+                L = torch.linalg.cholesky(Ad)
+                # cholesky_solve, not cholesky_inverse: the latter is ~50x slower on some MKL CPU builds
+                Hinv = torch.cholesky_solve(torch.eye(A.shape[0], dtype=dtype, device=A.device), L)
+                Hinv = (Hinv + Hinv.T) / 2
+                return torch.linalg.cholesky(Hinv, upper=True).float()
+            except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
+                if dtype is torch.float32:
+                    break
+                extra = (extra * 10) or 1e-4 * float(torch.diag(A).mean().clamp_min(1e-12))
+    raise RuntimeError("Hessian is not positive definite even after extra dampening")
+
+
+def _block_counts(k: int, forced: torch.Tensor, edges: list[tuple[int, int]], rows: int) -> list[int]:
+    """Split ``k`` pruned weights over column blocks in proportion to their size (>= forced zeros)."""
+    cols = edges[-1][1]
+    target = [k * (b - a) / cols for a, b in edges]
+    lower = [int(forced[:, a:b].sum()) for a, b in edges]
+    upper = [rows * (b - a) for a, b in edges]
+    return _fit_counts(target, lower, upper, k)
+
+
+def sparsegpt_layer(W: torch.Tensor, H: torch.Tensor, k: int, *, blocksize: int = 128,
+                    mask_block: Optional[int] = None, damp: float = 0.01,
+                    forced: Optional[torch.Tensor] = None,
+                    row_scale: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Zero exactly ``k`` entries of ``W`` (rows x cols) with OBS compensation under Hessian ``H``.
+
+    Returns ``(W_new, keep)`` (float32, bool): ``keep`` is False where pruned and ``W_new`` is zero exactly
+    there. Columns are visited in blocks of ``blocksize``; the mask of each ``mask_block`` columns
+    (default ``blocksize``; 0: the whole layer at once) is chosen when its first column is reached, from
+    the weights updated so far, as the ``k_b`` smallest ``w^2 / [U]_jj^2`` (``U``: upper Cholesky factor of
+    ``H^-1``), ``k_b`` being the block's share of ``k``. ``forced`` marks entries that must be pruned (e.g.
+    weights already zero). ``row_scale`` (rows,) weighs each output's error in that choice (e.g. the next
+    BatchNorm's ``gamma / sigma``). ``H`` is dampened by ``damp * mean(diag H)``; dead inputs (zero
+    diagonal) get a unit diagonal.
+
+    Within a block the column-by-column OBS recursion of SparseGPT is solved in closed form: with the mask
+    fixed, the errors ``E`` of row ``r`` satisfy ``E_P U_PP = W_P`` on its pruned columns ``P``, one batched
+    triangular solve per block; the kept weights become ``keep * (W - E U)``.
+    """
+    W = W.detach().clone().float()
+    rows, cols = W.shape
+    dev = W.device
+    forced = torch.zeros_like(W, dtype=torch.bool) if forced is None else forced.to(dev).view(rows, cols)
+    H = H.to(dev, torch.float64).clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype, device=dev)
+    U = _cholesky_inverse_upper(H)
+    dU = torch.diag(U)
+
+    mb = cols if mask_block == 0 else max(1, mask_block or blocksize)
+    sel_edges = [(a, min(a + mb, cols)) for a in range(0, cols, mb)]
+    sel_counts = dict(zip((a for a, _ in sel_edges), _block_counts(k, forced, sel_edges, rows)))
+    starts = sorted(set(range(0, cols, max(1, blocksize))) | set(sel_counts))
+    keep = torch.ones_like(W, dtype=torch.bool)
+
+    for n, i1 in enumerate(starts):
+        i2 = starts[n + 1] if n + 1 < len(starts) else cols
+        if i1 in sel_counts:  # choose the mask of the selection block starting here
+            a, b = i1, min(i1 + mb, cols)
+            kb = sel_counts[a]
+            if kb:
+                score = W[:, a:b] ** 2 / dU[a:b].unsqueeze(0) ** 2
+                if row_scale is not None:
+                    score = score * row_scale.to(score).view(-1, 1) ** 2
+                score = torch.where(forced[:, a:b], torch.full_like(score, -1.0), score)
+                idx = torch.argsort(score.flatten(), stable=True)[:kb]
+                blk = torch.ones(score.numel(), dtype=torch.bool, device=dev)
+                blk[idx] = False
+                keep[:, a:b] = blk.view(rows, b - a)
+        kb_mask = keep[:, i1:i2]
+        if kb_mask.all():
+            continue
+        W1 = W[:, i1:i2]
+        U1 = U[i1:i2, i1:i2]
+        pm = (~kb_mask).float()  # 1 where pruned
+        # per row: A = U1 restricted to the pruned columns, identity on the kept ones
+        A = U1.unsqueeze(0) * pm.unsqueeze(2)
+        A.mul_(pm.unsqueeze(1))
+        A.diagonal(dim1=1, dim2=2).add_(1.0 - pm)
+        E = torch.linalg.solve_triangular(A, (W1 * pm).unsqueeze(1), upper=True, left=False).squeeze(1)
+        W[:, i1:i2] = kb_mask * (W1 - E @ U1)
+        W[:, i2:] -= E @ U[i1:i2, i2:]
+    W[~keep] = 0
+    return W, keep
+
+
+def _rel_error(W0: torch.Tensor, W1: torch.Tensor, H: torch.Tensor) -> float:
+    """``||(W0 - W1) X||^2 / ||W0 X||^2`` from ``H = X X^T``."""
+    H = H.to(W0.device, torch.float32)
+    D = (W0 - W1).float()
+    num = float(((D @ H) * D).sum())
+    den = float(((W0.float() @ H) * W0.float()).sum())
+    return num / den if den > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# the method
+# ---------------------------------------------------------------------------------------------------
+def _forward_with_hooks(model: nn.Module, layers: Layers, x: torch.Tensor, pre_hook: Callable) -> None:
+    """One no-grad, eval-mode forward of ``x`` with a forward pre-hook on every layer (training mode is
+    restored after)."""
+    p0 = next(model.parameters())
+    handles = [m.register_forward_pre_hook(pre_hook) for _, m in layers]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(x.to(device=p0.device, dtype=p0.dtype))
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+
+
+def _hessian_scores(model: nn.Module, layers: Layers, x: torch.Tensor, opt: ObsOptions) -> list[torch.Tensor]:
+    """OBS saliency ``w^2 / [H^-1]_jj`` of every weight of the dense model, relative to the energy
+    ``w_i H w_i^T`` of its output channel (so comparable across layers)."""
+    out: dict[int, torch.Tensor] = {}
+
+    def hook(conv: nn.Module, inp: tuple) -> None:
+        if id(conv) in out:
+            return
+        W = conv.weight.detach().flatten(1).float()
+        if not supports_obs(conv):
+            out[id(conv)] = W.abs().view_as(conv.weight)
+            return
+        H = layer_hessian(conv, inp[0].detach(), opt.batch_size)
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1.0
+        H += opt.damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+        L = torch.linalg.cholesky(H)
+        dinv = torch.diag(torch.cholesky_solve(torch.eye(H.shape[0], dtype=H.dtype, device=H.device), L))
+        Wd = W.double()
+        energy = ((Wd @ H) * Wd).sum(1).clamp_min(1e-30)
+        out[id(conv)] = (Wd ** 2 / dinv.unsqueeze(0) / energy.unsqueeze(1)).float().view_as(conv.weight)
+
+    _forward_with_hooks(model, layers, x, hook)
+    return [out.get(id(m), m.weight.detach().abs()) for _, m in layers]
+
+
+def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
+              options: Optional[ObsOptions] = None, **overrides: Any) -> tuple[list[torch.Tensor], dict]:
+    """SparseGPT-style pruning of ``layers`` to exactly ``round(amount * total)`` zeros, reconstructing
+    the kept weights from calibration images.
+
+    One forward pass of all calibration images (as one batch, in eval mode) with a pre-hook on every layer
+    in scope: when a layer is about to run, its Hessian is built from the input it is actually given (so
+    from the already-pruned layers upstream), the layer is pruned and its kept weights updated, and the
+    forward continues through the pruned layer. Layers the pass never reaches, grouped convolutions and
+    string paddings fall back to magnitude within the layer.
+
+    ``calibration``: float tensor ``(N, 3, H, W)`` in [0, 1] (see
+    :func:`yolo_prune_plugin.calibration.load_calibration_images`); with ``flip`` (default) the mirrored
+    images are added. Memory is that of one forward pass with batch size 2N. Knobs: :class:`ObsOptions`
+    (``options`` or keyword overrides). Returns ``(masks, extra)``: 0/1 masks in ``layers`` order and a
+    JSON-able report.
+    """
+    opt = dataclasses.replace(options or ObsOptions(), **overrides)
+    t0 = time.perf_counter()
+    if not isinstance(calibration, torch.Tensor) or calibration.ndim != 4 or calibration.shape[0] == 0:
+        raise ConfigError("obs: calibration must be a non-empty float tensor of images (N, 3, H, W)")
+    x = torch.cat([calibration, calibration.flip(-1)]) if opt.flip else calibration
+    hs = _hessian_scores(model, layers, x, opt) if opt.allocation == "hessian" else None
+    counts = layer_counts(layers, amount, opt.allocation, opt.protect, hs)
+    todo = {id(m): (name, m, c, m.weight == 0) for (name, m), c in zip(layers, counts)}
+    masks: dict[int, torch.Tensor] = {}
+    report: dict[str, dict] = {}
+    fallback: list[str] = []
+
+    def prune_one(conv: nn.Conv2d, inp: Optional[torch.Tensor]) -> None:
+        name, _, k, forced = todo[id(conv)]
+        W0 = conv.weight.detach().flatten(1).float()
+        forced = forced.flatten(1)
+        rep: dict[str, Any] = {"zeros": k}
+        if k == 0:
+            keep = torch.ones_like(W0, dtype=torch.bool)
+            Wn = W0
+        elif inp is None or not supports_obs(conv):
+            # magnitude within the layer
+            score = torch.where(forced, torch.full_like(W0, -1.0), W0.abs())
+            idx = torch.argsort(score.flatten(), stable=True)[:k]
+            keep = torch.ones(W0.numel(), dtype=torch.bool, device=W0.device)
+            keep[idx] = False
+            keep = keep.view_as(W0)
+            Wn = W0 * keep
+            fallback.append(name)
+            rep["fallback"] = "magnitude"
+        else:
+            H = layer_hessian(conv, inp, opt.batch_size)
+            Wn, keep = sparsegpt_layer(W0, H, k, blocksize=opt.blocksize, mask_block=opt.mask_block,
+                                       damp=opt.damp, forced=forced)
+            rep["rel_error"] = round(_rel_error(W0, Wn, H), 6)
+        new = Wn.view_as(conv.weight).to(conv.weight.dtype)
+        k_mask = keep.view_as(conv.weight)
+        hit = k_mask & (new == 0)
+        if hit.any():  # a kept weight must stay non-zero, so the zero count is exactly the masked count
+            sign = torch.where(Wn.view_as(conv.weight) < 0, -1.0, 1.0).to(new.dtype)
+            new = torch.where(hit, sign * torch.finfo(new.dtype).tiny, new)
+        conv.weight.data.copy_(new)
+        masks[id(conv)] = k_mask.to(conv.weight.dtype)
+        report[name] = rep
+
+    def hook(conv: nn.Module, inp: tuple) -> None:
+        if id(conv) not in masks:  # a layer called twice is pruned on its first call
+            prune_one(conv, inp[0].detach())
+
+    _forward_with_hooks(model, layers, x, hook)
+    with torch.no_grad():
+        for _, m in layers:  # layers the forward pass never reached
+            if id(m) not in masks:
+                prune_one(m, None)
+
+    extra: dict[str, Any] = {
+        "calibration_images": int(calibration.shape[0]),
+        "calibration_imgsz": list(calibration.shape[-2:]),
+        "allocation": opt.allocation, "damp": opt.damp, "blocksize": opt.blocksize,
+        "mask_block": opt.mask_block, "protect": list(opt.protect), "flip": opt.flip,
+        "fallback_layers": fallback,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "layers": report,
+    }
+    if fallback:
+        LOGGER.info(f"obs: magnitude pruning for {len(fallback)} layer(s) without im2col inputs: "
+                    f"{', '.join(fallback[:5])}{' ...' if len(fallback) > 5 else ''}")
+    errs = [r["rel_error"] for r in report.values() if "rel_error" in r]
+    if errs:
+        extra["mean_rel_error"] = round(sum(errs) / len(errs), 6)
+    return [masks[id(m)] for _, m in layers], extra
+
+
+DATA_AWARE: dict[str, Callable[..., tuple[list[torch.Tensor], dict]]] = {"obs": obs_prune}
+
+__all__ = ["DATA_AWARE", "ObsOptions", "obs_prune", "sparsegpt_layer", "layer_hessian", "layer_counts", "supports_obs",
+           "ALLOCATIONS"]
