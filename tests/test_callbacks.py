@@ -135,3 +135,20 @@ def test_user_file_of_same_name_is_not_clobbered(run_dir):
     plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
     assert "not written by yolo_prune_plugin" in str(plugin.error)
     assert (w / "best_pruned.pt").read_bytes() == b"my own file"
+
+
+def test_sweep_at_train_end(backend, small_model, tmp_path):
+    from yolo_prune_plugin.synthetic import TINY, make_dataset
+
+    data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())  # 3 classes, like small_model
+    w = tmp_path / "exp" / "weights"
+    w.mkdir(parents=True)
+    opt = {"data": str(data), "imgsz": 64, "batch_size": 4, "device": "cpu", "workers": 0}
+    save_checkpoint(small_model, w / "best.pt", opt=opt)
+    cfg = config_from_dict({"amount": 0.3, "evaluate": False, "sweep": {"amounts": [0.2], "methods": ["global"]}})
+    plugin = PrunePlugin(cfg)
+    plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert plugin.error is None
+    report = json.loads((tmp_path / "exp" / "prune_report.json").read_text())
+    assert [(p["method"], p["amount"]) for p in report["sweep"]["points"]] == [("global", 0.2)]
+    assert (tmp_path / "exp" / "sweep" / "sweep.png").is_file()

@@ -85,3 +85,29 @@ def test_train_rejects_bad_input_before_any_epoch(small_ckpt, coco8_yaml, tmp_pa
     err = capsys.readouterr().err
     assert rc == code and re.search(match, err), err
     assert not (tmp_path / "runs").exists()  # YOLOv5 never started
+
+
+def test_prune_and_export_in_one_go(backend, small_ckpt, capsys):
+    rc = main(["prune", "--weights", str(small_ckpt), "--amount", "0.5", "--device", "cpu", "--img", "64",
+               "--export", "onnx,torchscript"])
+    assert rc == 0, capsys.readouterr().err
+    entry = json.loads((small_ckpt.parent / "prune_report.json").read_text())["results"][0]
+    arts = {a["format"]: a for a in entry["exports"]}
+    assert set(arts) == {"onnx", "torchscript"}
+    for a in arts.values():
+        assert a["ok"] and a["zeros"] == a["expected_zeros"] > 0 and a["max_abs_diff"] <= 1e-3
+        assert 0 < a["gzip_bytes"] < a["bytes"]
+    assert (small_ckpt.parent / "best_pruned.onnx").is_file() and (small_ckpt.parent / "best_pruned.torchscript").is_file()
+    assert "onnx bytes (gzip)" in capsys.readouterr().out
+
+
+def test_export_command_on_existing_checkpoint(backend, small_ckpt, capsys):
+    rc = main(["export", "--weights", str(small_ckpt), "--include", "torchscript", "--img", "64"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "OK" in out  # a dense checkpoint exports fine: its zero count matches itself
+
+
+def test_unknown_export_format_rejected_before_pruning(small_ckpt, capsys):
+    rc = main(["prune", "--weights", str(small_ckpt), "--amount", "0.5", "--export", "onnx,pdf"])
+    assert rc == 2 and "pdf" in capsys.readouterr().err
+    assert not small_ckpt.with_name("best_pruned.pt").exists()

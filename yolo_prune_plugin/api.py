@@ -166,7 +166,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
         settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)
     elif cfg.method in DATA_AWARE_METHODS:
         raise ConfigError(f"method {cfg.method!r} needs calibration images from --data")
-    entry = prune_checkpoint(weights, cfg, settings, backend=backend, device=device or "cpu")
+    entry = prune_checkpoint(weights, cfg, settings, backend=backend, device=device or "cpu", imgsz=imgsz)
     write_report([entry], cfg, report_dir or weights.parent)
     check_exports([entry])
     return [entry]

@@ -40,7 +40,7 @@ ALLOCATIONS = ("global", "lamp", "uniform", "hessian")
 
 @dataclass
 class ObsOptions:
-    """Knobs of the ``obs`` method (defaults: the best measured on YOLOv5n / COCO128, see the README)."""
+    """Knobs of the ``obs`` method (defaults: the best measured on YOLOv5n / COCO128, see the module doc)."""
 
     blocksize: int = 128  # columns per lazy OBS update block (speed only when mask_block == 0)
     mask_block: Optional[int] = 0  # columns per mask-selection block (0: whole layer; None: = blocksize)
