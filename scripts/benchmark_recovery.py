@@ -30,18 +30,6 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared"
 
 
-class _NmsTimeouts(logging.Handler):
-    """Counts YOLOv5's 'NMS time limit exceeded' warnings."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "NMS time limit" in record.getMessage():
-            self.count += 1
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov5n.pt"))
@@ -68,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from yolo_prune_plugin.adapter import get_backend, load_checkpoint
     from yolo_prune_plugin.api import train_opt
-    from yolo_prune_plugin.evaluation import evaluate_weights, make_settings, write_absolute_data_yaml
+    from yolo_prune_plugin.evaluation import (NMSTimeoutCounter, evaluate_weights, make_settings,
+                                              write_absolute_data_yaml)
     from yolo_prune_plugin.pruning import prune_model
     from yolo_prune_plugin.recovery import _stripped, finetune_checkpoint
     import torch
 
     b = get_backend()
-    nms = _NmsTimeouts()  # YOLOv5's NMS gives up after 0.5 s + 0.05 s/image: on a busy CPU it drops detections
+    nms = NMSTimeoutCounter()  # YOLOv5's NMS gives up after 0.5 s + 0.05 s/image: on a busy CPU it drops detections
     logging.getLogger("yolov5").addHandler(nms)
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)

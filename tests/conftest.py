@@ -15,6 +15,15 @@ SHARED_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Small models: one intra-op thread avoids oversubscription on a shared 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def backend():
     from yolo_prune_plugin.adapter import get_backend

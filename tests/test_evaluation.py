@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.evaluation import Metrics, _NMSTimeoutCounter, resolve_data, write_absolute_data_yaml
+from yolo_prune_plugin.evaluation import Metrics, NMSTimeoutCounter, resolve_data, write_absolute_data_yaml
 
 
 def test_relative_path_is_explained(backend, shared, tmp_path):
@@ -51,7 +51,7 @@ def test_metrics_from_yolov5_results():
 
 
 def test_nms_timeout_counter(backend):
-    counter = _NMSTimeoutCounter()
+    counter = NMSTimeoutCounter()
     log = logging.getLogger(backend.general.LOGGING_NAME)
     log.addHandler(counter)
     try:

@@ -56,13 +56,7 @@ def listing(folder: Path) -> dict[str, str]:
     return {p.name: sha(p) if p.is_file() else "<dir>" for p in folder.iterdir()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Exports run many small convs; one intra-op thread is several times faster on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # exports run many small convs
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ from conftest import save_checkpoint
 # ---------------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: on a busy 2-core machine, 2 torch threads are 10x slower than 1 (oversubscription)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 @pytest.fixture(scope="module")

@@ -39,7 +39,7 @@ class Metrics:
         return d
 
 
-class _NMSTimeoutCounter(logging.Handler):
+class NMSTimeoutCounter(logging.Handler):
     """Counts YOLOv5's 'NMS time limit exceeded' warnings: on a slow or busy CPU they silently lower mAP."""
 
     def __init__(self) -> None:
@@ -168,7 +168,7 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
     stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
     if dataloader is None:
         dataloader = make_dataloader(settings, stride, backend)
-    counter = _NMSTimeoutCounter()
+    counter = NMSTimeoutCounter()
     yolo_logger = logging.getLogger(getattr(backend.general, "LOGGING_NAME", "yolov5"))
     yolo_logger.addHandler(counter)
     try:
