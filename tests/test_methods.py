@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -12,25 +13,22 @@ import torch.nn as nn
 import yaml
 
 from yolo_prune_plugin import methods
-from yolo_prune_plugin.adapter import get_backend
 from yolo_prune_plugin.calibration import load_calibration_images
 from yolo_prune_plugin.errors import ConfigError
 from yolo_prune_plugin.pruning import conv_layers, lamp_scores, prune_model, sparsity_stats
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(os.environ.get("YOLO_PRUNE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 COCO8 = SHARED / "data" / "coco8"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 needs_coco8 = pytest.mark.skipif(not COCO8.is_dir(), reason=f"shared dataset {COCO8} not present")
 
+# small tensors: one intra-op thread (conftest) avoids oversubscription on a shared 2-core machine
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # ---------------------------------------------------------------------------------------------------
-# fixtures
+# fixtures (``backend`` and ``one_thread`` come from conftest.py)
 # ---------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def backend():
-    return get_backend()
-
-
 @pytest.fixture(scope="module")
 def small_yolo(backend):
     """A real YOLOv5 DetectionModel (yolov5n.yaml at half width, 3 classes), randomly initialised."""
