@@ -6,6 +6,7 @@ YOLOv5's own dataset class does for non-augmented, non-rectangular loading.
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Union
@@ -24,7 +25,7 @@ def _train_split(data: DataSpec) -> tuple[Any, str]:
     """The (absolute) train split of ``data`` and a name for messages."""
     b = get_backend()
     if isinstance(data, Mapping):
-        where = str(data.get("yaml_file") or "data")
+        where = str(data.get("yaml_file") or "data dict")
         d = data
         if "train" not in d:
             raise ConfigError(f"{where}: no 'train' key (calibration images come from the training split)")
@@ -52,15 +53,13 @@ def load_calibration_images(data: DataSpec, imgsz: int, n: int = 16, batch_size:
     ``data`` is a data YAML path or the dict returned by YOLOv5's ``check_dataset``. Images are drawn
     without replacement from the train split by a seeded permutation (same seed, same images) and are
     letterboxed by YOLOv5's ``LoadImagesAndLabels`` (``augment=False, rect=False``). ``N = min(n, images in
-    the split)``. ``batch_size`` only bounds how many images are decoded at once. Raises
+    the split)``. ``batch_size`` is passed on to YOLOv5's dataset and does not change the result. Raises
     :class:`ConfigError` naming the file when the train split is missing or holds no images.
     """
     if n < 1:
         raise ConfigError(f"calibration.images must be >= 1, got {n}")
     train, where = _train_split(data)
     b = get_backend()
-    import importlib
-
     dataloaders = importlib.import_module(b.prefix + "utils.dataloaders")
     stride = 32
     imgsz = int(b.general.check_img_size(imgsz, stride))
