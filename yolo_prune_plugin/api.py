@@ -61,6 +61,16 @@ def _resolve_weights(weights: str) -> str:
     raise CheckpointError(f"{p}: no such file (--weights expects a YOLOv5 .pt checkpoint)")
 
 
+def check_model_config(model: Any, config: PruneConfig, source: str) -> None:
+    """The checks shared by train and prune: include/exclude against the real model, export extras present."""
+    if model is not None:
+        check_scope(model, config.include, config.exclude, source=source)
+    if config.export:
+        from .export import check_export_requirements
+
+        check_export_requirements(config.export, simplify=config.export_options.simplify)
+
+
 def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Backend] = None) -> None:
     """Every check that can fail at train end, done before the first epoch. Normalises paths in ``opt``."""
     backend = backend or get_backend()
@@ -84,12 +94,7 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
         model = backend.yolo.Model(opt.cfg, ch=3, nc=1 if opt.single_cls else int(data["nc"]))
     else:
         model = None
-    if model is not None:
-        check_scope(model, config.include, config.exclude, source="--prune-include/--prune-exclude")
-    if config.export:
-        from .export import check_export_requirements
-
-        check_export_requirements(config.export, simplify=config.export_options.simplify)
+    check_model_config(model, config, source="--prune-include/--prune-exclude")
     if config.method in DATA_AWARE_METHODS or config.schedule.final_amount is not None:
         train_dir = data.get("train")
         if not train_dir:
@@ -156,11 +161,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
         cfg = cfg.with_overrides(**overrides)
     weights = Path(weights).expanduser().resolve()
     ckpt = load_checkpoint(weights, backend)
-    check_scope(ckpt.get("ema") or ckpt["model"], cfg.include, cfg.exclude, source="include/exclude")
-    if cfg.export:
-        from .export import check_export_requirements
-
-        check_export_requirements(cfg.export, simplify=cfg.export_options.simplify)
+    check_model_config(ckpt.get("ema") or ckpt["model"], cfg, source="include/exclude")
     settings = None
     if data is not None:
         settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)

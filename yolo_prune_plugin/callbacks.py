@@ -44,6 +44,7 @@ class PrunePlugin:
         self.report_path: Optional[Path] = None
         self.error: Optional[BaseException] = None
         self.ran = False
+        self._resolved_opt: dict = {}  # training options as the hook found them (for the retry command)
 
     # -- YOLOv5 hooks -----------------------------------------------------------------------------
     def on_train_end(self, last: Any, best: Any, epoch: int, results: Any) -> None:
@@ -121,7 +122,7 @@ class PrunePlugin:
         return entries
 
     def retry_command(self, best: Any) -> str:
-        opt = getattr(self, "_resolved_opt", None) or {}
+        opt = self._resolved_opt
         if not opt and self.opt is not None:
             opt = dict(self.opt) if isinstance(self.opt, dict) else dict(vars(self.opt))
         c = self.config
