@@ -129,12 +129,48 @@ def test_classification_model_is_not_a_detection_checkpoint(backend, small_model
         load_checkpoint(tmp_path / "cls.pt")
 
 
-def test_pillow_getsize_shim(backend):
+def _patchable_state(backend):
+    """What the compat patches touch: numpy's trapz, Pillow's getsize, check_font under both spellings, sys.path."""
+    import sys
+
+    import numpy as np
     from PIL import ImageFont
 
-    font = ImageFont.load_default()
-    w, h = font.getsize("abc")
-    assert w > 0 and h > 0
+    fonts = {p: getattr(sys.modules.get(p + "utils.general"), "check_font", None) for p in ("", "yolov5.")}
+    plots = {p: getattr(sys.modules.get(p + "utils.plots"), "check_font", None) for p in ("", "yolov5.")}
+    return (getattr(np, "trapz", None), ImageFont.FreeTypeFont.__dict__.get("getsize"),
+            ImageFont.ImageFont.__dict__.get("getsize"), fonts, plots, list(sys.path))
+
+
+def test_compat_patches_apply_inside_and_are_undone(backend, monkeypatch):
+    import numpy as np
+    from PIL import ImageFont
+
+    from yolo_prune_plugin.adapter import compat_active, compat_patches
+
+    monkeypatch.delattr(np, "trapz", raising=False)  # as on numpy >= 2.4
+    before = _patchable_state(backend)
+    with compat_patches(backend):
+        with compat_patches(backend):  # nested: one application
+            assert compat_active()
+            font = ImageFont.load_default()
+            w, h = font.getsize("abc")  # Pillow >= 10 removed it; YOLOv5's plots call it
+            assert w > 0 and h > 0
+            assert np.trapz([1.0, 1.0], [0.0, 2.0]) == 2.0
+            backend.general.check_font("NoSuchFont-for-test.ttf")  # offline download failure is not fatal
+        assert compat_active()
+    assert not compat_active()
+    assert _patchable_state(backend) == before
+
+
+def test_compat_patches_undone_when_block_raises(backend):
+    from yolo_prune_plugin.adapter import compat_active, compat_patches
+
+    before = _patchable_state(backend)
+    with pytest.raises(RuntimeError, match="boom"):
+        with compat_patches(backend):
+            raise RuntimeError("boom")
+    assert not compat_active() and _patchable_state(backend) == before
 
 
 @pytest.mark.parametrize("cfg", ["yolov5n.yaml", "hub/yolov5n6.yaml", "hub/yolov5s-ghost.yaml",

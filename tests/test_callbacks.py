@@ -8,10 +8,10 @@ import logging
 import pytest
 import torch
 
-import yolo_prune_plugin.callbacks as cb_mod
-import yolo_prune_plugin.runner as runner_mod
+import yolo_prune_plugin.pipeline as pipeline_mod
 from yolo_prune_plugin.callbacks import PrunePlugin, register
 from yolo_prune_plugin.config import config_from_dict
+from yolo_prune_plugin.report import ReportEntry, validate_report
 
 from conftest import save_checkpoint
 
@@ -63,6 +63,11 @@ def test_hook_writes_pruned_file_and_report(backend, run_dir):
     assert plugin.error is None
     assert _snapshot(w).items() >= before.items()  # best.pt/last.pt byte-identical
     report = json.loads((run_dir / "prune_report.json").read_text())
+    entries = validate_report(report)  # the one report-entry type, every key and type checked
+    assert [e.mode for e in entries] == ["oneshot", "oneshot"]
+    for e in entries:  # the same entry is stored in the pruned file
+        assert ReportEntry.from_dict({k: v for k, v in torch.load(e.output)["prune"].items()
+                                      if k not in ("version", "config", "date")}) == e
     assert [r["output"] for r in report["results"]] == [str(w / "best_pruned.pt"), str(w / "last_pruned.pt")]
     for f in ("best_pruned.pt", "last_pruned.pt"):
         ckpt = torch.load(w / f)  # weights_only: plain YOLOv5 classes only
@@ -83,7 +88,7 @@ def test_best_falls_back_to_last(run_dir, caplog):
     assert "best.pt not found, pruning last.pt instead" in caplog.text
 
 
-@pytest.mark.parametrize("target", ["callbacks.prune_checkpoint", "runner.prune_model", "runner.evaluate_weights"])
+@pytest.mark.parametrize("target", ["pipeline.run", "pipeline.prune_model", "pipeline.evaluate_weights"])
 def test_failure_at_train_end_is_logged_and_leaves_outputs(run_dir, monkeypatch, caplog, target):
     w = run_dir / "weights"
     before = _snapshot(run_dir)
@@ -92,11 +97,13 @@ def test_failure_at_train_end_is_logged_and_leaves_outputs(run_dir, monkeypatch,
     def boom(*a, **k):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(cb_mod if mod == "callbacks" else runner_mod, name, boom)
+    monkeypatch.setattr(pipeline_mod, name, boom)
+    if name == "evaluate_weights":  # the unpruned model is validated in memory (no reload): fault that too
+        monkeypatch.setattr(pipeline_mod, "evaluate", boom)
     cfg = config_from_dict({"amount": 0.4, "evaluate": name == "evaluate_weights"})
     plugin = PrunePlugin(cfg, opt={"data": "x.yaml", "imgsz": 64, "device": "cpu", "batch_size": 2})
     if name == "evaluate_weights":  # evaluation needs settings; give it real-looking ones without a dataset
-        monkeypatch.setattr(cb_mod, "make_settings", lambda *a, **k: _FakeSettings())
+        monkeypatch.setattr(pipeline_mod, "make_settings", lambda *a, **k: _FakeSettings())
     with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
         plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)  # must not raise into YOLOv5
     assert isinstance(plugin.error, RuntimeError)
@@ -152,3 +159,56 @@ def test_sweep_at_train_end(backend, small_model, tmp_path):
     report = json.loads((tmp_path / "exp" / "prune_report.json").read_text())
     assert [(p["method"], p["amount"]) for p in report["sweep"]["points"]] == [("global", 0.2)]
     assert (tmp_path / "exp" / "sweep" / "sweep.png").is_file()
+
+
+@pytest.mark.parametrize("bad,match", [({"mode": "sometimes"}, "'mode' must be one of"),
+                                       ({"extra_key": 1}, "unknown key"), ({"amount": "0.3"}, "'amount' must be")])
+def test_report_schema_rejects_bad_entries(run_dir, bad, match):
+    w = run_dir / "weights"
+    PrunePlugin(_no_eval()).on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    report = json.loads((run_dir / "prune_report.json").read_text())
+    report["results"][0].update(bad)
+    with pytest.raises(ValueError, match=match):
+        validate_report(report)
+    del report["results"][0]["checkpoint"]
+    with pytest.raises(ValueError, match="missing key"):
+        ReportEntry.from_dict({k: v for k, v in report["results"][0].items() if k not in bad})
+
+
+def test_train_end_loads_each_checkpoint_once(run_dir, monkeypatch):
+    """best.pt is read once for options, pruning and the sweep's dense model (YOLOv5 may load the pruned file)."""
+    w = run_dir / "weights"
+    reads = []
+    real = torch.load
+
+    def counting(f, *a, **k):
+        reads.append(str(f))
+        return real(f, *a, **k)
+
+    monkeypatch.setattr(torch, "load", counting)
+    plugin = PrunePlugin(_no_eval())
+    plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert plugin.error is None
+    assert reads.count(str(w / "best.pt")) == 1
+
+
+def test_hook_leaves_patched_names_as_they_were(backend, run_dir):
+    """After the hook: numpy, Pillow, YOLOv5's train.*/check_font and sys.path are as before (adapter.PROCESS_WIDE
+    lists what stays)."""
+    import sys
+
+    import numpy as np
+    from PIL import ImageFont
+
+    def state():
+        return (getattr(np, "trapz", None), ImageFont.FreeTypeFont.__dict__.get("getsize"),
+                backend.general.check_font, dict(vars(backend.train)), list(sys.path))
+
+    callbacks = backend.Callbacks()
+    before = state()
+    register(callbacks, _no_eval())
+    callbacks.run("on_pretrain_routine_start")
+    w = run_dir / "weights"
+    callbacks.run("on_train_end", w / "last.pt", w / "best.pt", 0, None)
+    assert (w / "best_pruned.pt").is_file()
+    assert state() == before

@@ -10,19 +10,11 @@ Public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
-from .config import PruneConfig, load_config  # noqa: E402
-from .errors import CheckpointError, ConfigError, PruneError, UnsafeCheckpointError  # noqa: E402
-
-
-def __getattr__(name: str):  # lazy: importing the package must not import YOLOv5
-    if name in ("register", "train", "prune", "PrunePlugin"):
-        from . import api
-
-        return getattr(api, name)
-    raise AttributeError(f"module 'yolo_prune_plugin' has no attribute {name!r}")
-
+from ._version import __version__
+from .api import prune, train
+from .callbacks import PrunePlugin, register
+from .config import PruneConfig, load_config
+from .errors import CheckpointError, ConfigError, PruneError, UnsafeCheckpointError
 
 __all__ = ["__version__", "PruneConfig", "load_config", "register", "train", "prune", "PrunePlugin",
            "PruneError", "ConfigError", "CheckpointError", "UnsafeCheckpointError"]

@@ -10,18 +10,20 @@ Everything else in the plugin talks to YOLOv5 through :func:`get_backend`.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import inspect
 import logging
 import os
 import pickle
+import re
 import sys
 import threading
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -90,8 +92,19 @@ def get_backend(yolov5_dir: str | Path | None = None) -> Backend:
                                  "in the same process")
             return _backend
         _backend = _import_checkout(Path(wanted)) if wanted else _import_pypi()
-        apply_compat_patches(_backend)
+        register_safe_globals(_backend)  # process-wide, see PROCESS_WIDE
         return _backend
+
+
+def backend_of_callbacks(callbacks: Any) -> Backend:
+    """The backend that a YOLOv5 ``Callbacks`` instance belongs to (PyPI package, or the checkout it came from)."""
+    module = type(callbacks).__module__
+    if module.startswith("yolov5."):
+        return get_backend()
+    mod = sys.modules.get(module)
+    if module == "utils.callbacks" and mod is not None and getattr(mod, "__file__", None):
+        return get_backend(Path(mod.__file__).resolve().parents[1])
+    return get_backend()
 
 
 def _import_pypi() -> Backend:
@@ -110,9 +123,21 @@ def _import_checkout(root: Path) -> Backend:
                if not (root / n).is_file()]
     if missing:
         raise PruneError(f"{root} is not a YOLOv5 checkout: missing {', '.join(missing)}")
-    if str(root) not in sys.path:
+    with _on_sys_path(root):
+        return _load_modules("checkout", root, "")
+
+
+@contextlib.contextmanager
+def _on_sys_path(root: Path | None) -> Iterator[None]:
+    """``root`` first on ``sys.path`` while the block runs (a checkout imports itself as ``models``/``utils``)."""
+    added = root is not None and str(root) not in sys.path
+    if added:
         sys.path.insert(0, str(root))
-    return _load_modules("checkout", root, "")
+    try:
+        yield
+    finally:
+        if added and str(root) in sys.path:
+            sys.path.remove(str(root))
 
 
 def _load_modules(kind: str, root: Path, prefix: str) -> Backend:
@@ -127,31 +152,108 @@ def _load_modules(kind: str, root: Path, prefix: str) -> Backend:
 
 
 # --------------------------------------------------------------------------------------------------
-# Compatibility patches for YOLOv5 7.0.x on today's stack
+# Patches: each applied for a scope and undone at its end
 # --------------------------------------------------------------------------------------------------
-_patched = False
+#: What stays changed for the whole process once the plugin is used (everything else is undone):
+#: the torch.load allow-list (``torch.serialization.add_safe_globals`` has no removal; it only *allows* the
+#: YOLOv5/torch/numpy classes listed by :func:`allowed_globals`, so YOLOv5's own checkpoint loads work), and
+#: the modules YOLOv5 imports (``sys.modules``), including the top-level ``models`` that PyPI yolov5 itself
+#: appends to ``sys.path`` on import.
+PROCESS_WIDE = ("torch.serialization safe globals (allowed_globals)", "sys.modules entries of YOLOv5")
 
 
-def apply_compat_patches(backend: Backend) -> None:
-    """Make YOLOv5 7.0.x run on torch >= 2.6, numpy >= 2.4, Pillow >= 10 and offline machines."""
-    global _patched
-    if _patched:
-        return
-    _patched = True
-    register_safe_globals(backend)
-    _patch_numpy()
-    _patch_pillow()
-    _patch_font_download(backend)
+class Patch:
+    """Set attributes on objects and put the old values back (attributes that did not exist are deleted)."""
+
+    _MISSING = object()
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        self._undo.append((obj, name, obj.__dict__.get(name, self._MISSING) if isinstance(obj, type)
+                           else getattr(obj, name, self._MISSING)))
+        setattr(obj, name, value)
+
+    def undo(self) -> None:
+        while self._undo:
+            obj, name, old = self._undo.pop()
+            if old is self._MISSING:
+                try:
+                    delattr(obj, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(obj, name, old)
 
 
-def _patch_numpy() -> None:
+class _CompatScope:
+    """Reentrant: the patches of :func:`compat_patches` are applied on the first enter, undone on the last exit."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.patch: Optional[Patch] = None
+        self.path: Optional[contextlib.ExitStack] = None
+        self.lock = threading.RLock()
+
+
+_compat = _CompatScope()
+
+
+@contextlib.contextmanager
+def compat_patches(backend: Backend) -> Iterator[None]:
+    """Make YOLOv5 7.0.x run on torch >= 2.6, numpy >= 2.4, Pillow >= 10 and offline machines, for this block.
+
+    numpy's removed ``trapz`` (YOLOv5's AP integration), Pillow's removed ``getsize`` (YOLOv5's plots), the
+    offline font download (``check_font`` under both module spellings), and a checkout's folder on ``sys.path``.
+    Everything is restored when the outermost block ends. Nested blocks share one application.
+    """
+    with _compat.lock:
+        if _compat.depth == 0:
+            p = Patch()
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(_on_sys_path(backend.root if backend.kind == "checkout" else None))
+                _patch_numpy(p)
+                _patch_pillow(p)
+                _patch_font_download(p, backend)
+            except BaseException:
+                p.undo()
+                stack.close()
+                raise
+            _compat.patch, _compat.path = p, stack
+        _compat.depth += 1
+    try:
+        yield
+    finally:
+        with _compat.lock:
+            _compat.depth -= 1
+            if _compat.depth == 0:
+                assert _compat.patch is not None and _compat.path is not None
+                _compat.patch.undo()
+                _compat.path.close()
+                _compat.patch = _compat.path = None
+
+
+@contextlib.contextmanager
+def driving_yolov5(backend: Backend) -> Iterator[None]:
+    """Everything the plugin sets up while it runs YOLOv5's own code (training, validation, export), undone after."""
+    with compat_patches(backend):
+        yield
+
+
+def compat_active() -> bool:
+    return _compat.depth > 0
+
+
+def _patch_numpy(p: Patch) -> None:
     import numpy as np
 
     if not hasattr(np, "trapz") and hasattr(np, "trapezoid"):  # removed in numpy 2.4; YOLOv5's AP uses it
-        np.trapz = np.trapezoid  # type: ignore[attr-defined]
+        p.set(np, "trapz", np.trapezoid)
 
 
-def _patch_pillow() -> None:
+def _patch_pillow(p: Patch) -> None:
     """Pillow >= 10 removed ``getsize``; YOLOv5's plotting threads still call it."""
     from PIL import ImageFont
 
@@ -161,10 +263,10 @@ def _patch_pillow() -> None:
 
     for cls in (ImageFont.FreeTypeFont, ImageFont.ImageFont, getattr(ImageFont, "TransposedFont", None)):
         if cls is not None and not hasattr(cls, "getsize") and hasattr(cls, "getbbox"):
-            cls.getsize = getsize  # type: ignore[attr-defined]
+            p.set(cls, "getsize", getsize)
 
 
-def _patch_font_download(backend: Backend) -> None:
+def _patch_font_download(p: Patch, backend: Backend) -> None:
     """Offline, ``check_dataset`` dies trying to download Arial.ttf: make the font optional.
 
     Patched under every spelling already imported (a checkout's ``utils.general``, the package's
@@ -174,7 +276,7 @@ def _patch_font_download(backend: Backend) -> None:
 
     for prefix in dict.fromkeys((backend.prefix, "", "yolov5.")):
         general, plots = sys.modules.get(prefix + "utils.general"), sys.modules.get(prefix + "utils.plots")
-        if general is None or getattr(general.check_font, "_yolo_prune_patched", False):
+        if general is None:
             continue
         original = general.check_font
 
@@ -190,10 +292,113 @@ def _patch_font_download(backend: Backend) -> None:
             except Exception as e:  # noqa: BLE001
                 raise URLError(str(e)) from e
 
-        check_font._yolo_prune_patched = True  # type: ignore[attr-defined]
-        general.check_font = check_font
+        p.set(general, "check_font", check_font)
         if plots is not None:
-            plots.check_font = plots_check_font
+            p.set(plots, "check_font", plots_check_font)
+
+
+@contextlib.contextmanager
+def export_patches(backend: Backend) -> Iterator[list[str]]:
+    """Scoped patches for YOLOv5's ``export.run``; yields the list its export-failure log lines are collected in.
+
+    torch >= 2.9 makes ``torch.onnx.export`` default to the dynamo exporter (needs ``onnxscript``, ignores
+    YOLOv5's opset/``dynamic_axes`` setup): the TorchScript-based exporter YOLOv5 was written for is selected.
+    Trusted (non-allow-listed) loads of a file pickled under the other spelling are re-spelled
+    (:func:`respell_trusted`) so that YOLOv5's ``isinstance`` checks fuse it and set ``Detect.export``.
+    """
+    exp = backend.export
+    orig_load = exp.attempt_load
+    orig_onnx_export = torch.onnx.export
+    failures: list[str] = []
+
+    def attempt_load(weights: Any, device: Any = None, inplace: bool = True, fuse: bool = True) -> nn.Module:
+        model = orig_load(weights, device=device, inplace=inplace, fuse=False)
+        respell_trusted(model, backend)
+        if fuse and hasattr(model, "fuse") and any(hasattr(m, "bn") and hasattr(m, "conv") for m in model.modules()):
+            model.fuse()
+        return model
+
+    def onnx_export(*args: Any, **kwargs: Any) -> Any:
+        if "dynamo" in inspect.signature(orig_onnx_export).parameters:
+            kwargs.setdefault("dynamo", False)
+        return orig_onnx_export(*args, **kwargs)
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "failure" in msg or "ERROR" in msg:
+                failures.append(" ".join(re.sub(r"\x1b\[[0-9;]*m", "", msg).split()))
+
+    handler = Collect(logging.INFO)
+    yolo_logger = backend.general.LOGGER
+    p = Patch()
+    with _export_lock, compat_patches(backend):
+        p.set(exp, "attempt_load", attempt_load)
+        p.set(torch.onnx, "export", onnx_export)
+        yolo_logger.addHandler(handler)
+        try:
+            yield failures
+        finally:
+            yolo_logger.removeHandler(handler)
+            p.undo()
+
+
+_export_lock = threading.Lock()
+
+
+def respell_trusted(model: nn.Module, backend: Backend) -> int:
+    """Only for ``--trust-checkpoint`` loads (the allow-list already maps both spellings): point modules of the
+    other YOLOv5 spelling (``models.*`` vs ``yolov5.models.*``, the same source imported twice) at the
+    backend's classes of the same name. Returns the number of modules changed (0 without trusted loading)."""
+    if not trust_all_checkpoints():
+        return 0
+    changed = 0
+    for rel in _MODEL_MODULES:
+        own = importlib.import_module(backend.prefix + rel)
+        others = {"yolov5." + rel, rel} - {own.__name__}
+        for m in model.modules():
+            cls = type(m)
+            if cls.__module__ in others:
+                target = getattr(own, cls.__name__, None)
+                if inspect.isclass(target) and issubclass(target, nn.Module) and target is not cls:
+                    m.__class__ = target
+                    changed += 1
+    return changed
+
+
+# --------------------------------------------------------------------------------------------------
+# Training objects: read from YOLOv5's train() frame, nothing patched
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingObjects:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: Any  # ModelEMA or None (DDP ranks > 0)
+    start_epoch: int
+    resumed: bool
+
+
+def training_objects(backend: Backend) -> TrainingObjects:
+    """The live model, optimizer and EMA of the YOLOv5 ``train()`` whose callback is running now.
+
+    Call from ``on_train_start`` (or later): ``train()`` has built them by then. Read from its frame's locals,
+    so no YOLOv5 name is patched. Raises :class:`PruneError` when not called inside YOLOv5 7.0.x's ``train()``.
+    """
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        while f is not None:
+            if f.f_code.co_name == "train" and "optimizer" in f.f_locals and "ema" in f.f_locals:
+                loc = f.f_locals
+                model = loc["model"]
+                model = getattr(model, "module", model)  # DDP
+                start = int(loc.get("start_epoch", 0))
+                return TrainingObjects(model, loc["optimizer"], loc["ema"], start, bool(loc.get("resume")) or start > 0)
+            f = f.f_back
+    finally:
+        del frame
+    raise PruneError("could not find YOLOv5's train() objects (model, optimizer, EMA) from the callback; the "
+                     "recovery modes need YOLOv5 7.0.x's train.py")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -241,10 +446,20 @@ def trust_all_checkpoints() -> bool:
     return os.environ.get(TRUST_ENV, "").strip().lower() in {"1", "true", "yes"}
 
 
-def enable_trusted_loading() -> None:
-    """Opt-out: make every ``torch.load`` (YOLOv5's too) unpickle anything. For trusted files only."""
-    os.environ[TRUST_ENV] = "1"
-    os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+@contextlib.contextmanager
+def trusted_loading() -> Iterator[None]:
+    """Opt-out, for this block: every ``torch.load`` (YOLOv5's too) unpickles anything. For trusted files only.
+    The two environment variables are restored afterwards."""
+    saved = {k: os.environ.get(k) for k in (TRUST_ENV, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ.update({TRUST_ENV: "1", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def load_checkpoint(path: str | Path, backend: Optional[Backend] = None) -> dict:
@@ -281,8 +496,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _unsupported_global(msg: str) -> Optional[str]:
-    import re
-
     m = re.search(r"GLOBAL ([\w.]+)", msg)
     return m.group(1) if m else None
 
@@ -316,15 +529,3 @@ def is_detection_model(model: nn.Module) -> bool:
     """True for a YOLOv5 detection model, whichever package spelling its classes use."""
     inner = getattr(model, "model", None)
     return isinstance(inner, nn.Sequential) and len(inner) > 0 and type(inner[-1]).__name__ in {"Detect", "Segment"}
-
-
-def class_name(module: nn.Module) -> str:
-    """Class name of a module; spelling-agnostic stand-in for ``isinstance`` against YOLOv5 classes."""
-    return type(module).__name__
-
-
-def iter_modules_of(model: nn.Module, names: Iterable[str]):
-    wanted = set(names)
-    for n, m in model.named_modules():
-        if class_name(m) in wanted:
-            yield n, m

@@ -10,13 +10,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from .adapter import Backend, get_backend, load_checkpoint
+import torch
+
+from . import pipeline
+from .adapter import Backend, driving_yolov5, get_backend, load_checkpoint
 from .callbacks import PrunePlugin, register
 from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
 from .evaluation import make_settings, resolve_data
 from .pruning import check_scope
-from .runner import check_exports, prune_checkpoint, write_report
+from .report import ReportEntry
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -99,9 +102,9 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
         train_dir = data.get("train")
         if not train_dir:
             raise ConfigError(f"{opt.data}: no 'train' split for calibration images")
-    if config.schedule.final_amount is not None and config.schedule.end_epoch >= int(opt.epochs):
-        raise ConfigError(f"schedule.end_epoch ({config.schedule.end_epoch}) must be < --epochs ({opt.epochs}) so "
-                          "the final sparsity is reached before training ends")
+    from .recovery import check_recovery
+
+    check_recovery(config, opt)
 
 
 def train(prune: PruneConfig | Mapping[str, Any] | str | Path | None = None, callbacks: Any = None,
@@ -126,31 +129,28 @@ def train(prune: PruneConfig | Mapping[str, Any] | str | Path | None = None, cal
 
 def run_training(opt: argparse.Namespace, config: Optional[PruneConfig], backend: Backend,
                  callbacks: Any = None) -> PrunePlugin | None:
-    """Preflight, register and run ``train.main`` with a fresh ``Callbacks`` (never 7.0.14's shared default)."""
+    """Preflight, :func:`register` and run ``train.main`` with a fresh ``Callbacks`` (never 7.0.14's shared default).
+
+    The same ``register`` as the README's three-line path; YOLOv5 runs inside :func:`~yolo_prune_plugin.adapter.
+    driving_yolov5`, whose patches are undone when ``train.main`` returns or raises.
+    """
     callbacks = callbacks if callbacks is not None else backend.Callbacks()
     plugin = None
     if config is not None:
         preflight(opt, config, backend)
-        if config.finetune.epochs or config.schedule.final_amount is not None:
-            from . import recovery
-
-            plugin = recovery.register(callbacks, config, opt=None if opt.resume else opt)
-            with plugin:  # restores YOLOv5's patched names; fine-tunes after train.main has returned
-                backend.train.main(opt, callbacks=callbacks)
-            return plugin
-        else:
-            plugin = register(callbacks, config, opt=None if opt.resume else opt)
+        plugin = register(callbacks, config, opt=None if opt.resume else opt)
     else:
         if not str(opt.data).startswith(("http:/", "https:/")) and Path(str(opt.data)).is_file():
             opt.data = str(Path(str(opt.data)).resolve())
         opt.weights = _resolve_weights(str(opt.weights))
-    backend.train.main(opt, callbacks=callbacks)
+    with driving_yolov5(backend):
+        backend.train.main(opt, callbacks=callbacks)
     return plugin
 
 
 def prune(weights: str | Path, data: str | Path | None = None, config: PruneConfig | None = None,
           imgsz: int = 640, batch_size: int = 32, device: str = "", workers: int = 8, single_cls: bool = False,
-          report_dir: str | Path | None = None, **overrides: Any) -> list[dict]:
+          report_dir: str | Path | None = None, **overrides: Any) -> list[ReportEntry]:
     """Prune an existing checkpoint (same code path as the train-end hook); returns the report entries.
 
     Without ``data`` nothing is evaluated (and data-aware methods are unavailable).
@@ -167,7 +167,13 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
         settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)
     elif cfg.method in DATA_AWARE_METHODS:
         raise ConfigError(f"method {cfg.method!r} needs calibration images from --data")
-    entry = prune_checkpoint(weights, cfg, settings, backend=backend, device=device or "cpu", imgsz=imgsz)
-    write_report([entry], cfg, report_dir or weights.parent)
-    check_exports([entry])
+    if cfg.finetune.epochs or cfg.schedule.final_amount is not None:
+        raise ConfigError("finetune/schedule need a training run: use `yolo-prune train` (or register() + "
+                          "train.main); `yolo-prune prune` prunes one-shot")
+    dev = settings.device if settings is not None else torch.device(device or "cpu")
+    ctx = pipeline.RunContext(backend, dev, imgsz, settings)
+    with driving_yolov5(backend):
+        entry = pipeline.run(weights, cfg, ctx, ckpt=ckpt)
+        pipeline.write_report([entry], cfg, report_dir or weights.parent)
+    pipeline.check_exports([entry])
     return [entry]

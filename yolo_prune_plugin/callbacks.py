@@ -1,27 +1,30 @@
-"""YOLOv5 ``Callbacks`` integration: prune when training ends (rank -1/0 only).
+"""YOLOv5 ``Callbacks`` integration: one :func:`register` for every mode (rank -1/0 only works).
 
-A failure inside the hook is logged with the command to retry and recorded on the plugin; it never
-raises into YOLOv5, so ``best.pt``/``last.pt`` and the run's other outputs stay as training left them.
+Thin hooks: one-shot and fine-tune prune at ``on_train_end`` through :func:`yolo_prune_plugin.pipeline.run`;
+schedule mode also drives :class:`~yolo_prune_plugin.recovery.GradualPruning` during training. A failure inside
+a hook is logged with the command to retry and recorded on the plugin; it never raises into YOLOv5, so
+``best.pt``/``last.pt`` and the run's other outputs stay as training left them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-import torch
-
-from .adapter import Backend, get_backend, load_checkpoint
-from .config import DATA_AWARE_METHODS, PruneConfig, load_config
+from .adapter import Backend, backend_of_callbacks, compat_patches, get_backend, load_checkpoint
+from .config import PruneConfig, load_config
 from .errors import PruneError
-from .evaluation import Metrics, backend_select_device, make_settings
-from .runner import check_exports, prune_checkpoint, write_report
+from .evaluation import Metrics
+from .report import ReportEntry
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 HOOK_NAME = "yolo_prune_plugin"
+
+__all__ = ["PrunePlugin", "register", "current_rank", "is_main_process", "HOOK_NAME"]
 
 
 def current_rank() -> int:
@@ -34,44 +37,94 @@ def is_main_process() -> bool:
 
 
 class PrunePlugin:
-    """Holds the config and the outcome of the train-end pruning of one training run."""
+    """The config, the hooks and the outcome of pruning one training run (any mode)."""
 
     def __init__(self, config: Optional[PruneConfig] = None, opt: Any = None, backend: Optional[Backend] = None):
+        from .recovery import GradualPruning, check_recovery
+
         self.config = config or load_config()
+        check_recovery(self.config, opt)  # a mode that cannot run here is an error now, before any epoch
         self.opt = opt
-        self.backend = backend
-        self.entries: list[dict] = []
+        self.backend = backend or get_backend()
+        self.mode = ("schedule" if self.config.schedule.final_amount is not None else
+                     "finetune" if self.config.finetune.epochs else "oneshot")
+        self.entries: list[ReportEntry] = []
+        self.history: list[dict] = []
         self.report_path: Optional[Path] = None
         self.error: Optional[BaseException] = None
         self.ran = False
         self._resolved_opt: dict = {}  # training options as the hook found them (for the retry command)
+        self._scope = contextlib.ExitStack()  # the compat patches while YOLOv5 trains (3-line path)
+        self._scoped = False
+        self.gradual = GradualPruning(self.config, self.backend) if self.mode == "schedule" else None
+
+    # -- registration ------------------------------------------------------------------------------
+    def hooks(self) -> dict[str, Callable[..., None]]:
+        """YOLOv5 hook name -> bound method, for this plugin's mode."""
+        names = ["on_pretrain_routine_start", "on_train_end"]
+        if self.mode == "schedule":
+            names += ["on_train_start", "on_train_epoch_start", "on_fit_epoch_end", "on_model_save"]
+        return {n: getattr(self, n) for n in names}
 
     # -- YOLOv5 hooks -----------------------------------------------------------------------------
+    def on_pretrain_routine_start(self) -> None:
+        """Training begins: YOLOv5 7.0.x needs the compat patches (offline font, Pillow, numpy) until it ends."""
+        if not self._scoped:
+            self._scope.enter_context(compat_patches(self.backend))
+            self._scoped = True
+
+    def on_train_start(self) -> None:
+        self._guard("gradual pruning setup", lambda: self.gradual.train_start())
+
+    def on_train_epoch_start(self) -> None:
+        self._guard("gradual pruning step", lambda: self.gradual.epoch_start())
+
+    def on_fit_epoch_end(self, log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
+        if is_main_process():
+            self._guard("schedule bookkeeping", lambda: self.gradual.fit_epoch_end(log_vals, epoch, fi))
+
+    def on_model_save(self, last: Any, epoch: int, final_epoch: Any, best_fitness: Any, fi: Any) -> None:
+        if is_main_process():
+            self._guard("schedule bookkeeping", lambda: self.gradual.model_save(last, epoch, fi))
+
     def on_train_end(self, last: Any, best: Any, epoch: int, results: Any) -> None:
         """YOLOv5 ``on_train_end(last, best, epoch, results)``; fires after ``strip_optimizer``."""
-        if not is_main_process():
-            return  # only rank -1/0 prunes, evaluates, exports and writes
-        self.ran = True
         try:
-            self.run(Path(last), Path(best), results)
-        except Exception as e:  # noqa: BLE001 - never kill a finished training run
-            self.error = e
-            LOGGER.error("yolo_prune_plugin: pruning at train end failed: %s\n"
-                         "  Your training outputs (best.pt, last.pt, results) are untouched. Retry with:\n  %s",
-                         e if isinstance(e, PruneError) else f"{type(e).__name__}: {e}", self.retry_command(best))
-            if not isinstance(e, PruneError):
-                LOGGER.debug("traceback", exc_info=True)
+            if not is_main_process():
+                return  # only rank -1/0 prunes, evaluates, exports and writes
+            self.ran = True
+            try:
+                self.run(Path(last), Path(best), results, int(epoch))
+            except Exception as e:  # noqa: BLE001 - never kill a finished training run
+                self._fail(e, "pruning at train end")
+        finally:
+            if self.gradual is not None:
+                self.gradual.close()
+            self._scope.close()
+            self._scoped = False
+
+    def _guard(self, what: str, fn: Callable[[], None]) -> None:
+        if self.error is not None or self.gradual is None:
+            return
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001 - never kill the training run; reported at train end
+            self.gradual.error = e
+            self._fail(e, what, retry=False)
+
+    def _fail(self, e: BaseException, what: str, retry: bool = True) -> None:
+        self.error = e
+        msg = e if isinstance(e, PruneError) else f"{type(e).__name__}: {e}"
+        if retry:
+            LOGGER.error("yolo_prune_plugin: %s failed: %s\n  Your training outputs (best.pt, last.pt, results) are "
+                         "untouched. Retry with:\n  %s", what, msg, self.retry_command(self._best))
+        else:
+            LOGGER.error("yolo_prune_plugin: %s failed: %s", what, msg)
+        if not isinstance(e, PruneError):
+            LOGGER.debug("traceback", exc_info=True)
 
     # -- work ---------------------------------------------------------------------------------------
-    def _opt(self, best: Path, last: Path) -> dict:
-        if self.opt is not None:
-            return dict(vars(self.opt)) if not isinstance(self.opt, dict) else dict(self.opt)
-        for f in (best, last):
-            if f.is_file():
-                opt = load_checkpoint(f, self.backend).get("opt")
-                if isinstance(opt, dict):
-                    return opt
-        raise PruneError(f"{best}: no training options ('opt') in the checkpoint; cannot tell data/image size")
+    _best: Any = None
 
     def checkpoints(self, last: Path, best: Path) -> list[Path]:
         """The files to prune: ``checkpoints`` in config; ``best`` falls back to ``last`` when absent."""
@@ -87,39 +140,60 @@ class PrunePlugin:
                 out.append(f)
         return out
 
-    def run(self, last: Path, best: Path, results: Any = None) -> list[dict]:
-        backend = self.backend or get_backend()
-        opt = self._opt(best, last)
-        self._resolved_opt = opt
-        world = int(os.getenv("WORLD_SIZE", 1))
-        local_rank = int(os.getenv("LOCAL_RANK", -1))
-        device = (torch.device("cuda", local_rank) if local_rank != -1 else
-                  backend_select_device(backend, opt.get("device", ""), 0))
-        imgsz = int(opt.get("imgsz", 640))
-        settings = None
-        if self.config.evaluate or self.config.method in DATA_AWARE_METHODS or self.config.sweep.amounts:
-            batch = max(int(opt.get("batch_size", 16)) // world * 2, 1)  # train.py's val batch size
-            settings = make_settings(opt["data"], imgsz, batch, device, bool(opt.get("single_cls", False)),
-                                     int(opt.get("workers", 8)), backend)
-        files = self.checkpoints(last, best)
-        entries = []
-        for f in files:
-            # train.py's final validation ran on best.pt: reuse those numbers instead of validating again
-            before = Metrics.from_results(results) if (results is not None and f == best and best.is_file()) else None
-            entries.append(prune_checkpoint(f, self.config, settings, before=before, backend=backend, device=device,
-                                            imgsz=imgsz))
-        self.entries = entries
-        extra = None
-        if self.config.sweep.amounts:
-            from .sweep import run_sweep
+    def _options(self, ckpt: Optional[dict], best: Path) -> dict:
+        if self.opt is not None:
+            return dict(vars(self.opt)) if not isinstance(self.opt, dict) else dict(self.opt)
+        opt = (ckpt or {}).get("opt")
+        if isinstance(opt, dict):
+            return opt
+        raise PruneError(f"{best}: no training options ('opt') in the checkpoint; cannot tell data/image size")
 
-            sw = run_sweep(files[0], settings.data, self.config.sweep.amounts, self.config.sweep.methods,
-                           out=best.parent.parent / "sweep", config=self.config, settings=settings, backend=backend,
-                           echo=LOGGER.info)
-            extra = {"sweep": {"outputs": sw["outputs"], "dense": sw["dense"], "points": sw["points"]}}
-        self.report_path = write_report(entries, self.config, best.parent.parent, extra=extra, echo=LOGGER.info)
-        check_exports(entries)
-        return entries
+    def run(self, last: Path, best: Path, results: Any = None, epoch: int = -1) -> list[ReportEntry]:
+        """The train-end work: every checkpoint loaded once, through the one pipeline, then the report."""
+        from . import pipeline
+
+        self._best = best
+        backend = self.backend
+        ckpts: dict[Path, dict] = {}
+        with compat_patches(backend):
+            if self.mode == "schedule":
+                cand, model, section, leaks, before_row = self.gradual.result(last, best, epoch)
+                opt = self._resolved_opt = self._options(cand, best)
+                ctx = pipeline.context_from_opt(opt, self.config, backend)
+                before = Metrics.from_results([before_row[k] for k in ("P", "R", "mAP50", "mAP50-95")]) \
+                    if before_row else None
+                self.entries = [pipeline.run(last, self.config, ctx, ckpt=cand, pruned=model, mode="schedule",
+                                             out=pipeline.output_path(best, self.config), schedule=section,
+                                             leaks=leaks, before=before,
+                                             before_source=f"epoch {section['dense_epoch']} (dense, training history)")]
+                self.history = self.gradual.history
+            else:
+                files = self.checkpoints(last, best)
+                ckpts = {f: load_checkpoint(f, backend) for f in files}  # each file loaded once
+                opt = self._resolved_opt = self._options(ckpts[files[0]], best)
+                ctx = pipeline.context_from_opt(opt, self.config, backend)
+                self.entries = []
+                for f in files:
+                    # train.py's final validation ran on best.pt: reuse those numbers instead of validating again
+                    before = Metrics.from_results(results) if (results is not None and f == best) else None
+                    self.entries.append(pipeline.run(f, self.config, ctx, ckpt=ckpts[f], before=before,
+                                                     before_source="YOLOv5's final validation" if before else None))
+                    if self.entries[-1].finetune:
+                        self.history = self.entries[-1].finetune["history"]
+            sweep = None
+            if self.config.sweep.amounts:
+                from .sweep import run_sweep
+
+                f0 = self.checkpoints(last, best)[0] if self.mode != "schedule" else last
+                sw = run_sweep(f0, ctx.settings.data, self.config.sweep.amounts, self.config.sweep.methods,
+                               out=best.parent.parent / "sweep", config=self.config, settings=ctx.settings,
+                               backend=backend, echo=LOGGER.info,
+                               ckpt=ckpts.get(f0))
+                sweep = {"outputs": sw["outputs"], "dense": sw["dense"], "points": sw["points"]}
+            self.report_path = pipeline.write_report(self.entries, self.config, best.parent.parent,
+                                                     history=self.history or None, sweep=sweep, echo=LOGGER.info)
+        pipeline.check_exports(self.entries)
+        return self.entries
 
     def retry_command(self, best: Any) -> str:
         opt = self._resolved_opt
@@ -142,13 +216,19 @@ class PrunePlugin:
 
 
 def register(callbacks: Any, config: Optional[PruneConfig] = None, opt: Any = None, **overrides: Any) -> PrunePlugin:
-    """Register the train-end pruning hook on a YOLOv5 ``Callbacks`` instance and return the plugin.
+    """Register the plugin on a YOLOv5 ``Callbacks`` instance for whatever ``config`` asks and return it.
 
-    ``overrides`` are config keys (``amount=0.5``, ``method="lamp"``) applied on top of ``config``.
+    One-shot, fine-tune (``finetune.epochs``), schedule (``schedule.final_amount``), sweep and export all come
+    from the config; ``overrides`` are config keys (``amount=0.5``) applied on top. A mode that cannot run in
+    this context (fine-tune under DDP, a schedule that ends after ``opt.epochs``) raises
+    :class:`~yolo_prune_plugin.errors.ConfigError` here, before any epoch. Registering also makes YOLOv5's own
+    checkpoint loads work on torch >= 2.6 (the plugin's allow-list, process-wide).
     """
     cfg = config or load_config()
     if overrides:
         cfg = cfg.with_overrides(**overrides)
-    plugin = PrunePlugin(cfg, opt=opt)
-    callbacks.register_action("on_train_end", name=HOOK_NAME, callback=plugin.on_train_end)
+    backend = backend_of_callbacks(callbacks)
+    plugin = PrunePlugin(cfg, opt=opt, backend=backend)
+    for hook, fn in plugin.hooks().items():
+        callbacks.register_action(hook, name=HOOK_NAME, callback=fn)
     return plugin

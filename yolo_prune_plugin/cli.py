@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from . import __version__
+from ._version import __version__
 from .config import METHODS, PruneConfig, config_from_dict, load_config
 from .errors import ConfigError, PruneError
 
@@ -23,12 +24,15 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    if not any(isinstance(h, _StderrHandler) for h in LOGGER.handlers):
-        h = _StderrHandler()
-        h.setFormatter(logging.Formatter("%(message)s"))
-        LOGGER.addHandler(h)
+def _setup_logging(verbose: bool = False) -> Optional[logging.Handler]:
+    """Log to stderr for this command; returns the handler added (removed again when the command ends)."""
     LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if any(isinstance(h, _StderrHandler) for h in LOGGER.handlers):
+        return None
+    h = _StderrHandler()
+    h.setFormatter(logging.Formatter("%(message)s"))
+    LOGGER.addHandler(h)
+    return h
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -142,20 +146,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns, rest = parser.parse_known_args(argv)
     if rest and ns.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    _setup_logging(ns.verbose)
+    handler = _setup_logging(ns.verbose)
     try:
-        if ns.trust_checkpoint:
-            from .adapter import enable_trusted_loading
+        with contextlib.ExitStack() as scope:
+            if ns.trust_checkpoint:
+                from .adapter import trusted_loading
 
-            LOGGER.warning("yolo_prune_plugin: --trust-checkpoint: loading checkpoints WITHOUT the class allow-list")
-            enable_trusted_loading()
-        return COMMANDS[ns.command](ns, rest)
+                LOGGER.warning("yolo_prune_plugin: --trust-checkpoint: loading checkpoints WITHOUT the class "
+                               "allow-list")
+                scope.enter_context(trusted_loading())
+            return COMMANDS[ns.command](ns, rest)
     except PruneError as e:
         print(f"yolo-prune: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
     except KeyboardInterrupt:
         print("yolo-prune: interrupted", file=sys.stderr)
         return 130
+    finally:
+        if handler is not None:
+            LOGGER.removeHandler(handler)
+            LOGGER.setLevel(logging.NOTSET)
 
 
 def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
@@ -186,13 +196,12 @@ def _cmd_prune(ns: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
-    from .adapter import get_backend, load_checkpoint
+    from .adapter import get_backend
     from .export import check_export_requirements, export_and_verify
 
     formats = [f.strip().lower() for f in ns.include.split(",") if f.strip()]
     get_backend(ns.yolov5_dir)
     check_export_requirements(formats, simplify=ns.simplify)
-    load_checkpoint(ns.weights)  # refuse unsafe/bad files before YOLOv5's exporter touches them
     arts = export_and_verify(Path(ns.weights).resolve(), formats, imgsz=ns.imgsz, device=ns.device, half=ns.half,
                              dynamic=ns.dynamic, simplify=ns.simplify, opset=ns.opset, atol=ns.atol,
                              overwrite=ns.overwrite)
@@ -207,13 +216,13 @@ def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_sweep(ns: argparse.Namespace, rest: list[str]) -> int:
-    from .adapter import get_backend
+    from .adapter import driving_yolov5, get_backend
     from .sweep import run_sweep
 
-    get_backend(ns.yolov5_dir)
-    run_sweep(ns.weights, ns.data, amounts=ns.amounts, methods=ns.methods, imgsz=ns.imgsz,
-              batch_size=ns.batch_size, device=ns.device, workers=ns.workers, out=ns.out,
-              layers_point=ns.layers_point, exist_ok=ns.exist_ok)
+    with driving_yolov5(get_backend(ns.yolov5_dir)):
+        run_sweep(ns.weights, ns.data, amounts=ns.amounts, methods=ns.methods, imgsz=ns.imgsz,
+                  batch_size=ns.batch_size, device=ns.device, workers=ns.workers, out=ns.out,
+                  layers_point=ns.layers_point, exist_ok=ns.exist_ok)
     return 0
 
 

@@ -11,10 +11,11 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from .errors import ConfigError
+from .registry import OBS_ALLOCATIONS, ObsOptions, data_aware_names, method_names
 
-#: Methods selectable by ``method``; the data-aware ones calibrate on a few training images.
-METHODS = ("global", "layerwise", "lamp", "obs")
-DATA_AWARE_METHODS = ("obs",)
+#: Methods selectable by ``method`` (read from the registry); the data-aware ones calibrate on train images.
+METHODS = method_names()
+DATA_AWARE_METHODS = data_aware_names()
 CHECKPOINTS = ("best", "last")
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "prune.yaml"
 
@@ -85,6 +86,7 @@ class PruneConfig:
     sweep: SweepOptions = field(default_factory=SweepOptions)
     finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
     schedule: ScheduleOptions = field(default_factory=ScheduleOptions)
+    obs: ObsOptions = field(default_factory=ObsOptions)  # options of the obs importance (registry.ObsOptions)
 
     def to_dict(self) -> dict:
         """Plain, JSON/YAML-serialisable form (tuples become lists)."""
@@ -106,7 +108,7 @@ def _plain(x: Any) -> Any:
 
 
 _NESTED = {"export_options": ExportOptions, "calibration": CalibrationOptions, "sweep": SweepOptions,
-           "finetune": FinetuneOptions, "schedule": ScheduleOptions}
+           "finetune": FinetuneOptions, "schedule": ScheduleOptions, "obs": ObsOptions}
 
 
 def _unknown_key(key: str, allowed: list[str], where: str) -> ConfigError:
@@ -152,6 +154,21 @@ def _amount(v: Any, key: str, where: str) -> float:
 def _choice(v: Any, key: str, where: str, allowed: tuple[str, ...]) -> str:
     if not isinstance(v, str) or v not in allowed:
         raise ConfigError(f"{where}: '{key}' must be one of {', '.join(allowed)}; got {v!r}")
+    return v
+
+
+def _typed_option(v: Any, key: str, where: str, default: Any) -> Any:
+    """Validate ``v`` against the type of the option's default (int, float, bool, str, tuple of str, or None)."""
+    if isinstance(default, bool):
+        return _bool(v, key, where)
+    if isinstance(default, int) or (default is None and not isinstance(v, str)):
+        return None if v is None else int(_number(v, key, where, integer=True))
+    if isinstance(default, float):
+        return float(_number(v, key, where))
+    if isinstance(default, tuple):
+        return _str_list(v, key, where) if v else ()
+    if not isinstance(v, str):
+        raise ConfigError(f"{where}: '{key}' must be a string, got {v!r} ({_type_name(v)})")
     return v
 
 
@@ -211,6 +228,14 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = _bool(v, q, where)
             else:
                 out[k] = None if v is None else int(_number(v, q, where, integer=True))
+        elif cls is ObsOptions:
+            out[k] = _typed_option(v, q, where, getattr(ObsOptions(), k))
+            if k == "allocation":
+                _choice(v, q, where, OBS_ALLOCATIONS)
+            elif k in ("blocksize", "batch_size") and out[k] < 1:
+                raise ConfigError(f"{where}: '{q}' must be >= 1, got {v}")
+            elif k == "damp" and not 0 < out[k] < 1:
+                raise ConfigError(f"{where}: '{q}' must be in (0, 1), got {v}")
         elif cls is ScheduleOptions:
             if k == "final_amount":
                 out[k] = None if v is None else _amount(v, q, where)

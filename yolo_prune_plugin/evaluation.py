@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -11,7 +12,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .adapter import Backend, get_backend
+from .adapter import Backend, driving_yolov5, get_backend
 from .errors import ConfigError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -164,7 +165,9 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
     validator writes (results.html) go to a temporary folder, never the run folder.
     """
     backend = backend or get_backend()
-    model = model.to(settings.device)
+    p = next(model.parameters())
+    if p.device != settings.device or (settings.half and p.dtype != torch.float16):
+        model = copy.deepcopy(model).to(settings.device)  # never move or half() the caller's model
     stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
     if dataloader is None:
         dataloader = make_dataloader(settings, stride, backend)
@@ -172,7 +175,7 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
     yolo_logger = logging.getLogger(getattr(backend.general, "LOGGING_NAME", "yolov5"))
     yolo_logger.addHandler(counter)
     try:
-        with tempfile.TemporaryDirectory(prefix="yolo_prune_val_") as tmp:
+        with tempfile.TemporaryDirectory(prefix="yolo_prune_val_") as tmp, driving_yolov5(backend):
             results = backend.val.run(settings.data, batch_size=settings.batch_size, imgsz=settings.imgsz,
                                       model=model.half() if settings.half else model, iou_thres=settings.iou_thres,
                                       single_cls=settings.single_cls, dataloader=dataloader, save_dir=Path(tmp),

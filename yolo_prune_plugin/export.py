@@ -19,41 +19,30 @@ Formats: only :data:`SUPPORTED_FORMATS` (``torchscript``, ``onnx``) are accepted
 zeros, so they are refused with a :class:`ConfigError` naming YOLOv5's own ``export.py`` instead of being
 exported unverified.
 
-Two YOLOv5 7.0.x quirks are handled during the export only (and undone afterwards):
-
-* torch >= 2.9 makes ``torch.onnx.export`` default to the dynamo exporter, which needs ``onnxscript`` and
-  ignores YOLOv5's opset-12 / ``dynamic_axes`` setup; the TorchScript-based exporter YOLOv5 was written for
-  is selected (``dynamo=False``).
-* a checkpoint pickled under the upstream spelling (``models.yolo.DetectionModel``, e.g. the released
-  ``yolov5n.pt``) loads into classes that the PyPI package's ``isinstance`` checks do not recognise: its
-  BatchNorms are not fused and ``Detect.export`` is not set, so the artefact would keep un-fused BatchNorms and
-  extra outputs. The loaded model's classes are re-pointed to the backend's same-named classes before fusing.
+YOLOv5 7.0.x quirks during the export (torch 2.9+'s dynamo ONNX exporter, files pickled under the other module
+spelling) are handled by :func:`yolo_prune_plugin.adapter.export_patches`, for the export only.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import gzip
 import importlib
-import inspect
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
-import threading
 import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 
-from .adapter import Backend, get_backend, load_checkpoint
+from .adapter import Backend, export_patches, get_backend, load_checkpoint, respell_trusted
 from .errors import ConfigError, ExportError, OutputExistsError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -66,8 +55,6 @@ EXTRA_HINT = "pip install yolo_prune_plugin[export]"
 #: Seed of the deterministic input image used to compare outputs.
 INPUT_SEED = 0
 
-_MODEL_MODULES = ("models.common", "models.yolo", "models.experimental")
-_export_lock = threading.Lock()
 
 
 @dataclass
@@ -170,7 +157,7 @@ def check_export_requirements(formats: Sequence[str], *, simplify: bool = False,
     if missing:
         what = ", ".join(missing)
         if missing == ["onnxsim"]:
-            raise ConfigError(f"export simplify: true needs onnx-simplifier (missing module onnxsim): "
+            raise ConfigError("export simplify: true needs onnx-simplifier (missing module onnxsim): "
                               "pip install onnxsim, or set simplify: false")
         raise ConfigError(f"export to {', '.join(fmts)} needs {what} (not installed): {EXTRA_HINT}")
 
@@ -193,28 +180,6 @@ def _check_options(device: str, half: bool, dynamic: bool, atol: float, imgsz: A
 # --------------------------------------------------------------------------------------------------
 # Loading the model YOLOv5 exports
 # --------------------------------------------------------------------------------------------------
-def respell_model_classes(model: nn.Module, backend: Optional[Backend] = None) -> int:
-    """Point modules of the other YOLOv5 spelling (``models.*`` vs ``yolov5.models.*``) at the backend's classes.
-
-    Both spellings are the same source loaded twice, so only ``__class__`` changes. Afterwards YOLOv5's
-    ``isinstance`` checks (``fuse()``, ``Detect.export`` in ``export.run``) see the model. Returns the number of
-    modules changed.
-    """
-    backend = backend or get_backend()
-    changed = 0
-    for rel in _MODEL_MODULES:
-        own = importlib.import_module(backend.prefix + rel)
-        others = {"yolov5." + rel, rel} - {own.__name__}
-        for m in model.modules():
-            cls = type(m)
-            if cls.__module__ in others:
-                target = getattr(own, cls.__name__, None)
-                if inspect.isclass(target) and issubclass(target, nn.Module) and target is not cls:
-                    m.__class__ = target
-                    changed += 1
-    return changed
-
-
 def _fuse(model: nn.Module) -> nn.Module:
     if hasattr(model, "fuse") and any(hasattr(m, "bn") and hasattr(m, "conv") for m in model.modules()):
         model.fuse()
@@ -222,57 +187,21 @@ def _fuse(model: nn.Module) -> nn.Module:
 
 
 def load_export_model(weights: str | Path, device: Any = "cpu", backend: Optional[Backend] = None) -> nn.Module:
-    """Load ``weights`` the way ``export.run`` does (``ema`` before ``model``, fp32, eval), BatchNorm fused."""
+    """Load ``weights`` through the plugin's safe loader the way ``export.run`` takes it (``ema`` before ``model``,
+    fp32, eval), BatchNorm fused. Raises :class:`CheckpointError` for a missing, unsafe or non-YOLOv5 file."""
     b = backend or get_backend()
-    model = b.experimental.attempt_load(str(Path(weights).resolve()), device=device, inplace=True, fuse=False)
-    respell_model_classes(model, b)
-    return _fuse(model).float().eval()
+    ckpt = load_checkpoint(weights, b)
+    model = (ckpt.get("ema") or ckpt["model"]).float().to(device)
+    respell_trusted(model, b)
+    return _fuse(model).eval()
 
 
 def prepare_reference(model: nn.Module, backend: Optional[Backend] = None) -> nn.Module:
     """A fused, eval, fp32, CPU copy of an in-memory pruned model (the original is not modified)."""
     b = backend or get_backend()
     ref = copy.deepcopy(model).float().cpu()
-    respell_model_classes(ref, b)
+    respell_trusted(ref, b)
     return _fuse(ref).eval()
-
-
-@contextlib.contextmanager
-def _yolov5_export_patches(b: Backend) -> Iterator[list[str]]:
-    """Scoped patches for ``export.run``; yields the list YOLOv5's export-failure log lines are collected in."""
-    exp = b.export
-    orig_load = exp.attempt_load
-    orig_onnx_export = torch.onnx.export
-    failures: list[str] = []
-
-    def attempt_load(weights: Any, device: Any = None, inplace: bool = True, fuse: bool = True) -> nn.Module:
-        model = orig_load(weights, device=device, inplace=inplace, fuse=False)
-        respell_model_classes(model, b)
-        return _fuse(model) if fuse else model
-
-    def onnx_export(*args: Any, **kwargs: Any) -> Any:
-        if "dynamo" in inspect.signature(orig_onnx_export).parameters:
-            kwargs.setdefault("dynamo", False)
-        return orig_onnx_export(*args, **kwargs)
-
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            msg = record.getMessage()
-            if "failure" in msg or "ERROR" in msg:
-                failures.append(" ".join(re.sub(r"\x1b\[[0-9;]*m", "", msg).split()))
-
-    handler = Collect(logging.INFO)
-    yolo_logger = b.general.LOGGER
-    with _export_lock:
-        exp.attempt_load = attempt_load
-        torch.onnx.export = onnx_export
-        yolo_logger.addHandler(handler)
-        try:
-            yield failures
-        finally:
-            yolo_logger.removeHandler(handler)
-            torch.onnx.export = orig_onnx_export
-            exp.attempt_load = orig_load
 
 
 # --------------------------------------------------------------------------------------------------
@@ -547,7 +476,7 @@ def export_and_verify(weights: str | Path, formats: Sequence[str], imgsz: int | 
     check_export_requirements(fmts, simplify=simplify, backend=b)
     _check_options(device, half, dynamic, atol, imgsz)
     weights = Path(weights).expanduser().resolve()
-    load_checkpoint(weights, b)  # CheckpointError for a missing/unsafe/non-YOLOv5 file, before any export
+    reference = load_export_model(weights, "cpu", b)  # CheckpointError for a bad/unsafe file, before any export
     dests = {f: artifact_path(weights, f) for f in fmts}
     if not overwrite:
         existing = [str(p) for p in dests.values() if p.exists()]
@@ -557,7 +486,6 @@ def export_and_verify(weights: str | Path, formats: Sequence[str], imgsz: int | 
     size = tuple(imgsz) if isinstance(imgsz, (list, tuple)) else (imgsz, imgsz)
     if len(size) == 1:
         size = (size[0], size[0])
-    reference = load_export_model(weights, "cpu", b)
 
     return _export_all(b, weights, fmts, dests, reference, size, device, half, dynamic, simplify, opset, atol)
 
@@ -578,7 +506,7 @@ def _export_all(b: Backend, weights: Path, fmts: list[str], dests: dict[str, Pat
                                       half=half, dynamic=dynamic, simplify=simplify)
         if opset is not None:
             kwargs["opset"] = int(opset)
-        with _yolov5_export_patches(b) as failures:
+        with export_patches(b) as failures:
             try:
                 b.export.run(**kwargs)
             except Exception as e:  # noqa: BLE001 - YOLOv5 asserts/raises outside its try_export too

@@ -25,8 +25,7 @@ capping layers at 70% (0.29), keeping the Detect head dense (0.29), BatchNorm-we
 BatchNorm statistics (0.28-0.29) were all no better. CPU time for yolov5n: ~12-30 s (16 images, 2 busy
 cores), twice that for 32.
 
-Entry point: :data:`DATA_AWARE` maps a method name to ``fn(model, layers, amount, calibration) -> (masks,
-extra)`` as called by :func:`yolo_prune_plugin.pruning.prune_model`.
+Entry point: :func:`obs_prune`, bound to the ``obs`` importance by :data:`yolo_prune_plugin.pruning.DATA_AWARE`.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ import fnmatch
 import logging
 import math
 import time
-from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -44,24 +42,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .errors import ConfigError
+from .importance import Layers, l1_scores, lamp_scores
+from .registry import OBS_ALLOCATIONS, ObsOptions
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
-Layers = list[tuple[str, nn.Conv2d]]
-ALLOCATIONS = ("global", "lamp", "uniform", "hessian")
-
-
-@dataclass
-class ObsOptions:
-    """Knobs of the ``obs`` method (defaults: the best measured on YOLOv5n / COCO128, see the module doc)."""
-
-    blocksize: int = 128  # columns per lazy OBS update block (speed only when mask_block == 0)
-    mask_block: Optional[int] = 0  # columns per mask-selection block (0: whole layer; None: = blocksize)
-    damp: float = 0.01  # dampening, fraction of the mean Hessian diagonal added to the diagonal
-    allocation: str = "global"  # per-layer counts: "global" (magnitude), "lamp", "uniform" or "hessian"
-    protect: tuple[str, ...] = ()  # fnmatch patterns of layers left dense (their share goes to the others)
-    flip: bool = True  # also calibrate on the horizontally flipped images (twice the data, same images)
-    batch_size: int = 8  # images per im2col chunk when accumulating a layer's Hessian (bounds memory)
+ALLOCATIONS = OBS_ALLOCATIONS
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -111,8 +97,6 @@ def layer_counts(layers: Layers, amount: float, allocation: str = "global", prot
     :func:`_hessian_scores`). Layers matching ``protect`` get 0 and the others take their share
     (capped at all-but-one weight per layer). Weights that are already exactly zero always count as pruned.
     """
-    from .pruning import lamp_scores, l1_scores
-
     if allocation not in ALLOCATIONS:
         raise ConfigError(f"obs allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
     sizes = [m.weight.numel() for _, m in layers]
@@ -423,7 +407,5 @@ def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
     return [masks[id(m)] for _, m in layers], extra
 
 
-DATA_AWARE: dict[str, Callable[..., tuple[list[torch.Tensor], dict]]] = {"obs": obs_prune}
-
-__all__ = ["DATA_AWARE", "ObsOptions", "obs_prune", "sparsegpt_layer", "layer_hessian", "layer_counts", "supports_obs",
+__all__ = ["ObsOptions", "obs_prune", "sparsegpt_layer", "layer_hessian", "layer_counts", "supports_obs",
            "ALLOCATIONS"]

@@ -16,13 +16,11 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
-from .config import DATA_AWARE_METHODS, METHODS
 from .errors import ConfigError
+from .importance import Layers, l1_scores, lamp_scores
+from .registry import get_method
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
-
-Layers = list[tuple[str, nn.Conv2d]]
-
 
 @dataclass
 class LayerStats:
@@ -134,32 +132,6 @@ def sparsity_stats(model: nn.Module, layers: Optional[Layers] = None) -> Sparsit
     return SparsityStats(stats, count_parameters(model))
 
 
-# ---------------------------------------------------------------------------------------------------
-# importance scores
-# ---------------------------------------------------------------------------------------------------
-def l1_scores(layers: Layers) -> list[torch.Tensor]:
-    """|W| per weight (global magnitude pruning)."""
-    return [m.weight.detach().abs() for _, m in layers]
-
-
-def lamp_scores(layers: Layers) -> list[torch.Tensor]:
-    """LAMP scores (Lee et al., ICLR 2021): ``w_u^2 / sum_{v >= u} w_v^2`` within each layer.
-
-    Weights are sorted by magnitude ascending; the denominator sums the squares of the weight itself and
-    every larger one. The largest weight of each layer scores 1, so no layer is pruned away entirely.
-    """
-    out = []
-    for _, m in layers:
-        sq = m.weight.detach().float().flatten() ** 2
-        sorted_sq, idx = torch.sort(sq)
-        tail = torch.flip(torch.cumsum(torch.flip(sorted_sq, [0]), 0), [0])  # sum of this and all larger
-        scores = torch.empty_like(sq)
-        scores[idx] = sorted_sq / tail.clamp_min(torch.finfo(tail.dtype).tiny)
-        out.append(scores.view_as(m.weight))
-    return out
-
-
-SCORERS: dict[str, Callable[[Layers], list[torch.Tensor]]] = {"global": l1_scores, "lamp": lamp_scores}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -196,20 +168,37 @@ def apply_masks(layers: Layers, masks: Sequence[torch.Tensor]) -> None:
         prune.remove(m, "weight")
 
 
+def _data_aware_masks(model: nn.Module, layers: Layers, amount: float, calibration: Any,
+                      options: Any) -> tuple[list[torch.Tensor], dict]:
+    from .methods import obs_prune  # the data-aware importance (imports this module's helpers, never the reverse)
+
+    return obs_prune(model, layers, amount, calibration, options=options)
+
+
+#: importance name -> scores of the layers in scope (magnitude-like, cheap)
+SCORERS: dict[str, Callable[[Layers], list[torch.Tensor]]] = {"l1": l1_scores, "lamp": lamp_scores}
+#: importance name -> ``fn(model, layers, amount, calibration, options) -> (masks, extra)`` (data-aware)
+DATA_AWARE: dict[str, Callable[..., tuple[list[torch.Tensor], dict]]] = {"obs": _data_aware_masks}
+
+
 def prune_model(model: nn.Module, amount: float, method: str = "global", include: Sequence[str] = (),
-                exclude: Sequence[str] = (), calibration: Any = None, log: bool = True) -> PruneResult:
+                exclude: Sequence[str] = (), calibration: Any = None, log: bool = True,
+                options: Any = None) -> PruneResult:
     """Prune the Conv2d weights of ``model`` in place to ``amount`` sparsity.
 
-    ``global``: one L1 threshold over all weights in scope. ``layerwise``: ``amount`` of each layer (YOLOv5's
-    ``utils.torch_utils.prune``). ``lamp``: one threshold over LAMP scores. ``obs``: data-aware, needs
-    ``calibration`` (see :mod:`yolo_prune_plugin.methods`), also updates the kept weights. All methods zero
-    exactly ``round(amount * total)`` weights in scope (``layerwise``: per layer).
+    ``method`` names a :data:`~yolo_prune_plugin.registry.METHODS` entry: its ``scope`` (``global``: one
+    threshold over all weights in scope; ``layer``: ``amount`` of each layer, as YOLOv5's
+    ``utils.torch_utils.prune``) and its ``importance`` (``l1``, ``lamp``, or the data-aware ``obs``, which
+    needs ``calibration`` images and also updates the kept weights; ``options`` are its options dataclass).
+    Every method zeroes exactly ``round(amount * total)`` weights in scope (``layer`` scope: per layer).
     """
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {', '.join(METHODS)}; got {method!r}")
+    try:
+        spec = get_method(method)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if not 0.0 <= amount < 1.0:
         raise ConfigError(f"amount must satisfy 0 <= amount < 1, got {amount}")
-    if method in DATA_AWARE_METHODS and calibration is None:
+    if spec.data_aware and calibration is None:
         raise ConfigError(f"method {method!r} is data-aware and needs calibration images")
     layers = check_scope(model, include, exclude)
     before = sparsity_stats(model, layers)
@@ -217,17 +206,18 @@ def prune_model(model: nn.Module, amount: float, method: str = "global", include
     t0 = time.perf_counter()
     with torch.no_grad():
         if amount > 0:
-            if method == "layerwise":
-                for _, m in layers:
+            if spec.data_aware:
+                masks, extra = DATA_AWARE[spec.importance](model, layers, amount, calibration, options)
+                apply_masks(layers, masks)
+            elif spec.scope == "layer" and spec.importance == "l1":
+                for _, m in layers:  # torch's own per-layer L1, weight for weight YOLOv5's prune()
                     prune.l1_unstructured(m, "weight", amount=amount)
                     prune.remove(m, "weight")
-            elif method in SCORERS:
-                apply_global_scores(layers, SCORERS[method](layers), amount)
+            elif spec.scope == "layer":
+                for (_, m), s in zip(layers, SCORERS[spec.importance](layers)):
+                    apply_masks([("", m)], global_masks([s], amount))
             else:
-                from . import methods
-
-                masks, extra = methods.DATA_AWARE[method](model, layers, amount, calibration)
-                apply_masks(layers, masks)
+                apply_global_scores(layers, SCORERS[spec.importance](layers), amount)
     seconds = time.perf_counter() - t0
     result = PruneResult(method, amount, before, sparsity_stats(model, layers), seconds, extra)
     if log:

@@ -1,32 +1,26 @@
 """Recovery inside YOLOv5's own training loop: masked fine-tuning after pruning, and gradual pruning.
 
-Two modes, chosen by the config (they are mutually exclusive):
+(Over 400 lines: the two recovery modes share the mask keeping, leak counting and history code below.)
 
-``finetune.epochs > 0`` (:class:`FinetunePlugin`)
-    At train end ``best.pt`` is pruned one-shot exactly as :class:`~yolo_prune_plugin.callbacks.PrunePlugin`
-    does (``best_pruned.pt`` + report). Then YOLOv5's ``train.main`` runs again on that file for ``epochs``
-    epochs (run folder ``<run>_finetune`` beside the run, ``lr0`` and ``warmup_bias_lr`` times ``lr_scale``,
-    same data and options) while the pruned positions are held at exactly zero. The fine-tuned best
-    replaces ``best_pruned.pt`` atomically (fp16, ``ema`` None, ``prune`` entry extended with a
-    ``finetune`` section). The second training runs *after* ``train.main`` returns when the plugin is used
-    as a context manager (``api.run_training`` does): the first run's model, optimizer, dataloaders and
-    loggers are gone by then. Without ``with``, it runs nested inside ``on_train_end``.
+``finetune.epochs > 0`` (:func:`finetune_checkpoint`, called by the pipeline after the one-shot prune)
+    YOLOv5's ``train.main`` runs again on the one-shot ``best_pruned.pt`` for ``epochs`` epochs (run folder
+    ``<run>_finetune`` beside the run, ``lr0`` and ``warmup_bias_lr`` times ``lr_scale``, same data and
+    options) while the pruned positions are held at exactly zero; the pipeline writes the fine-tuned best
+    as ``best_pruned.pt``.
 
-``schedule.final_amount`` set (:class:`SchedulePlugin`)
+``schedule.final_amount`` set (:class:`GradualPruning`, driven by the plugin's hooks)
     Sparsity rises during training along the cubic schedule of Zhu & Gupta (2017),
     ``s_e = s_f * (1 - (1 - (e - start) / (end - start))^3)``, updated at the start of every ``every``-th
-    epoch from ``start_epoch`` (and at ``end_epoch``), re-ranked each step with the configured score method
-    (``global``, ``layerwise`` or ``lamp`` via :func:`~yolo_prune_plugin.pruning.prune_model` on the live
-    model; the data-aware ``obs`` is rejected: it costs 20-60 s of calibration per step). Pruned weights never
-    come back (zero weights rank lowest, so masks only grow). YOLOv5's ``best.pt`` is its fitness pick over
-    *all* epochs, which with a rising sparsity is often a denser early epoch; so the plugin keeps its own
-    pick among the epochs at the final sparsity (``epoch >= end_epoch``, highest fitness, ties: earliest) and
-    writes that as ``best_pruned.pt`` (EMA weights, exactly ``final_amount`` sparse) with the report.
+    epoch from ``start_epoch`` (and at ``end_epoch``), re-ranked each step with the configured method (the
+    data-aware ``obs`` is rejected: it costs 20-60 s of calibration per step). Pruned weights never come back
+    (zero weights rank lowest, so masks only grow). YOLOv5's ``best.pt`` is its fitness pick over *all*
+    epochs, often a denser early epoch; so the plugin keeps its own pick among the epochs at the final
+    sparsity (``epoch >= end_epoch``, highest fitness, ties: earliest), which the pipeline writes as
+    ``best_pruned.pt`` (EMA weights, exactly ``final_amount`` sparse).
 
-How zeros are kept exact without pruning re-parametrisation: callbacks never see the optimizer or the EMA,
-so while ``train()`` builds them (between ``on_pretrain_routine_start`` and ``on_train_start``) the
-module-level names ``smart_optimizer``, ``ModelEMA`` and ``smart_resume`` of YOLOv5's ``train`` module are
-wrapped to capture the objects, then restored. A step pre-hook on the optimizer zeroes the gradients of
+How zeros are kept exact without pruning re-parametrisation: callbacks never see the optimizer or the EMA, so
+at ``on_train_start`` they are read from ``train()``'s frame (:func:`~yolo_prune_plugin.adapter.training_objects`,
+nothing of YOLOv5 is patched). A step pre-hook on the optimizer zeroes the gradients of
 masked weights and a step post-hook zeroes the weights (GradScaler calls ``optimizer.step``, so both fire;
 a skipped AMP step changes nothing). With weight and gradient zero, SGD (momentum, nesterov, weight decay),
 Adam and AdamW leave the weight at zero, and the EMA (``d * ema + (1 - d) * model``) stays zero once zeroed.
@@ -51,12 +45,11 @@ in ``last.pt`` (model and EMA) after every save, in the final ``last.pt``/``best
 
 from __future__ import annotations
 
-import datetime as _dt
 import logging
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -64,15 +57,11 @@ import torch
 import torch.nn as nn
 import yaml
 
-from . import __version__
-from .adapter import Backend, get_backend, load_checkpoint
-from .callbacks import HOOK_NAME, PrunePlugin, is_main_process
-from .config import DATA_AWARE_METHODS, PruneConfig, ScheduleOptions, load_config
+from .adapter import Backend, driving_yolov5, get_backend, load_checkpoint, training_objects
+from .config import DATA_AWARE_METHODS, PruneConfig, ScheduleOptions
 from .errors import ConfigError, PruneError
-from .evaluation import Metrics, backend_select_device, make_settings, evaluate_weights
 from .pruning import conv_layers, prune_model, sparsity_stats
 from .report import atomic_path
-from .runner import check_exports, check_output_free, output_path, write_report
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -146,15 +135,14 @@ def file_leaks(path: str | Path, masks: Masks, backend: Optional[Backend] = None
 
 
 class MaskKeeper:
-    """Captures YOLOv5's model, optimizer and EMA while ``train()`` builds them, and keeps masked weights zero.
+    """Keeps masked Conv2d weights of YOLOv5's live model exactly zero (model, optimizer state, EMA).
 
-    Use :meth:`install` at ``on_pretrain_routine_start`` and :meth:`uninstall` at ``on_train_start`` (and in a
-    ``finally``). ``initial`` decides the masks set when the optimizer is created: a :data:`Masks` dict, or
-    ``"zeros"`` (the live model's zeros in scope), or None (no mask until :meth:`set_masks`).
-    ``warmup=False`` replaces YOLOv5's lr/momentum warmup by the scheduled values (see module docstring).
+    Call :meth:`capture` at ``on_train_start``: the model, optimizer and EMA are read from YOLOv5's ``train()``
+    frame (:func:`~yolo_prune_plugin.adapter.training_objects`; no YOLOv5 name is patched). ``initial`` decides
+    the masks set then: a :data:`Masks` dict, or ``"zeros"`` (the live model's zeros in scope), or None (no mask
+    until :meth:`set_masks`). ``warmup=False`` replaces YOLOv5's lr/momentum warmup by the scheduled values.
+    Call :meth:`remove_hooks` when training ends.
     """
-
-    _ATTRS = ("smart_optimizer", "ModelEMA", "smart_resume")
 
     def __init__(self, backend: Backend, include: Sequence[str] = (), exclude: Sequence[str] = (),
                  initial: Masks | str | None = None, warmup: bool = True):
@@ -170,57 +158,15 @@ class MaskKeeper:
         self.masks: Masks = {}
         self._params: list[tuple[torch.Tensor, torch.Tensor]] = []  # (param, pruned mask on its device)
         self._handles: list[Any] = []
-        self._originals: dict[str, Any] = {}
-        self._wrappers: dict[str, Any] = {}
         self._base_momentum: list[Optional[float]] = []
         self._scheduled_lr: Optional[list[float]] = None
 
-    # -- capture ------------------------------------------------------------------------------------
-    def install(self) -> None:
-        """Wrap ``train.smart_optimizer``, ``train.ModelEMA`` and ``train.smart_resume`` (idempotent)."""
-        if self._originals:
-            return
-        t = self.backend.train
-        missing = [a for a in self._ATTRS if not hasattr(t, a)]
-        if missing:
-            raise PruneError(f"{t.__name__}: this YOLOv5 version has no {', '.join(missing)}; recovery modes "
-                             "need YOLOv5 7.0.x's train.py")
-        orig = {a: getattr(t, a) for a in self._ATTRS}
-        keeper = self
-
-        def smart_optimizer(model: nn.Module, *args: Any, **kwargs: Any) -> torch.optim.Optimizer:
-            optimizer = orig["smart_optimizer"](model, *args, **kwargs)
-            keeper._capture_optimizer(model, optimizer)
-            return optimizer
-
-        def model_ema(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
-            ema = orig["ModelEMA"](model, *args, **kwargs)
-            keeper.ema = ema
-            return ema
-
-        def smart_resume(ckpt: Any, optimizer: Any, ema: Any = None, *args: Any, **kwargs: Any) -> Any:
-            out = orig["smart_resume"](ckpt, optimizer, ema, *args, **kwargs)
-            keeper.start_epoch, keeper.resumed = int(out[1]), True
-            return out
-
-        self._originals = orig
-        self._wrappers = {"smart_optimizer": smart_optimizer, "ModelEMA": model_ema, "smart_resume": smart_resume}
-        for a, f in self._wrappers.items():
-            f._yolo_prune_keeper = self  # type: ignore[attr-defined]
-            setattr(t, a, f)
-
-    def uninstall(self) -> None:
-        """Restore YOLOv5's names (only those still holding this keeper's wrappers)."""
-        t = self.backend.train
-        for a, f in self._wrappers.items():
-            if getattr(t, a, None) is f:
-                setattr(t, a, self._originals[a])
-            else:
-                LOGGER.warning("yolo_prune_plugin: train.%s was replaced by someone else meanwhile; left as is", a)
-        self._originals, self._wrappers = {}, {}
-
-    def _capture_optimizer(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model, self.optimizer = model, optimizer
+    def capture(self) -> None:
+        """Take YOLOv5's training objects (from ``on_train_start``) and hook the optimizer's steps."""
+        objs = training_objects(self.backend)
+        model, optimizer = objs.model, objs.optimizer
+        self.model, self.optimizer, self.ema = model, optimizer, objs.ema
+        self.start_epoch, self.resumed = objs.start_epoch, objs.resumed
         self._base_momentum = [g.get("momentum") for g in optimizer.param_groups]
         self._handles = [optimizer.register_step_pre_hook(self._pre_step),
                          optimizer.register_step_post_hook(self._post_step)]
@@ -422,13 +368,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     keeper = MaskKeeper(b, include, exclude, initial=masks, warmup=warmup)
     state: dict[str, Any] = {"history": [], "saved_leaks": 0}
 
-    def pretrain_start() -> None:
-        keeper.install()
-
     def train_start() -> None:
-        keeper.uninstall()
-        if not keeper.captured:
-            raise PruneError("could not capture YOLOv5's optimizer (train.smart_optimizer was not called)")
+        keeper.capture()
 
     def fit_epoch_end(log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
         if any(r["epoch"] == int(epoch) for r in state["history"]):
@@ -451,7 +392,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         state.update(last=Path(last), best=Path(best), results=tuple(float(x) for x in results))
 
     cb = b.Callbacks()
-    for hook, fn in (("on_pretrain_routine_start", pretrain_start), ("on_train_start", train_start),
+    HOOK_NAME = "yolo_prune_plugin"
+    for hook, fn in (("on_train_start", train_start),
                      ("on_train_epoch_start", keeper.epoch_start),
                      ("on_train_batch_end", lambda *a, **k: keeper.batch_end()), ("on_fit_epoch_end", fit_epoch_end),
                      ("on_model_save", model_save), ("on_train_end", train_end)):
@@ -460,9 +402,9 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                 weights.name, epochs, hyp["lr0"], "no" if not masks else "the pruned", "on" if warmup else "off")
     t0 = time.perf_counter()
     try:
-        b.train.main(opt, callbacks=cb)
+        with driving_yolov5(b):
+            b.train.main(opt, callbacks=cb)
     finally:
-        keeper.uninstall()
         keeper.remove_hooks()
     seconds = time.perf_counter() - t0
     if "last" not in state:
@@ -487,243 +429,62 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
 
 
 # ---------------------------------------------------------------------------------------------------
-# plugins
+# gradual pruning during training (schedule mode): the state behind the hook's schedule callbacks
 # ---------------------------------------------------------------------------------------------------
-def _stripped(ckpt: dict, model: nn.Module) -> dict:
-    """A checkpoint as YOLOv5's ``strip_optimizer`` leaves it, holding ``model`` in fp16."""
-    model = model.half()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    new = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "updates", "best_fitness")}
-    new.update(model=model, ema=None, optimizer=None, updates=None, best_fitness=None, epoch=-1)
-    return new
+class GradualPruning:
+    """Sparsity rising along the cubic schedule inside YOLOv5's loop; picks the checkpoint for ``best_pruned.pt``.
 
+    Driven by :class:`~yolo_prune_plugin.callbacks.PrunePlugin`'s hooks; :meth:`result` hands the pick to the
+    pipeline at train end.
+    """
 
-class _RecoveryPlugin(PrunePlugin):
-    """Shared parts of both modes; a context manager around ``train.main``."""
-
-    mode = ""
-
-    def __init__(self, config: PruneConfig, opt: Any = None, backend: Optional[Backend] = None,
-                 warmup: bool = FINETUNE_WARMUP):
-        super().__init__(config, opt=opt, backend=backend)
-        self.warmup = warmup
-        self.history: list[dict] = []
-        self._entered = False
-
-    def __enter__(self) -> "_RecoveryPlugin":
-        self._entered = True
-        return self
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
-        self._entered = False
-        self._cleanup()
-        if exc_type is None:
-            self.finish()
-        return False
-
-    def _cleanup(self) -> None:
-        pass
-
-    def finish(self) -> None:
-        """Work deferred until ``train.main`` returned (called by ``__exit__``)."""
-
-    def _fail(self, e: BaseException, what: str) -> None:
-        self.error = e
-        LOGGER.error("yolo_prune_plugin: %s failed: %s", what,
-                     e if isinstance(e, PruneError) else f"{type(e).__name__}: {e}")
-        if not isinstance(e, PruneError):
-            LOGGER.debug("traceback", exc_info=True)
-
-    def _settings(self, opt: dict, device: Any) -> Any:
-        world = int(os.getenv("WORLD_SIZE", 1))
-        batch = max(int(opt.get("batch_size", 16)) // world * 2, 1)
-        return make_settings(opt["data"], int(opt.get("imgsz", 640)), batch, device,
-                             bool(opt.get("single_cls", False)), int(opt.get("workers", 8)),
-                             self.backend or get_backend())
-
-    def _export(self, entry: dict, device: Any) -> None:
-        if not self.config.export:
-            return
-        from .export import export_and_verify
-
-        o = self.config.export_options
-        dev = str(device.index) if getattr(device, "type", "cpu") == "cuda" else "cpu"
-        arts = export_and_verify(Path(entry["output"]), self.config.export, imgsz=int(entry.get("imgsz", 640)),
-                                 device=dev, half=o.half, dynamic=o.dynamic, simplify=o.simplify, opset=o.opset,
-                                 atol=o.atol, overwrite=True)
-        entry["exports"] = [a.to_dict() for a in arts]
-
-
-class FinetunePlugin(_RecoveryPlugin):
-    """Prune ``best.pt`` at train end, then fine-tune ``best_pruned.pt`` with the pruned weights held at zero."""
-
-    mode = "finetune"
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.finetune: Optional[FinetuneResult] = None
-        self._pending = False
-
-    def on_train_end(self, last: Any, best: Any, epoch: int, results: Any) -> None:
-        if not is_main_process():
-            return
-        config = self.config
-        self.config = replace(config, export=())  # export the fine-tuned file, not the one-shot one
-        try:
-            super().on_train_end(last, best, epoch, results)
-        finally:
-            self.config = config
-        if self.error is None and self.entries:
-            self._pending = True
-            if not self._entered:  # plain register() + train.main: no later chance, fine-tune now
-                self.finish()
-
-    def finish(self) -> None:
-        if not self._pending:
-            return
-        self._pending = False
-        try:
-            self._finetune(self.entries[0])
-        except Exception as e:  # noqa: BLE001 - best.pt, last.pt and the one-shot best_pruned.pt stay
-            self._fail(e, "masked fine-tuning after pruning")
-
-    def _finetune(self, entry: dict) -> None:
-        b = self.backend or get_backend()
-        c = self.config
-        ft_cfg = c.finetune
-        out = Path(entry["output"])
-        run_dir = Path(entry["checkpoint"]).parent.parent
-        opt = getattr(self, "_resolved_opt", None) or self._opt(Path(entry["checkpoint"]), Path(entry["checkpoint"]))
-        oneshot = load_checkpoint(out, b)
-        masks = zero_masks(oneshot["model"], c.include, c.exclude)
-        prune_info = dict(oneshot.get("prune") or {})
-        del oneshot
-        ft = finetune_checkpoint(out, opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
-                                 include=c.include, exclude=c.exclude, masks=masks, warmup=self.warmup,
-                                 project=run_dir.parent, name=f"{run_dir.name}_finetune",
-                                 hyp_path=run_dir / "hyp_finetune.yaml", backend=b)
-        ft.model = ft.ema_model = None  # let the training objects go
-        self.finetune = ft
-        self.history = ft.history
-
-        ckpt = load_checkpoint(ft.best, b)
-        model = (ckpt.get("ema") or ckpt["model"]).float()
-        leaks = dict(ft.leaks)
-        leaks["best_pruned.pt"] = count_leaks(model, masks)
-        layers = conv_layers(model, c.include, c.exclude)
-        new = _stripped(ckpt, model)
-        after = sparsity_stats(model, layers)
-        entry["metrics_oneshot"] = entry.get("metrics_after")
-        entry["sparsity_after"] = after.to_dict(per_layer=True)
-        entry["sparsity_all_conv"] = sparsity_stats(model).to_dict(per_layer=False)
-        entry["finetune"] = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
-                             "warmup": ft.warmup, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir),
-                             "source": str(ft.best), "masked_weights": count_masked(masks), "leaks": leaks,
-                             "seconds": round(ft.seconds, 1), "history": ft.history}
-        if sum(leaks.values()):
-            entry["metrics_after"] = None
-            self.report_path = write_report(self.entries, c, run_dir, extra={"mode": self.mode,
-                                                                             "history": ft.history})
-            raise PruneError(f"{ft.best}: pruned weights became non-zero during fine-tuning ({leaks}); "
-                             f"{out} still holds the one-shot pruned model")
-        device = backend_select_device(b, opt.get("device", ""), 0)
-        new["prune"] = {**prune_info, "version": __version__, "config": c.to_dict(),
-                        "date": _dt.datetime.now().isoformat(timespec="seconds")}
-        with atomic_path(out) as tmp:
-            torch.save(new, tmp)
-            if c.evaluate:
-                same = ft.imgsz == int(opt.get("imgsz", 640)) and ft.results is not None and ft.best.name == "best.pt"
-                if same:  # YOLOv5's final validation of the fine-tune's best.pt: the same weights, same settings
-                    entry["metrics_after"] = Metrics.from_results(ft.results).to_dict()
-                else:
-                    LOGGER.info("Validating %s (after fine-tuning)...", out.name)
-                    entry["metrics_after"] = evaluate_weights(tmp, self._settings(opt, device), backend=b).to_dict()
-            new["prune"].update(entry)
-            torch.save(new, tmp)
-        final = load_checkpoint(out, b)
-        leaks["best_pruned.pt"] = count_leaks(final["model"], masks)
-        if leaks["best_pruned.pt"]:
-            raise PruneError(f"{out}: pruned weights non-zero after saving ({leaks['best_pruned.pt']})")
-        LOGGER.info("Saved %s (one-shot pruned, then fine-tuned %d epochs in %s)", out, ft_cfg.epochs, ft.save_dir)
-        entry["imgsz"] = int(opt.get("imgsz", 640))
-        self._export(entry, device)
-        self.report_path = write_report(self.entries, c, run_dir, extra={"mode": self.mode, "history": ft.history},
-                                        echo=LOGGER.info)
-        check_exports(self.entries)
-
-
-class SchedulePlugin(_RecoveryPlugin):
-    """Gradual pruning during training along the cubic schedule; writes ``best_pruned.pt`` at train end."""
-
-    mode = "schedule"
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        c = self.config
-        self.keeper = MaskKeeper(self.backend or get_backend(), c.include, c.exclude, initial=None, warmup=True)
+    def __init__(self, config: PruneConfig, backend: Backend):
+        self.config = config
+        self.backend = backend
+        self.keeper = MaskKeeper(backend, config.include, config.exclude, initial=None, warmup=True)
         self.steps: list[dict] = []
+        self.history: list[dict] = []
+        self.error: Optional[BaseException] = None
         self._epoch = 0
         self._best: Optional[tuple[int, float]] = None
-        self._candidate: Optional[Path] = None
+        self.candidate: Optional[Path] = None
         self._dense_stats: Optional[dict] = None
         self._saved_leaks = 0
 
-    def _cleanup(self) -> None:
-        self.keeper.uninstall()
-        if self._candidate is not None and self._candidate.exists():
-            self._candidate.unlink()  # training crashed after a candidate was saved
-
-    # -- hooks ---------------------------------------------------------------------------------------
-    def on_pretrain_routine_start(self) -> None:
-        self.keeper.install()
-
-    def on_train_start(self) -> None:
-        k = self.keeper
-        k.uninstall()
-        if not k.captured:
-            raise PruneError("schedule: could not capture YOLOv5's optimizer (train.smart_optimizer was not "
-                             "called); gradual pruning needs YOLOv5 7.0.x's train.py")
-        c = self.config
-        layers = conv_layers(k.model, c.include, c.exclude)
+    def train_start(self) -> None:
+        k, c = self.keeper, self.config
+        k.capture()
         self._epoch = k.start_epoch
         if k.resumed:  # the resumed weights already carry the zeros of the earlier epochs
             k.set_masks(zero_masks(k.model, c.include, c.exclude))
         else:
-            self._dense_stats = sparsity_stats(k.model, layers).to_dict(per_layer=False)
+            self._dense_stats = sparsity_stats(k.model, conv_layers(k.model, c.include, c.exclude)).to_dict(
+                per_layer=False)
 
-    def on_train_epoch_start(self) -> None:
-        k, s = self.keeper, self.config.schedule
+    def epoch_start(self) -> None:
         epoch = self._epoch
         self._epoch += 1
-        k.epoch_start()
-        if not is_step_epoch(epoch, s) or self.error is not None:
-            return
-        try:
+        self.keeper.epoch_start()
+        if is_step_epoch(epoch, self.config.schedule) and self.error is None:
             self._step(epoch)
-        except Exception as e:  # noqa: BLE001 - never kill the training run; reported at train end
-            self._fail(e, f"gradual pruning step at epoch {epoch}")
 
     def _step(self, epoch: int) -> None:
-        k, s = self.keeper, self.config.schedule
-        target = schedule_amount(epoch, s)
+        k, c = self.keeper, self.config
+        target = schedule_amount(epoch, c.schedule)
         if target <= 0:
             return
-        c = self.config
         before = [id(m.weight) for _, m in conv_layers(k.model, c.include, c.exclude)]
         res = prune_model(k.model, target, c.method, c.include, c.exclude, log=False)
         if [id(m.weight) for _, m in conv_layers(k.model, c.include, c.exclude)] != before:
             raise PruneError("schedule: pruning replaced the model's weight tensors; the optimizer would lose them")
         k.set_masks(zero_masks(k.model, c.include, c.exclude))
-        step = {"epoch": epoch, "target": round(target, 6), "zeros": res.after.zeros, "weights": res.after.weights,
-                "sparsity": round(res.after.sparsity, 6), "masked": count_masked(k.masks),
-                "seconds": round(res.seconds, 3)}
-        self.steps.append(step)
-        if is_main_process():
-            LOGGER.info("yolo_prune_plugin: epoch %d: pruned to %.2f%% (target %.2f%%, %s, %.2fs)", epoch,
-                        100 * res.after.sparsity, 100 * target, c.method, res.seconds)
+        self.steps.append({"epoch": epoch, "target": round(target, 6), "zeros": res.after.zeros,
+                           "weights": res.after.weights, "sparsity": round(res.after.sparsity, 6),
+                           "masked": count_masked(k.masks), "seconds": round(res.seconds, 3)})
+        LOGGER.info("yolo_prune_plugin: epoch %d: pruned to %.2f%% (target %.2f%%, %s, %.2fs)", epoch,
+                    100 * res.after.sparsity, 100 * target, c.method, res.seconds)
 
-    def on_fit_epoch_end(self, log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
+    def fit_epoch_end(self, log_vals: Any, epoch: int, fi: Any) -> None:
         if any(r["epoch"] == int(epoch) for r in self.history):
             return
         k, c = self.keeper, self.config
@@ -737,56 +498,31 @@ class SchedulePlugin(_RecoveryPlugin):
             row["leaked"] = k.leaks() if k.masks else {}
         self.history.append(row)
 
-    def on_model_save(self, last: Any, epoch: int, final_epoch: Any, best_fitness: Any, fi: Any) -> None:
-        if not is_main_process():
-            return
+    def model_save(self, last: Any, epoch: int, fi: Any) -> None:
         epoch = int(epoch)
-        try:
-            if self.keeper.masks:
-                n = sum(file_leaks(last, self.keeper.masks, self.backend).values())
-                self._saved_leaks += n
-                for r in self.history:
-                    if r["epoch"] == epoch:
-                        r["leaked_saved"] = n
-            if epoch < self.config.schedule.end_epoch:
-                return  # not at the final sparsity yet: never a candidate for best_pruned.pt
-            f = _scalar(fi)
-            if self._best is None or f > self._best[1]:
-                cand = Path(last).with_name(".best_pruned_candidate.pt")
-                with atomic_path(cand) as tmp:
-                    shutil.copyfile(last, tmp)
-                self._candidate, self._best = cand, (epoch, f)
-        except Exception as e:  # noqa: BLE001 - never kill the training run; reported at train end
-            if self.error is None:
-                self._fail(e, f"schedule bookkeeping at epoch {epoch}")
+        if self.keeper.masks:
+            n = sum(file_leaks(last, self.keeper.masks, self.backend).values())
+            self._saved_leaks += n
+            for r in self.history:
+                if r["epoch"] == epoch:
+                    r["leaked_saved"] = n
+        if epoch < self.config.schedule.end_epoch:
+            return  # not at the final sparsity yet: never a candidate for best_pruned.pt
+        f = _scalar(fi)
+        if self._best is None or f > self._best[1]:
+            cand = Path(last).with_name(".best_pruned_candidate.pt")
+            with atomic_path(cand) as tmp:
+                shutil.copyfile(last, tmp)
+            self.candidate, self._best = cand, (epoch, f)
 
-    def on_train_end(self, last: Any, best: Any, epoch: int, results: Any) -> None:
-        if not is_main_process():
-            return
-        self.ran = True
-        try:
-            if self.error is not None:
-                raise self.error
-            self._finalize(Path(last), Path(best), int(epoch))
-        except Exception as e:  # noqa: BLE001 - never kill a finished training run
-            self._fail(e, "gradual pruning at train end")
-        finally:
-            if self._candidate is not None and self._candidate.exists():
-                self._candidate.unlink()
-
-    # -- work ----------------------------------------------------------------------------------------
-    def _finalize(self, last: Path, best: Path, epoch: int) -> None:
-        b = self.backend or get_backend()
-        c, s = self.config, self.config.schedule
-        k = self.keeper
-        if self._candidate is None or not self._candidate.is_file():
+    def result(self, last: Path, best: Path, epoch: int) -> tuple[dict, nn.Module, dict, dict, Optional[dict]]:
+        """``(candidate checkpoint, its model, schedule section, leak counts, dense metrics row)`` at train end."""
+        c, s, k, b = self.config, self.config.schedule, self.keeper, self.backend
+        if self.error is not None:
+            raise self.error
+        if self.candidate is None or not self.candidate.is_file():
             raise PruneError(f"training ended at epoch {epoch}, before schedule.end_epoch {s.end_epoch} reached "
                              f"the final sparsity {s.final_amount}; no pruned checkpoint was written")
-        out = output_path(best, c)
-        check_output_free(out, c, b)
-        opt = self._opt(best, last)
-        self._resolved_opt = opt
-        run_dir = best.parent.parent
         masks = k.masks
         leaks = {f"live_{n}": v for n, v in k.leaks().items()}
         leaks["saved_last_each_epoch"] = self._saved_leaks
@@ -797,102 +533,50 @@ class SchedulePlugin(_RecoveryPlugin):
         if best.is_file():
             bm = load_checkpoint(best, b)["model"]
             yolo_best = round(sparsity_stats(bm, conv_layers(bm, c.include, c.exclude)).sparsity, 6)
-        cand = load_checkpoint(self._candidate, b)
+        cand = load_checkpoint(self.candidate, b)
         for n in ("model", "ema"):
             if isinstance(cand.get(n), nn.Module):
                 leaks[f"epoch{self._best[0]}:{n}"] = count_leaks(cand[n], masks)
         model = (cand.get("ema") or cand["model"]).float()
-        new = _stripped(cand, model)
-        layers = conv_layers(model, c.include, c.exclude)
-        after = sparsity_stats(model, layers)
         leaks["best_pruned.pt"] = count_leaks(model, masks)
-        expected = (sum(int(round(float(s.final_amount) * n.weights)) for n in after.layers)
-                    if c.method == "layerwise" else int(round(float(s.final_amount) * after.weights)))
-        device = backend_select_device(b, opt.get("device", ""), 0)
-        dense_epoch = s.start_epoch - 1
-        before_row = next((r for r in self.history if r["epoch"] == dense_epoch), None)
-        entry: dict[str, Any] = {
-            "checkpoint": str(last), "output": str(out), "method": c.method, "amount": s.final_amount,
-            "device": str(device), "mode": self.mode, "source_epoch": self._best[0],
-            "source_fitness": round(self._best[1], 6), "imgsz": int(opt.get("imgsz", 640)),
-            "sparsity_before": self._dense_stats or sparsity_stats(model, layers).to_dict(per_layer=False),
-            "sparsity_after": after.to_dict(per_layer=True),
-            "sparsity_all_conv": sparsity_stats(model).to_dict(per_layer=False),
-            "masked_weights": count_masked(masks), "expected_zeros": expected,
-            "metrics_before": ({m: before_row[m] for m in ("P", "R", "mAP50", "mAP50-95")}
-                               if before_row and "mAP50" in before_row else None),
-            "metrics_before_source": f"epoch {dense_epoch} (dense, training history)" if before_row else None,
-            "metrics_after": None, "schedule": {**vars(s), "steps": self.steps}, "leaks": leaks,
-            "yolov5_best_sparsity": yolo_best,
-        }
-        self.entries = [entry]
-        extra = {"mode": self.mode, "history": self.history}
+        weights = conv_layers(model, c.include, c.exclude)
+        expected = (sum(int(round(float(s.final_amount) * m.weight.numel())) for _, m in weights)
+                    if c.method == "layerwise" else
+                    int(round(float(s.final_amount) * sum(m.weight.numel() for _, m in weights))))
         if sum(leaks.values()) or count_masked(masks) < expected:
-            self.report_path = write_report(self.entries, c, run_dir, extra=extra)
             raise PruneError(f"schedule: final masks hold {count_masked(masks)} weights (expected {expected}) or "
-                             f"pruned weights leaked ({leaks}); {out} not written")
-        new["prune"] = {"version": __version__, "config": c.to_dict(),
-                        "date": _dt.datetime.now().isoformat(timespec="seconds"), **entry}
-        with atomic_path(out) as tmp:
-            torch.save(new, tmp)
-            if c.evaluate:
-                LOGGER.info("Validating %s (epoch %d, %.2f%% sparse)...", out.name, self._best[0],
-                            100 * after.sparsity)
-                entry["metrics_after"] = evaluate_weights(tmp, self._settings(opt, device), backend=b).to_dict()
-                new["prune"].update(entry)
-                torch.save(new, tmp)
-        LOGGER.info("Saved %s (epoch %d of the gradual pruning run)", out, self._best[0])
-        self._export(entry, device)
-        self.report_path = write_report(self.entries, c, run_dir, extra=extra, echo=LOGGER.info)
-        check_exports(self.entries)
+                             f"pruned weights leaked ({leaks}); best_pruned.pt not written")
+        dense_epoch = s.start_epoch - 1
+        before_row = next((r for r in self.history if r["epoch"] == dense_epoch and "mAP50" in r), None)
+        section = {**vars(s), "steps": self.steps, "source_epoch": self._best[0],
+                   "source_fitness": round(self._best[1], 6), "masked_weights": count_masked(masks),
+                   "expected_zeros": expected, "yolov5_best_sparsity": yolo_best, "dense_stats": self._dense_stats,
+                   "dense_epoch": dense_epoch}
+        return cand, model, section, leaks, before_row
 
-
-RecoveryPlugin = _RecoveryPlugin
+    def close(self) -> None:
+        """Remove the optimizer hooks and the candidate file (also after a crash)."""
+        self.keeper.remove_hooks()
+        if self.candidate is not None and self.candidate.exists():
+            self.candidate.unlink()
 
 
 def check_recovery(config: PruneConfig, opt: Any = None) -> None:
-    """Config checks of the recovery modes that :mod:`config` cannot do alone (raise :class:`ConfigError`)."""
+    """Checks of the recovery modes that need the run's context (raise :class:`ConfigError` before any epoch)."""
     s = config.schedule
     if s.final_amount is not None:
         if config.method in DATA_AWARE_METHODS:
             raise ConfigError(f"schedule: method {config.method!r} is data-aware (20-60 s of calibration per "
                               "step); gradual pruning re-ranks every few epochs, use global, lamp or layerwise")
-        if opt is not None and not isinstance(opt, Mapping) and getattr(opt, "epochs", None) is not None \
-                and s.end_epoch >= int(opt.epochs):
-            raise ConfigError(f"schedule.end_epoch ({s.end_epoch}) must be < --epochs ({opt.epochs}) so the final "
+        epochs = (opt.get("epochs") if isinstance(opt, Mapping) else getattr(opt, "epochs", None)) if opt else None
+        if epochs is not None and s.end_epoch >= int(epochs):
+            raise ConfigError(f"schedule.end_epoch ({s.end_epoch}) must be < --epochs ({epochs}) so the final "
                               "sparsity is reached before training ends")
     if config.finetune.epochs and int(os.getenv("WORLD_SIZE", 1)) > 1:
         raise ConfigError("finetune: masked fine-tuning runs a second single-process training and cannot run "
                           "under DDP; prune and fine-tune after the DDP run (finetune.epochs: 0 here)")
 
 
-def register(callbacks: Any, config: Optional[PruneConfig] = None, opt: Any = None,
-             warmup: Optional[bool] = None, **overrides: Any) -> _RecoveryPlugin:
-    """Register a recovery mode on YOLOv5 ``Callbacks`` and return the plugin (a context manager).
-
-    ``config.finetune.epochs > 0``: :class:`FinetunePlugin`; ``config.schedule.final_amount`` set:
-    :class:`SchedulePlugin`. Use it as ``with register(...) as plugin: train.main(opt, callbacks=callbacks)``
-    so that YOLOv5's names patched while training starts are always restored and the fine-tune runs after
-    the first training has released its memory.
-    """
-    cfg = config or load_config()
-    if overrides:
-        cfg = cfg.with_overrides(**overrides)
-    check_recovery(cfg, opt)
-    if cfg.schedule.final_amount is not None:
-        plugin: _RecoveryPlugin = SchedulePlugin(cfg, opt=opt)
-        hooks: tuple[str, ...] = ("on_pretrain_routine_start", "on_train_start", "on_train_epoch_start",
-                                  "on_fit_epoch_end", "on_model_save", "on_train_end")
-    elif cfg.finetune.epochs:
-        plugin = FinetunePlugin(cfg, opt=opt, warmup=cfg.finetune.warmup if warmup is None else warmup)
-        hooks = ("on_train_end",)
-    else:
-        raise ConfigError("recovery: set finetune.epochs > 0 or schedule.final_amount to use a recovery mode")
-    for hook in hooks:
-        callbacks.register_action(hook, name=HOOK_NAME, callback=getattr(plugin, hook))
-    return plugin
-
-
-__all__ = ["register", "FinetunePlugin", "SchedulePlugin", "RecoveryPlugin", "MaskKeeper", "FinetuneResult",
-           "finetune_checkpoint", "cubic_sparsity", "schedule_amount", "is_step_epoch", "zero_masks",
-           "count_leaks", "file_leaks", "check_recovery", "FINETUNE_WARMUP"]
+__all__ = ["GradualPruning", "MaskKeeper", "FinetuneResult", "finetune_checkpoint", "cubic_sparsity",
+           "schedule_amount", "is_step_epoch", "zero_masks", "count_leaks", "file_leaks", "count_masked",
+           "check_recovery", "FINETUNE_WARMUP"]

@@ -1,4 +1,4 @@
-"""The before/after table, ``prune_report.json`` and atomic file writes."""
+"""The report: one entry type for every mode, ``prune_report.json``, the before/after table, atomic writes."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
-import torch
+from dataclasses import MISSING, asdict, dataclass, field, fields
 
 
 @contextmanager
@@ -34,11 +34,6 @@ def atomic_path(dest: str | Path) -> Iterator[Path]:
             tmp_path.unlink()
 
 
-def atomic_torch_save(obj: Any, dest: str | Path) -> None:
-    with atomic_path(dest) as tmp:
-        torch.save(obj, tmp)
-
-
 def atomic_write_text(text: str, dest: str | Path) -> None:
     with atomic_path(dest) as tmp:
         tmp.write_text(text, encoding="utf-8")
@@ -58,6 +53,88 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+
+# --------------------------------------------------------------------------------------------------
+# the report entry: one type for one-shot, fine-tune and schedule
+# --------------------------------------------------------------------------------------------------
+MODES = ("oneshot", "finetune", "schedule")
+
+
+@dataclass
+class ReportEntry:
+    """What happened to one checkpoint; stored in ``prune_report.json`` and under the pruned file's ``prune`` key."""
+
+    checkpoint: str  # the source file
+    output: str  # the pruned file
+    mode: str  # oneshot | finetune | schedule
+    method: str
+    amount: float  # target fraction of Conv2d weights in scope set to zero
+    device: str
+    imgsz: int
+    prune_seconds: Optional[float] = None  # None when the schedule pruned during training
+    sparsity_before: Optional[dict] = None  # SparsityStats.to_dict of the source (None: resumed schedule run)
+    sparsity_after: Optional[dict] = None  # of the written file, per layer
+    sparsity_all_conv: Optional[dict] = None  # of the written file, every Conv2d (scope ignored)
+    metrics_before: Optional[dict] = None  # P, R, mAP50, mAP50-95 of the source
+    metrics_before_source: Optional[str] = None  # where metrics_before come from
+    metrics_oneshot: Optional[dict] = None  # fine-tune mode: the one-shot pruned model before fine-tuning
+    metrics_after: Optional[dict] = None  # the written file
+    eval: Optional[dict] = None  # settings of the plugin's own validation
+    method_details: dict = field(default_factory=dict)  # what the method reports (obs: calibration, errors)
+    exports: list = field(default_factory=list)  # ArtifactReport.to_dict per exported format
+    finetune: Optional[dict] = None  # fine-tune mode: run, epochs, lr, history
+    schedule: Optional[dict] = None  # schedule mode: steps, source epoch, expected zeros
+    leaks: Optional[dict] = None  # recovery modes: non-zero values at pruned positions (always 0)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str = "report entry") -> "ReportEntry":
+        """Validate ``data`` (e.g. an entry read back from ``prune_report.json``) and build the entry.
+
+        Raises ``ValueError`` naming the key for an unknown or missing key, a wrong type or an unknown mode.
+        """
+        names = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(data) - set(names))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        required = [n for n, f in names.items() if f.default is MISSING and f.default_factory is MISSING]
+        missing = [n for n in required if n not in data]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {', '.join(missing)}")
+        for key, types in _ENTRY_TYPES.items():
+            v = data.get(key)
+            if v is not None and not isinstance(v, types):
+                raise ValueError(f"{where}: '{key}' must be {types}, got {type(v).__name__}")
+        if data["mode"] not in MODES:
+            raise ValueError(f"{where}: 'mode' must be one of {', '.join(MODES)}, got {data['mode']!r}")
+        return cls(**dict(data))
+
+
+_ENTRY_TYPES: dict[str, Any] = {
+    "checkpoint": str, "output": str, "mode": str, "method": str, "amount": (int, float), "device": str,
+    "imgsz": int, "prune_seconds": (int, float), "sparsity_before": dict, "sparsity_after": dict,
+    "sparsity_all_conv": dict, "metrics_before": dict, "metrics_before_source": str, "metrics_oneshot": dict,
+    "metrics_after": dict, "eval": dict, "method_details": dict, "exports": list, "finetune": dict,
+    "schedule": dict, "leaks": dict,
+}
+REPORT_KEYS = {"plugin", "version", "created", "config", "mode", "results", "history", "sweep"}
+
+
+def validate_report(data: Mapping[str, Any], where: str = "prune_report.json") -> list[ReportEntry]:
+    """Check a ``prune_report.json`` document against :class:`ReportEntry`; returns its entries."""
+    unknown = sorted(set(data) - REPORT_KEYS)
+    if unknown:
+        raise ValueError(f"{where}: unknown top-level key(s) {', '.join(unknown)}")
+    for k in ("plugin", "version", "created", "config", "results"):
+        if k not in data:
+            raise ValueError(f"{where}: missing top-level key {k!r}")
+    if not isinstance(data["results"], list) or not data["results"]:
+        raise ValueError(f"{where}: 'results' must be a non-empty list")
+    return [ReportEntry.from_dict(e, f"{where}: results[{i}]") for i, e in enumerate(data["results"])]
+
+
 def _fmt(v: Any, kind: str) -> str:
     if v is None:
         return "-"
@@ -71,19 +148,21 @@ def _fmt(v: Any, kind: str) -> str:
 def format_table(entry: dict) -> str:
     """One before/after table for a pruned checkpoint (an entry of ``prune_report.json``)."""
     b, a = entry.get("metrics_before") or {}, entry.get("metrics_after") or {}
-    sb, sa = entry["sparsity_before"], entry["sparsity_after"]
+    sb, sa, o = entry.get("sparsity_before") or {}, entry.get("sparsity_after") or {}, entry.get("metrics_oneshot")
     rows: list[tuple[str, Any, Any, str]] = [
         ("P", b.get("P"), a.get("P"), "f"), ("R", b.get("R"), a.get("R"), "f"),
         ("mAP50", b.get("mAP50"), a.get("mAP50"), "f"), ("mAP50-95", b.get("mAP50-95"), a.get("mAP50-95"), "f"),
-        ("parameters", sb["parameters"], sa["parameters"], "int"),
-        ("non-zero Conv2d weights", sb["nonzero"], sa["nonzero"], "int"),
-        ("Conv2d sparsity", sb["sparsity"], sa["sparsity"], "pct"),
+        ("parameters", sb.get("parameters"), sa.get("parameters"), "int"),
+        ("non-zero Conv2d weights", sb.get("nonzero"), sa.get("nonzero"), "int"),
+        ("Conv2d sparsity", sb.get("sparsity"), sa.get("sparsity"), "pct"),
     ]
+    if o:  # fine-tune mode: where the one-shot pruned model stood before fine-tuning
+        rows.insert(4, ("mAP50-95 one-shot (no fine-tune)", b.get("mAP50-95"), o.get("mAP50-95"), "f"))
     for art in entry.get("exports") or []:
         rows.append((f"{art['format']} bytes (gzip)", None, art.get("gzip_bytes"), "int"))
     w0 = max(len(r[0]) for r in rows)
     title = (f"{Path(entry['checkpoint']).name} -> {Path(entry['output']).name}  "
-             f"(method={entry['method']}, amount={entry['amount']})")
+             f"(method={entry['method']}, amount={entry['amount']}, mode={entry.get('mode', 'oneshot')})")
     lines = [title, f"{'':<{w0}}  {'before':>14}  {'after':>14}  {'change':>10}"]
     for name, vb, va, kind in rows:
         change = ""

@@ -23,7 +23,7 @@ from . import __version__
 from .adapter import Backend, get_backend, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict
 from .errors import ConfigError
-from .evaluation import EvalSettings, Metrics, evaluate, make_dataloader, make_settings
+from .evaluation import EvalSettings, evaluate, make_dataloader, make_settings
 from .pruning import check_scope, prune_model
 from .report import atomic_path, atomic_write_text, write_json
 
@@ -92,7 +92,8 @@ def sweep_model(src: torch.nn.Module, settings: EvalSettings, amounts: Sequence[
     n = len(methods) * len(amounts)
     for i, (method, amount) in enumerate(((m, a) for m in methods for a in amounts), 1):
         model = copy.deepcopy(base)
-        res = prune_model(model, amount, method, config.include, config.exclude, calibration=calibration, log=False)
+        res = prune_model(model, amount, method, config.include, config.exclude, calibration=calibration, log=False,
+                          options=config.obs)
         t0 = time.perf_counter()
         m = evaluate(_fused(model), settings, batches, backend)
         eval_s = time.perf_counter() - t0
@@ -188,12 +189,15 @@ def run_sweep(weights: str | Path, data: str | Path | dict, amounts: Sequence[fl
               methods: Sequence[str] | str = "global", imgsz: int = 640, batch_size: int = 32, device: Any = "",
               workers: int = 8, out: str | Path | None = None, layers_point: Optional[str] = None,
               exist_ok: bool = False, config: Optional[PruneConfig] = None, settings: Optional[EvalSettings] = None,
-              backend: Optional[Backend] = None, echo: Callable[[str], None] = print) -> dict:
-    """``yolo-prune sweep``: sweep a checkpoint and write the outputs (a new folder unless ``exist_ok``)."""
+              backend: Optional[Backend] = None, echo: Callable[[str], None] = print,
+              ckpt: Optional[dict] = None) -> dict:
+    """``yolo-prune sweep``: sweep a checkpoint and write the outputs (a new folder unless ``exist_ok``).
+
+    ``ckpt``: ``weights`` already loaded (the train-end hook passes it: the file is not read again)."""
     backend = backend or get_backend()
     amounts_t, methods_t = parse_points(amounts, methods)
     weights = Path(weights).expanduser().resolve()
-    src = load_checkpoint(weights, backend)
+    src = ckpt if ckpt is not None else load_checkpoint(weights, backend)
     src = src.get("ema") or src["model"]
     settings = settings or make_settings(data, imgsz, batch_size, device, False, workers, backend)
     folder = Path(out) if out else weights.parent / "sweep"

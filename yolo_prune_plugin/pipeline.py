@@ -1,0 +1,275 @@
+"""The one pipeline behind every entry point (train-end hook, fine-tune, schedule, ``yolo-prune prune``, API).
+
+load once -> prune -> (fine-tune) -> save ``<stem><suffix>.pt`` atomically -> evaluate with YOLOv5's
+validator -> export -> one :class:`~yolo_prune_plugin.report.ReportEntry`.
+
+The callers differ only in where the checkpoint and the settings come from; :func:`run` does the work, and
+:func:`write_report` writes ``prune_report.json`` and prints the table.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from ._version import __version__
+from .adapter import Backend, load_checkpoint
+from .config import DATA_AWARE_METHODS, PruneConfig, config_equal
+from .errors import OutputExistsError, PruneError
+from .evaluation import EvalSettings, Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
+from .pruning import PruneResult, conv_layers, prune_model, sparsity_stats
+from .report import ReportEntry, atomic_path, print_report, write_json
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+REPORT_NAME = "prune_report.json"
+
+__all__ = ["RunContext", "context_from_opt", "output_path", "check_output_free", "run", "write_report",
+           "check_exports", "REPORT_NAME"]
+
+
+@dataclass
+class RunContext:
+    """Where and how one pipeline run works: resolved once by the caller."""
+
+    backend: Backend
+    device: torch.device
+    imgsz: int
+    settings: Optional[EvalSettings] = None  # evaluation (and calibration) data; None: nothing evaluated
+    opt: dict = field(default_factory=dict)  # YOLOv5 train options of the run (fine-tune inherits them)
+
+    @property
+    def export_device(self) -> str:
+        return str(self.device.index or 0) if self.device.type == "cuda" else "cpu"
+
+
+def needs_data(config: PruneConfig) -> bool:
+    return bool(config.evaluate or config.method in DATA_AWARE_METHODS or config.sweep.amounts)
+
+
+def context_from_opt(opt: Mapping[str, Any], config: PruneConfig, backend: Backend) -> RunContext:
+    """The context of a training run from its options (train.py's device and final-validation batch size)."""
+    world = int(os.getenv("WORLD_SIZE", 1))
+    local_rank = int(os.getenv("LOCAL_RANK", -1))
+    device = (torch.device("cuda", local_rank) if local_rank != -1 else
+              backend_select_device(backend, opt.get("device", ""), 0))
+    imgsz = int(opt.get("imgsz", 640))
+    settings = None
+    if needs_data(config):
+        batch = max(int(opt.get("batch_size", 16)) // world * 2, 1)  # train.py's val batch size
+        settings = make_settings(opt["data"], imgsz, batch, device, bool(opt.get("single_cls", False)),
+                                 int(opt.get("workers", 8)), backend)
+    return RunContext(backend, device, imgsz, settings, dict(opt))
+
+
+# --------------------------------------------------------------------------------------------------
+# outputs
+# --------------------------------------------------------------------------------------------------
+def output_path(weights: Path, config: PruneConfig) -> Path:
+    """``runs/train/exp/weights/best.pt`` -> ``.../best_pruned.pt``."""
+    return weights.with_name(f"{weights.stem}{config.suffix}.pt")
+
+
+def check_output_free(out: Path, config: PruneConfig, backend: Optional[Backend] = None) -> None:
+    """Refuse to replace a file the plugin did not write, or one written with a different configuration."""
+    if config.overwrite or not out.exists():
+        return
+    try:
+        old = load_checkpoint(out, backend)
+    except PruneError:
+        old = None
+    old_cfg = (old or {}).get("prune", {}).get("config") if isinstance(old, dict) else None
+    if old_cfg is None:
+        raise OutputExistsError(f"{out}: exists and was not written by yolo_prune_plugin; move it away or pass "
+                                "--prune-overwrite (config: overwrite: true)")
+    if not config_equal(old_cfg, config.to_dict()):
+        raise OutputExistsError(f"{out}: exists from a different pruning configuration "
+                                f"(method={old_cfg.get('method')}, amount={old_cfg.get('amount')}); pass "
+                                "--prune-overwrite (config: overwrite: true) to replace it")
+
+
+def _stripped(ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dtype) -> dict:
+    """A checkpoint as YOLOv5's ``strip_optimizer`` leaves it, holding ``model`` (cpu, ``dtype``, frozen)."""
+    model = model.to("cpu").to(dtype)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    new = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "updates", "prune")}
+    new.update(model=model, ema=None, optimizer=None, updates=None)
+    return new
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------
+def source_model(ckpt: Mapping[str, Any]) -> nn.Module:
+    """The model YOLOv5 would deploy from a checkpoint: ``ema`` first, else ``model``."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
+def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -> tuple[nn.Module, PruneResult]:
+    """A float copy of the checkpoint's model on the run's device, pruned as ``config`` says."""
+    model = copy.deepcopy(source_model(ckpt)).float().to(ctx.device)
+    calibration = None
+    if config.method in DATA_AWARE_METHODS:
+        if ctx.settings is None:
+            raise PruneError(f"method {config.method!r} needs calibration images: pass --data")
+        from .calibration import load_calibration_images
+
+        c = config.calibration
+        calibration = load_calibration_images(ctx.settings.data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
+                                              seed=c.seed, device=ctx.device)
+    result = prune_model(model, config.amount, config.method, config.include, config.exclude,
+                         calibration=calibration, options=config.obs)
+    return model, result
+
+
+def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: PruneConfig,
+                   ctx: RunContext) -> tuple[dict, nn.Module, Optional[Metrics]]:
+    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held; the fine-tuned checkpoint,
+    its model, and YOLOv5's final validation of it when that equals ours (same weights, same settings)."""
+    from .recovery import count_leaks, count_masked, finetune_checkpoint, zero_masks
+
+    ft_cfg = config.finetune
+    run_dir = Path(entry.checkpoint).parent.parent
+    masks = zero_masks(model, config.include, config.exclude)
+    ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
+                             include=config.include, exclude=config.exclude, masks=masks, warmup=ft_cfg.warmup,
+                             project=run_dir.parent, name=f"{run_dir.name}_finetune",
+                             hyp_path=run_dir / "hyp_finetune.yaml", backend=ctx.backend)
+    ckpt = load_checkpoint(ft.best, ctx.backend)
+    tuned = source_model(ckpt).float()
+    leaks = dict(ft.leaks)
+    leaks["best_pruned.pt"] = count_leaks(tuned, masks)
+    entry.finetune = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
+                      "warmup": ft.warmup, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
+                      "masked_weights": count_masked(masks), "seconds": round(ft.seconds, 1),
+                      "history": ft.history}
+    entry.leaks = leaks
+    if sum(leaks.values()):
+        raise PruneError(f"{ft.best}: pruned weights became non-zero during fine-tuning ({leaks}); "
+                         f"{out} still holds the one-shot pruned model")
+    same = ft.imgsz == ctx.imgsz and ft.results is not None and ft.best.name == "best.pt"
+    reused = Metrics.from_results(ft.results) if same else None
+    return ckpt, tuned, reused
+
+
+def _evaluate_before(ckpt: Mapping[str, Any], ctx: RunContext) -> Metrics:
+    """The unpruned model, validated as ``attempt_load`` would give it (fused, eval) without reloading it."""
+    model = copy.deepcopy(source_model(ckpt)).float().eval()
+    model = model.fuse() if hasattr(model, "fuse") else model
+    if ctx.settings.half:
+        model = model.half()
+    return evaluate(model, ctx.settings, backend=ctx.backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# the pipeline
+# --------------------------------------------------------------------------------------------------
+def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optional[Mapping[str, Any]] = None,
+        before: Optional[Metrics] = None, before_source: Optional[str] = None, pruned: Optional[nn.Module] = None,
+        out: Optional[Path] = None, mode: Optional[str] = None, schedule: Optional[dict] = None,
+        leaks: Optional[dict] = None) -> ReportEntry:
+    """Prune ``source`` (or take the already ``pruned`` model of a schedule run), fine-tune when the config asks,
+    write ``out`` (default ``<stem><suffix>.pt`` beside ``source``) atomically, evaluate it as YOLOv5 loads it,
+    export it; returns the report entry (also stored under the written file's ``prune`` key).
+
+    ``ckpt``: ``source`` already loaded (it is never loaded twice); ``before``: metrics YOLOv5 already computed
+    for ``source`` (reused, not recomputed).
+    """
+    source = Path(source).expanduser().resolve()
+    out = out or output_path(source, config)
+    check_output_free(out, config, ctx.backend)
+    ckpt = ckpt if ckpt is not None else load_checkpoint(source, ctx.backend)
+    dtype = next(source_model(ckpt).parameters()).dtype  # YOLOv5 writes fp16: keep what the source holds
+    mode = mode or ("finetune" if config.finetune.epochs else "oneshot")
+
+    if pruned is None:
+        model, result = prune_stage(ckpt, config, ctx)
+        stats_before, seconds, details = result.before.to_dict(per_layer=False), round(result.seconds, 3), result.extra
+    else:
+        model, seconds, details = pruned.float().to(ctx.device), None, {}
+        stats_before = (schedule or {}).get("dense_stats")
+    amount = config.schedule.final_amount if mode == "schedule" else config.amount
+    entry = ReportEntry(checkpoint=str(source), output=str(out), mode=mode, method=config.method, amount=amount,
+                        device=str(ctx.device), imgsz=ctx.imgsz, prune_seconds=seconds,
+                        sparsity_before=stats_before, method_details=details, schedule=schedule, leaks=leaks,
+                        metrics_before=before.to_dict() if before else None,
+                        metrics_before_source=before_source if before else None)
+    if config.evaluate and ctx.settings is not None and before is None:
+        LOGGER.info("Validating %s (before pruning)...", source.name)
+        entry.metrics_before = _evaluate_before(ckpt, ctx).to_dict()
+        entry.metrics_before_source = "validated by the plugin"
+
+    reused: Optional[Metrics] = None
+    if config.finetune.epochs:
+        _save(out, ckpt, model, dtype, entry, config, ctx, evaluate_after=True)
+        entry.metrics_oneshot, entry.metrics_after = entry.metrics_after, None
+        ckpt, model, reused = finetune_stage(out, model.float(), entry, config, ctx)
+
+    _save(out, ckpt, model, dtype, entry, config, ctx, evaluate_after=reused is None, reused=reused)
+    if config.export:
+        from .export import export_and_verify
+
+        o = config.export_options
+        arts = export_and_verify(out, config.export, imgsz=ctx.imgsz, device=ctx.export_device, half=o.half,
+                                 dynamic=o.dynamic, simplify=o.simplify, opset=o.opset, atol=o.atol, overwrite=True)
+        entry.exports = [a.to_dict() for a in arts]
+    return entry
+
+
+def _save(out: Path, ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dtype, entry: ReportEntry,
+          config: PruneConfig, ctx: RunContext, evaluate_after: bool, reused: Optional[Metrics] = None) -> None:
+    """Write ``out`` atomically; evaluate the written file (loaded exactly as YOLOv5 loads it) before it is
+    renamed into place, so a failure or an interrupt leaves no half-finished output."""
+    new = _stripped(ckpt, model, dtype)
+    saved = new["model"]
+    entry.sparsity_after = sparsity_stats(saved, conv_layers(saved, config.include, config.exclude)).to_dict()
+    entry.sparsity_all_conv = sparsity_stats(saved).to_dict(per_layer=False)
+    stamp = {"version": __version__, "config": config.to_dict(), "date": _dt.datetime.now().isoformat(timespec="seconds")}
+    if reused is not None:
+        entry.metrics_after = reused.to_dict()
+    with atomic_path(out) as tmp:
+        new["prune"] = {**stamp, **entry.to_dict()}
+        torch.save(new, tmp)
+        if config.evaluate and ctx.settings is not None and evaluate_after:
+            LOGGER.info("Validating %s (after %s)...", out.name,
+                        "fine-tuning" if entry.finetune else "pruning")
+            entry.metrics_after = evaluate_weights(tmp, ctx.settings, backend=ctx.backend).to_dict()
+            s = ctx.settings
+            entry.eval = {"imgsz": s.imgsz, "batch_size": s.batch_size, "iou_thres": s.iou_thres, "half": s.half}
+            new["prune"] = {**stamp, **entry.to_dict()}
+            torch.save(new, tmp)
+    LOGGER.info("Saved %s", out)
+
+
+def check_exports(entries: list[ReportEntry]) -> None:
+    """Raise :class:`PruneError` if any exported artefact failed verification (after the report is written)."""
+    failed = [a for e in entries for a in e.exports if not a.get("ok")]
+    if failed:
+        raise PruneError("export verification failed for " +
+                         ", ".join(f"{a['format']} ({a.get('message')})" for a in failed))
+
+
+def write_report(entries: list[ReportEntry], config: PruneConfig, report_dir: str | Path,
+                 history: Optional[list] = None, sweep: Optional[dict] = None, echo: Any = None) -> Path:
+    """Write ``prune_report.json`` in ``report_dir`` and print the before/after table(s)."""
+    path = Path(report_dir) / REPORT_NAME
+    data: dict[str, Any] = {"plugin": "yolo_prune_plugin", "version": __version__,
+                            "created": _dt.datetime.now().isoformat(timespec="seconds"), "config": config.to_dict(),
+                            "mode": entries[0].mode if entries else None,
+                            "results": [e.to_dict() for e in entries]}
+    if history is not None:
+        data["history"] = history
+    if sweep is not None:
+        data["sweep"] = sweep
+    write_json(data, path)
+    print_report([e.to_dict() for e in entries], echo=echo)
+    LOGGER.info("Report written to %s", path)
+    return path

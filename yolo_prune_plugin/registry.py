@@ -1,0 +1,68 @@
+"""The pruning methods by name: what each ranks (importance) and over which scope, and its options.
+
+A method is a pair in the manner of Torch-Pruning's ``importance=`` + ``global_pruning=``: ``scope`` is
+``global`` (one threshold over every Conv2d weight in scope) or ``layer`` (``amount`` of every layer);
+``importance`` names the score (``l1``, ``lamp``, ``obs``). The implementations are bound to the importance
+names in :mod:`yolo_prune_plugin.pruning`; this module stays free of torch so the config can validate
+method names and options without importing anything heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+__all__ = ["MethodSpec", "ObsOptions", "OBS_ALLOCATIONS", "METHODS", "method_names", "data_aware_names", "get_method"]
+
+
+#: per-layer count allocations of ``obs`` (see :func:`yolo_prune_plugin.methods.layer_counts`)
+OBS_ALLOCATIONS = ("global", "lamp", "uniform", "hessian")
+
+
+@dataclass(frozen=True)
+class ObsOptions:
+    """Knobs of the ``obs`` importance (defaults: the best measured, see :mod:`yolo_prune_plugin.methods`)."""
+
+    blocksize: int = 128  # columns per lazy OBS update block (speed only when mask_block == 0)
+    mask_block: Optional[int] = 0  # columns per mask-selection block (0: whole layer; None: = blocksize)
+    damp: float = 0.01  # dampening, fraction of the mean Hessian diagonal added to the diagonal
+    allocation: str = "global"  # per-layer counts: "global" (magnitude), "lamp", "uniform" or "hessian"
+    protect: tuple[str, ...] = ()  # fnmatch patterns of layers left dense (their share goes to the others)
+    flip: bool = True  # also calibrate on the horizontally flipped images (twice the data, same images)
+    batch_size: int = 8  # images per im2col chunk when accumulating a layer's Hessian (bounds memory)
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One selectable ``method``."""
+
+    name: str
+    scope: str  # "global" | "layer"
+    importance: str  # "l1" | "lamp" | "obs"
+    data_aware: bool = False  # needs calibration images from the train split
+    options: Optional[type] = None  # dataclass of the importance's options (config key = importance name)
+    summary: str = ""
+
+
+METHODS: dict[str, MethodSpec] = {m.name: m for m in (
+    MethodSpec("global", "global", "l1", summary="|W|, one threshold over every Conv2d weight in scope"),
+    MethodSpec("layerwise", "layer", "l1", summary="|W| per layer, amount of every layer (YOLOv5's prune())"),
+    MethodSpec("lamp", "global", "lamp", summary="LAMP scores (Lee et al. 2021), one global threshold"),
+    MethodSpec("obs", "global", "obs", data_aware=True, options=ObsOptions,
+               summary="SparseGPT-style OBS with reconstruction, calibrated on train-split images"),
+)}
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def data_aware_names() -> tuple[str, ...]:
+    return tuple(n for n, m in METHODS.items() if m.data_aware)
+
+
+def get_method(name: str) -> MethodSpec:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}; got {name!r}") from None
