@@ -59,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     from yolo_prune_plugin.evaluation import (NMSTimeoutCounter, evaluate_weights, make_settings,
                                               write_absolute_data_yaml)
     from yolo_prune_plugin.pruning import prune_model
-    from yolo_prune_plugin.recovery import _stripped, finetune_checkpoint
+    from yolo_prune_plugin.pipeline import _stripped
+    from yolo_prune_plugin.recovery import finetune_checkpoint
     import torch
 
     b = get_backend()
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     model = (ckpt.get("ema") or ckpt["model"]).float()
     res = prune_model(model, args.amount, args.method)
     oneshot = out / f"{weights.stem}_{args.method}{int(round(args.amount * 100))}.pt"
-    torch.save(_stripped(ckpt, model), oneshot)
+    torch.save(_stripped(ckpt, model, torch.float16), oneshot)
     evaluate(f"one-shot {args.method} {args.amount:.0%}", oneshot, res.after.sparsity)
 
     base = train_opt([], b, data=str(data), imgsz=args.imgsz, batch_size=args.batch_size, device=device_str,

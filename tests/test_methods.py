@@ -14,6 +14,7 @@ import yaml
 
 from yolo_prune_plugin import methods
 from yolo_prune_plugin.calibration import load_calibration_images
+from yolo_prune_plugin.config import config_from_dict
 from yolo_prune_plugin.errors import ConfigError
 from yolo_prune_plugin.pruning import conv_layers, lamp_scores, prune_model, sparsity_stats
 
@@ -304,13 +305,13 @@ def test_obs_generic_model_grouped_and_unreached_convs_fall_back():
 
 @pytest.mark.parametrize("options", [
     {"allocation": "hessian"},
-    {"allocation": "lamp", "protect": ("model.24.*",), "flip": False},
+    {"allocation": "lamp", "protect": ["model.24.*"], "flip": False},
     {"allocation": "uniform", "mask_block": None, "blocksize": 32, "damp": 0.1},
 ])
-def test_obs_options_keep_exact_sparsity(small_yolo, calib, monkeypatch, options):
+def test_obs_options_keep_exact_sparsity(small_yolo, calib, options):
     model = copy.deepcopy(small_yolo)
-    monkeypatch.setitem(methods.DATA_AWARE, "obs", lambda m, l, a, c: methods.obs_prune(m, l, a, c, **options))
-    res = prune_model(model, 0.45, "obs", calibration=calib, log=False)
+    obs = config_from_dict({"obs": options}).obs  # every obs option is reachable from the config
+    res = prune_model(model, 0.45, "obs", calibration=calib, log=False, options=obs)
     total = sum(m.weight.numel() for _, m in conv_layers(model))
     assert res.after.zeros == round(0.45 * total)
     assert res.extra["allocation"] == options["allocation"] and res.extra["flip"] == options.get("flip", True)

@@ -6,7 +6,6 @@ Real ``train.main`` runs use the synthetic dataset (4 train / 2 val images at 64
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import importlib
 import json
@@ -20,9 +19,11 @@ import yaml
 import yolo_prune_plugin.recovery as R
 from yolo_prune_plugin.adapter import load_checkpoint
 from yolo_prune_plugin.api import run_training, train_opt
+from yolo_prune_plugin.callbacks import register
 from yolo_prune_plugin.config import ScheduleOptions, config_from_dict
 from yolo_prune_plugin.errors import ConfigError, PruneError
 from yolo_prune_plugin.pruning import conv_layers, prune_model, sparsity_stats
+from yolo_prune_plugin.report import validate_report
 
 from conftest import save_checkpoint
 
@@ -120,12 +121,13 @@ def _loss(model):
 def test_mask_keeper_holds_zeros_in_model_ema_and_optimizer_state(backend, tiny_model, name, scaler):
     model = tiny_model.train()
     keeper = R.MaskKeeper(backend)
-    keeper.install()
-    try:  # the names train.py calls; the keeper captures what they build
-        optimizer = backend.train.smart_optimizer(model, name, 0.01, 0.9, 5e-4)
-        ema = backend.train.ModelEMA(model)
-    finally:
-        keeper.uninstall()
+    optimizer = backend.train.smart_optimizer(model, name, 0.01, 0.9, 5e-4)
+    ema = backend.train.ModelEMA(model)
+
+    def train(model, optimizer, ema, start_epoch=0):  # stands in for YOLOv5's train(): its locals are read
+        keeper.capture()
+
+    train(model, optimizer, ema)
     _assert_yolov5_restored(backend)
     assert keeper.optimizer is optimizer and keeper.model is model and keeper.ema is ema
     grad_scaler = torch.amp.GradScaler("cpu", enabled=scaler)
@@ -194,7 +196,7 @@ def test_finetune_keeps_every_pruned_position_zero(backend, tiny_data, tiny_cfg,
     monkeypatch.setattr(R, "finetune_checkpoint", spy)
     cfg = config_from_dict({"amount": 0.5, "finetune": {"epochs": 1}})
     plugin = run_training(opt, cfg, backend)
-    assert isinstance(plugin, R.FinetunePlugin) and plugin.error is None and plugin.ran
+    assert plugin.mode == "finetune" and plugin.error is None and plugin.ran
     run = Path(opt.save_dir)
     w = run / "weights"
     _assert_yolov5_restored(backend)
@@ -222,39 +224,16 @@ def test_finetune_keeps_every_pruned_position_zero(backend, tiny_data, tiny_cfg,
     info = final["prune"]
     ft = info["finetune"]
     assert ft["run"] == str(ft_run) and ft["masked_weights"] == R.count_masked(masks)
-    assert set(ft["leaks"].values()) == {0} and {"live_model", "live_ema", "best_pruned.pt"} <= set(ft["leaks"])
+    assert set(info["leaks"].values()) == {0} and {"live_model", "live_ema", "best_pruned.pt"} <= set(info["leaks"])
     assert [h["epoch"] for h in ft["history"]] == [0] and ft["history"][0]["sparsity"] == 0.5
     assert ft["history"][0]["lr"] == pytest.approx([0.001] * 3)  # lr0 0.01 x lr_scale 0.1, warmup replaced
     assert yaml.safe_load((run / "hyp_finetune.yaml").read_text())["lr0"] == pytest.approx(0.001)
     assert info["metrics_oneshot"] is not None and info["metrics_after"] is not None
     report = json.loads((run / "prune_report.json").read_text())
-    assert report["mode"] == "finetune" and report["results"][0]["finetune"]["leaks"] == ft["leaks"]
+    assert report["mode"] == "finetune" and report["results"][0]["leaks"] == info["leaks"]
+    validate_report(report)
     loaded = backend.attempt_load(w / "best_pruned.pt", "cpu")
     assert loaded(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8
-
-
-@pytest.mark.parametrize("how", ["with", "with+crash", "plain"])
-def test_finetune_runs_after_train_main_returns(backend, tiny_model, tiny_data, tiny_cfg, tmp_path, monkeypatch, how):
-    """Inside `with plugin:` the fine-tune waits for train.main to return (never after a crash); without
-    `with` (plain register + train.main) it runs inside on_train_end, the last chance."""
-    run, opt = _finished_run(backend, tiny_model, tiny_data, tiny_cfg, tmp_path)
-    w = run / "weights"
-    calls = []
-    monkeypatch.setattr(R.FinetunePlugin, "_finetune", lambda self, entry: calls.append(entry["output"]))
-    plugin = R.register(backend.Callbacks(), config_from_dict({"amount": 0.3, "evaluate": False,
-                                                                "finetune": {"epochs": 2}}), opt=opt)
-    if how == "plain":
-        plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
-        assert calls == [str(w / "best_pruned.pt")]
-        return
-    with pytest.raises(RuntimeError) if how == "with+crash" else contextlib.nullcontext():
-        with plugin:
-            plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
-            assert (w / "best_pruned.pt").is_file() and calls == []  # pruned, not yet fine-tuned
-            if how == "with+crash":
-                raise RuntimeError("YOLOv5 failed after on_train_end")
-    assert calls == ([] if how == "with+crash" else [str(w / "best_pruned.pt")])
-    assert plugin.ran and plugin.error is None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -265,14 +244,14 @@ def test_schedule_prunes_along_the_cubic_during_training(backend, tiny_data, tin
     cfg = config_from_dict({"schedule": s})
     opt = _opt(backend, tiny_data, tiny_cfg, tmp_path, "sched", epochs=3)
     plugin = run_training(opt, cfg, backend)
-    assert isinstance(plugin, R.SchedulePlugin) and plugin.error is None and plugin.ran
+    assert plugin.mode == "schedule" and plugin.error is None and plugin.ran
     _assert_yolov5_restored(backend)
     sched = ScheduleOptions(**s)
-    total = plugin.entries[0]["sparsity_after"]["conv_weights"]
+    total = plugin.entries[0].sparsity_after["conv_weights"]
     # masks recomputed at epochs 1 and 2 (epoch 0's target is 0) with exactly round(s_e * total) zeros
-    assert [(st["epoch"], st["zeros"]) for st in plugin.steps] == [(e, round(_cubic(e, 0, 2, 0.5) * total))
+    assert [(st["epoch"], st["zeros"]) for st in plugin.gradual.steps] == [(e, round(_cubic(e, 0, 2, 0.5) * total))
                                                                   for e in (1, 2)]
-    assert [st["target"] for st in plugin.steps] == pytest.approx([0.4375, 0.5])
+    assert [st["target"] for st in plugin.gradual.steps] == pytest.approx([0.4375, 0.5])
     for row in plugin.history:  # model and EMA at every epoch end
         want = round(R.schedule_amount(row["epoch"], sched) * total) / total
         assert row["sparsity"] == pytest.approx(want, abs=2e-6) and row["ema_sparsity"] == pytest.approx(want, abs=2e-6)
@@ -285,13 +264,14 @@ def test_schedule_prunes_along_the_cubic_during_training(backend, tiny_data, tin
     st = sparsity_stats(final["model"])
     assert st.zeros == round(0.5 * st.weights)  # exactly the final sparsity
     entry = final["prune"]
-    assert entry["source_epoch"] >= 2 and set(entry["leaks"].values()) == {0}
+    assert entry["schedule"]["source_epoch"] >= 2 and set(entry["leaks"].values()) == {0}
     assert entry["metrics_after"] is not None
     last = sparsity_stats(load_checkpoint(w / "last.pt")["model"])
     assert last.zeros == st.zeros  # the final epoch's EMA is as sparse
     assert not (w / ".best_pruned_candidate.pt").exists()
     report = json.loads((Path(opt.save_dir) / "prune_report.json").read_text())
     assert report["mode"] == "schedule" and [h["epoch"] for h in report["history"]] == [0, 1, 2]
+    validate_report(report)
     assert backend.attempt_load(w / "best_pruned.pt", "cpu")(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8
 
 
@@ -302,14 +282,13 @@ def test_schedule_prunes_along_the_cubic_during_training(backend, tiny_data, tin
     ({"method": "obs", "schedule": {"end_epoch": 2, "final_amount": 0.5}}, {}, 5, "data-aware"),
     ({"schedule": {"end_epoch": 5, "final_amount": 0.5}}, {}, 5, "end_epoch"),
     ({"finetune": {"epochs": 2}}, {"WORLD_SIZE": "2"}, 5, "DDP"),
-    ({"amount": 0.3}, {}, 5, "finetune.epochs"),
 ])
 def test_register_rejects_unusable_configs(backend, monkeypatch, cfg, env, opt_epochs, match):
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     callbacks = backend.Callbacks()
     with pytest.raises(ConfigError, match=match):
-        R.register(callbacks, config_from_dict(cfg), opt=train_opt([], backend, epochs=opt_epochs))
+        register(callbacks, config_from_dict(cfg), opt=train_opt([], backend, epochs=opt_epochs))
     assert not any(callbacks.get_registered_actions(h) for h in callbacks._callbacks)
 
 

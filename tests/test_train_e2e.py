@@ -60,8 +60,8 @@ def test_api_train_with_yaml_config(backend, tiny_data, tmp_path):
     plugin = train(prune=cfg, **o)
     assert plugin.error is None and plugin.ran
     entry = plugin.entries[0]
-    assert entry["method"] == "lamp" and abs(entry["sparsity_after"]["sparsity"] - 0.5) < 1e-3
-    assert all(not layer["name"].startswith("model.24.") for layer in entry["sparsity_after"]["layers"])
+    assert entry.method == "lamp" and abs(entry.sparsity_after["sparsity"] - 0.5) < 1e-3
+    assert all(not layer["name"].startswith("model.24.") for layer in entry.sparsity_after["layers"])
 
 
 def test_train_without_prune_flags_is_plain_yolov5(backend, tiny_data, tmp_path):
@@ -73,12 +73,12 @@ def test_train_without_prune_flags_is_plain_yolov5(backend, tiny_data, tmp_path)
 
 
 def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data, tmp_path, monkeypatch, caplog):
-    import yolo_prune_plugin.runner as runner_mod
+    import yolo_prune_plugin.pipeline as pipeline_mod
 
     def boom(*a, **k):
         raise RuntimeError("injected pruning fault")
 
-    monkeypatch.setattr(runner_mod, "prune_model", boom)
+    monkeypatch.setattr(pipeline_mod, "prune_model", boom)
     rc = main(_train_args(backend, tiny_data, tmp_path / "runs", "--prune-amount", "0.3"))
     assert rc == 1
     w = tmp_path / "runs" / "exp" / "weights"

@@ -1,5 +1,7 @@
 """The one module that knows YOLOv5's quirks.
 
+(Over 400 lines: every YOLOv5/torch/numpy/Pillow patch and its undo lives here, by design.)
+
 It finds YOLOv5 (the PyPI package ``yolov5`` importing as ``yolov5.*``, or an upstream
 ultralytics/yolov5 checkout importing as ``models.*``, ``utils.*``, ``train``, ``val``, ``export``),
 makes 7.0.x work on today's torch/numpy/Pillow, and loads checkpoints through an allow-list of the

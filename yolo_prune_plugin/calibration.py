@@ -13,7 +13,7 @@ from typing import Any, Mapping, Union
 
 import torch
 
-from .adapter import get_backend
+from .adapter import driving_yolov5, get_backend
 from .errors import ConfigError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -39,7 +39,8 @@ def _train_split(data: DataSpec) -> tuple[Any, str]:
     if not p.is_file():
         raise ConfigError(f"{p}: data YAML not found (expected a YOLOv5 dataset YAML with a 'train' split)")
     try:
-        d = b.general.check_dataset(str(p), autodownload=False)
+        with driving_yolov5(b):  # check_dataset downloads a font: optional offline
+            d = b.general.check_dataset(str(p), autodownload=False)
     except Exception as e:  # noqa: BLE001 - YOLOv5 raises bare Exception/AssertionError here
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{p}: not a usable YOLOv5 dataset YAML ({msg})") from None

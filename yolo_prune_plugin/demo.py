@@ -39,7 +39,7 @@ def run_demo(folder: str | Path = "runs/yolo-prune-demo", amount: Optional[float
     if plugin is None or plugin.error is not None or not plugin.entries:
         return 1
     entry = plugin.entries[0]
-    dense = (entry.get("metrics_before") or {}).get("mAP50")
+    dense = (entry.metrics_before or {}).get("mAP50")
     LOGGER.info("\nDemo finished: dense mAP50 %s, pruned file %s, report %s",
-                f"{dense:.3f}" if dense is not None else "n/a", entry["output"], plugin.report_path)
+                f"{dense:.3f}" if dense is not None else "n/a", entry.output, plugin.report_path)
     return 0

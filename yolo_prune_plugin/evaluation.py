@@ -79,7 +79,8 @@ def resolve_data(data: str | Path | dict, backend: Optional[Backend] = None) -> 
         raise ConfigError(f"{p}: data YAML not found (expected a YOLOv5 dataset .yaml)")
     _check_data_yaml(p, backend)
     try:
-        return backend.general.check_dataset(str(p.resolve()), autodownload=False)
+        with driving_yolov5(backend):  # check_dataset downloads a font: optional offline
+            return backend.general.check_dataset(str(p.resolve()), autodownload=False)
     except Exception as e:  # noqa: BLE001 - YOLOv5 raises bare Exception/AssertionError for missing splits
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{p}: not a usable YOLOv5 dataset ({msg})") from None

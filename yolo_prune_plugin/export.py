@@ -1,5 +1,7 @@
 """Export a pruned checkpoint with YOLOv5's own ``export.run`` and prove the zeros survived.
 
+(Over 400 lines: exporting, reading ONNX/TorchScript artefacts back and verifying them belong together.)
+
 For each requested format the artefact is produced next to the weights file, under YOLOv5's own name
 (``best_pruned.pt`` -> ``best_pruned.onnx``, ``best_pruned.torchscript``), and verified before it is put there:
 

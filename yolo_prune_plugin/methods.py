@@ -1,5 +1,7 @@
 """Data-aware one-shot pruning: SparseGPT-style layer-wise reconstruction (``method: obs``).
 
+(Over 400 lines: the OBS algorithm, its per-layer allocation and its calibration pass are one method.)
+
 Every Conv2d in scope is treated as a linear layer on its im2col inputs, ``Y = W X`` with ``W`` of shape
 ``(out, in*kh*kw)``. Layers are pruned one at a time in execution order during a single forward pass of
 the calibration images, so each layer's Hessian ``H = X X^T`` is built from the inputs the already-pruned

@@ -537,7 +537,7 @@ class GradualPruning:
         for n in ("model", "ema"):
             if isinstance(cand.get(n), nn.Module):
                 leaks[f"epoch{self._best[0]}:{n}"] = count_leaks(cand[n], masks)
-        model = (cand.get("ema") or cand["model"]).float()
+        model = cand.get("ema") or cand["model"]  # as saved (fp16): the pipeline writes this dtype
         leaks["best_pruned.pt"] = count_leaks(model, masks)
         weights = conv_layers(model, c.include, c.exclude)
         expected = (sum(int(round(float(s.final_amount) * m.weight.numel())) for _, m in weights)
