@@ -7,8 +7,17 @@ import json
 import pytest
 import torch
 
+from yolo_prune_plugin.adapter import driving_yolov5
 from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.pruning import conv_layers
+
+
+@pytest.fixture(scope="module")
+def synthetic_yaml(tmp_path_factory):
+    """The project's own tiny dataset (3 classes, like ``small_ckpt``): no shared data needed."""
+    from yolo_prune_plugin.synthetic import TINY, make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("synthetic"), **TINY.dataset_kwargs())
 
 
 def test_prune_without_data_writes_exact_sparsity(backend, small_ckpt, capsys):
@@ -36,9 +45,10 @@ def test_prune_with_data_matches_yolov5_val(backend, coco8_yaml, shared, tmp_pat
     entry = json.loads((tmp_path / "prune_report.json").read_text())["results"][0]
     assert entry["metrics_before"]["mAP50-95"] > 0 and entry["metrics_after"]["mAP50-95"] > 0
     # YOLOv5's own standalone validator on the written file reproduces the reported numbers
-    results = backend.val.run(data=str(coco8_yaml), weights=str(tmp_path / "yolov5n_pruned.pt"), imgsz=160,
-                              batch_size=32, iou_thres=0.6, device="cpu", workers=0, project=str(tmp_path / "val"),
-                              plots=False)[0]
+    with driving_yolov5(backend):  # YOLOv5 called directly: offline font etc.
+        results = backend.val.run(data=str(coco8_yaml), weights=str(tmp_path / "yolov5n_pruned.pt"), imgsz=160,
+                                  batch_size=32, iou_thres=0.6, device="cpu", workers=0, project=str(tmp_path / "val"),
+                                  plots=False)[0]
     assert abs(results[3] - entry["metrics_after"]["mAP50-95"]) < 0.002
     assert abs(results[2] - entry["metrics_after"]["mAP50"]) < 0.002
 
@@ -73,13 +83,13 @@ def test_prune_bad_file_exit_1(tmp_path, capsys):
     (["--prune-amount", "0.3", "--data", "{tmp}/missing.yaml"], "missing.yaml: data YAML not found", 2),
     (["--prune-amount", "0.3", "--evolve", "3"], "--evolve", 2),
 ])
-def test_train_rejects_bad_input_before_any_epoch(small_ckpt, coco8_yaml, tmp_path, capsys, extra, match, code):
+def test_train_rejects_bad_input_before_any_epoch(small_ckpt, synthetic_yaml, tmp_path, capsys, extra, match, code):
     import re
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("ammount: 0.3\n")
     extra = [e.format(cfg=cfg, tmp=tmp_path) for e in extra]
-    args = ["train", "--data", str(coco8_yaml), "--weights", str(small_ckpt), "--img", "64", "--epochs", "1",
+    args = ["train", "--data", str(synthetic_yaml), "--weights", str(small_ckpt), "--img", "64", "--epochs", "1",
             "--device", "cpu", "--project", str(tmp_path / "runs"), *extra]
     rc = main(args)
     err = capsys.readouterr().err
@@ -111,3 +121,26 @@ def test_unknown_export_format_rejected_before_pruning(small_ckpt, capsys):
     rc = main(["prune", "--weights", str(small_ckpt), "--amount", "0.5", "--export", "onnx,pdf"])
     assert rc == 2 and "pdf" in capsys.readouterr().err
     assert not small_ckpt.with_name("best_pruned.pt").exists()
+
+
+def test_cli_run_leaves_process_state_as_it_was(backend, small_ckpt, monkeypatch):
+    """After a command: numpy, Pillow, YOLOv5's train.*/check_font, sys.path, environment and log handlers are
+    as before (only adapter.PROCESS_WIDE stays)."""
+    import logging
+    import os
+    import sys
+
+    import numpy as np
+    from PIL import ImageFont
+
+    monkeypatch.delattr(np, "trapz", raising=False)  # as on numpy >= 2.4, so the shim is really applied
+
+    def state():
+        return (getattr(np, "trapz", None), ImageFont.FreeTypeFont.__dict__.get("getsize"),
+                backend.general.check_font, dict(vars(backend.train)), list(sys.path), dict(os.environ),
+                list(logging.getLogger("yolo_prune_plugin").handlers))
+
+    before = state()
+    assert main(["prune", "--weights", str(small_ckpt), "--amount", "0.2", "--trust-checkpoint"]) == 0
+    assert small_ckpt.with_name("best_pruned.pt").is_file()
+    assert state() == before

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import yaml
 
+from yolo_prune_plugin.adapter import driving_yolov5
 from yolo_prune_plugin import methods
 from yolo_prune_plugin.calibration import load_calibration_images
 from yolo_prune_plugin.config import config_from_dict
@@ -362,7 +363,8 @@ def test_calibration_from_train_split(backend, tmp_path, imgsz, n):
     assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.std()) > 0.05
     assert torch.equal(x, load_calibration_images(data, imgsz, n=n, seed=0))  # deterministic
     # the same images whether given the YAML or YOLOv5's check_dataset dict
-    d = backend.general.check_dataset(str(data))
+    with driving_yolov5(backend):  # YOLOv5 called directly: offline font etc.
+        d = backend.general.check_dataset(str(data))
     assert torch.equal(x, load_calibration_images(d, imgsz, n=n, seed=0))
     # every image is a letterboxed TRAIN image, none a val image
     import importlib

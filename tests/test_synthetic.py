@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
+from yolo_prune_plugin.adapter import driving_yolov5
 from yolo_prune_plugin import synthetic as S
 from yolo_prune_plugin.adapter import get_backend
 from yolo_prune_plugin.errors import PruneError
@@ -100,7 +101,8 @@ def test_data_yaml_loads_through_yolov5(tmp_path: Path) -> None:
     assert raw["train"] == "images/train" and raw["val"] == "images/val"
     assert raw["nc"] == 3 and raw["names"] == {0: "circle", 1: "rectangle", 2: "triangle"}
     b = get_backend()
-    data = b.general.check_dataset(str(yaml_path))
+    with driving_yolov5(b):  # YOLOv5 called directly: offline font etc.
+        data = b.general.check_dataset(str(yaml_path))
     assert data["nc"] == 3 and Path(data["train"]) == yaml_path.parent / "images" / "train"
     dl = importlib.import_module(b.prefix + "utils.dataloaders")
     ds = dl.LoadImagesAndLabels(data["val"], img_size=64, augment=False, cache_images=False)
@@ -206,6 +208,7 @@ def test_tiny_preset_trains_for_real(tmp_path: Path) -> None:
     cb = b.Callbacks()
     cb.register_action("on_train_end", callback=lambda last, best, epoch, results: seen.update(
         best=Path(best), epoch=epoch, results=results))
-    b.train.main(opt, callbacks=cb)
+    with driving_yolov5(b):
+        b.train.main(opt, callbacks=cb)
     assert seen["epoch"] == S.TINY.epochs - 1 and seen["best"].is_file()
     assert len(seen["results"]) == 7 and all(0 <= float(r) <= 1 for r in seen["results"][:4])
