@@ -219,8 +219,7 @@ def allowed_globals(backend: Backend) -> list[Any]:
                 entries += [(obj, f"{sp}{leaf}.{name}") for sp in spellings]
     # numpy scalars and arrays (best_fitness is a numpy array in checkpoints YOLOv5 writes); an object
     # array's elements are unpickled through the same allow-list
-    core = getattr(np, "_core", None) or np.core
-    entries += [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    entries += numpy_globals()
     entries += [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
                                                  "Int32DType", "BoolDType")
                 if hasattr(np, "dtypes") and hasattr(np.dtypes, n)]
@@ -228,6 +227,31 @@ def allowed_globals(backend: Backend) -> list[Any]:
     import pathlib
 
     entries += [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+    return entries
+
+
+#: The numpy names checkpoints pickle, under numpy 1's (``numpy.core``) and numpy 2's (``numpy._core``)
+#: spelling. Only array/scalar rebuilders and dtype classes: nothing that can call arbitrary code.
+_NUMPY_REBUILDERS = ("multiarray._reconstruct", "multiarray.scalar")
+
+
+def numpy_globals() -> list[Any]:
+    """numpy's array/scalar rebuilders and ``ndarray``/``dtype`` under both module spellings.
+
+    A file pickled under numpy 1 names ``numpy.core.multiarray._reconstruct``; one pickled under numpy 2 names
+    ``numpy._core.multiarray._reconstruct``. Both map to the real objects of the numpy in use (``(obj, name)``
+    entries of ``torch.serialization.add_safe_globals``), so either loads on either numpy.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    entries: list[Any] = [np.ndarray, np.dtype]
+    for rel in _NUMPY_REBUILDERS:
+        mod, name = rel.split(".")
+        obj = getattr(getattr(core, mod), name)
+        entries.append(obj)
+        entries += [(obj, f"{sp}.{rel}") for sp in ("numpy.core", "numpy._core")]
+    entries += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
     return entries
 
 
