@@ -15,13 +15,16 @@ import inspect
 import logging
 import os
 import pickle
+import re
 import sys
 import threading
+import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Iterator, Optional
 
 import torch
 import torch.nn as nn
@@ -194,6 +197,60 @@ def _patch_font_download(backend: Backend) -> None:
         general.check_font = check_font
         if plots is not None:
             plots.check_font = plots_check_font
+
+
+# --------------------------------------------------------------------------------------------------
+# A quiet log while the plugin drives YOLOv5
+# --------------------------------------------------------------------------------------------------
+#: The deprecation warnings YOLOv5 7.0.x's training loop triggers (``torch.cuda.amp.autocast`` every batch,
+#: ``torch.cuda.amp.GradScaler`` once); matched against the start of the message, FutureWarning only.
+AMP_DEPRECATION = re.compile(r"`torch\.cuda\.amp\.(autocast|GradScaler|custom_fwd|custom_bwd)\(args\.\.\.\)` is deprecated")
+#: YOLOv5's ``check_font`` log line (it tries to download Arial.ttf, which fails offline and is not needed).
+FONT_DOWNLOAD = re.compile(r"Downloading https://ultralytics\.com/assets/\S+\.ttf")
+_YOLOV5_LOGGER = "yolov5"  # utils.general.LOGGING_NAME, for the package and a checkout alike
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_filter: Optional[tuple] = None
+
+
+class _FontDownloadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not FONT_DOWNLOAD.match(str(record.getMessage()))
+
+
+_font_filter = _FontDownloadFilter()
+
+
+@contextmanager
+def quiet_yolov5() -> Iterator[None]:
+    """Silence exactly YOLOv5's ``torch.cuda.amp`` FutureWarnings and its Arial.ttf download line, then restore.
+
+    ``warnings.catch_warnings`` swaps the process-wide filter list (not thread-safe: a thread that adds a filter
+    meanwhile loses it), so one filter entry is inserted and later removed by identity; re-entrant (nested or
+    concurrent uses share the entry, the last exit removes it). Every other warning and log line is untouched.
+    """
+    global _quiet_depth, _quiet_filter
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_filter = ("ignore", AMP_DEPRECATION, FutureWarning, None, 0)
+            warnings.filters.insert(0, _quiet_filter)
+            warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidate the once-per-location caches
+            logging.getLogger(_YOLOV5_LOGGER).addFilter(_font_filter)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for i, f in enumerate(warnings.filters):
+                    if f is _quiet_filter:
+                        del warnings.filters[i]
+                        break
+                warnings._filters_mutated()  # type: ignore[attr-defined]
+                logging.getLogger(_YOLOV5_LOGGER).removeFilter(_font_filter)
+                _quiet_filter = None
 
 
 # --------------------------------------------------------------------------------------------------

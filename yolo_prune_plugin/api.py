@@ -10,8 +10,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
-from .adapter import Backend, get_backend, load_checkpoint
+from .adapter import Backend, get_backend, load_checkpoint, quiet_yolov5
 from .callbacks import PrunePlugin, register
+from .checks import check_device, check_model_matches_data
 from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
 from .evaluation import make_settings, resolve_data
@@ -135,7 +136,7 @@ def run_training(opt: argparse.Namespace, config: Optional[PruneConfig], backend
             from . import recovery
 
             plugin = recovery.register(callbacks, config, opt=None if opt.resume else opt)
-            with plugin:  # restores YOLOv5's patched names; fine-tunes after train.main has returned
+            with plugin, quiet_yolov5():  # restores YOLOv5's patched names; fine-tunes after train.main has returned
                 backend.train.main(opt, callbacks=callbacks)
             return plugin
         else:
@@ -144,7 +145,8 @@ def run_training(opt: argparse.Namespace, config: Optional[PruneConfig], backend
         if not str(opt.data).startswith(("http:/", "https:/")) and Path(str(opt.data)).is_file():
             opt.data = str(Path(str(opt.data)).resolve())
         opt.weights = _resolve_weights(str(opt.weights))
-    backend.train.main(opt, callbacks=callbacks)
+    with quiet_yolov5():
+        backend.train.main(opt, callbacks=callbacks)
     return plugin
 
 
@@ -155,6 +157,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
 
     Without ``data`` nothing is evaluated (and data-aware methods are unavailable).
     """
+    check_device(device)
     backend = get_backend()
     cfg = config or load_config()
     if overrides:
@@ -165,6 +168,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
     settings = None
     if data is not None:
         settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)
+        check_model_matches_data(ckpt.get("ema") or ckpt["model"], settings.data, weights, data, single_cls)
     elif cfg.method in DATA_AWARE_METHODS:
         raise ConfigError(f"method {cfg.method!r} needs calibration images from --data")
     entry = prune_checkpoint(weights, cfg, settings, backend=backend, device=device or "cpu", imgsz=imgsz)

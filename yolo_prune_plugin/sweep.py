@@ -21,6 +21,7 @@ import torch
 
 from . import __version__
 from .adapter import Backend, get_backend, load_checkpoint
+from .checks import check_device, check_model_matches_data
 from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict
 from .errors import ConfigError
 from .evaluation import EvalSettings, Metrics, evaluate, make_dataloader, make_settings
@@ -195,7 +196,11 @@ def run_sweep(weights: str | Path, data: str | Path | dict, amounts: Sequence[fl
     weights = Path(weights).expanduser().resolve()
     src = load_checkpoint(weights, backend)
     src = src.get("ema") or src["model"]
-    settings = settings or make_settings(data, imgsz, batch_size, device, False, workers, backend)
+    if settings is None:
+        check_device(device)
+        settings = make_settings(data, imgsz, batch_size, device, False, workers, backend)
+    check_model_matches_data(src, settings.data, weights, data if not isinstance(data, dict) else None,
+                             settings.single_cls)
     folder = Path(out) if out else weights.parent / "sweep"
     folder = Path(backend.general.increment_path(folder, exist_ok=exist_ok))  # never overwrite an earlier sweep
     result = sweep_model(src, settings, amounts_t, methods_t, config, backend, echo)
