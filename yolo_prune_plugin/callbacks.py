@@ -18,6 +18,7 @@ from .adapter import Backend, get_backend, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, load_config
 from .errors import PruneError
 from .evaluation import Metrics, backend_select_device, make_settings
+from .loggers import find_yolo_loggers
 from .runner import check_exports, prune_checkpoint, write_report
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -117,7 +118,8 @@ class PrunePlugin:
                            out=best.parent.parent / "sweep", config=self.config, settings=settings, backend=backend,
                            echo=LOGGER.info)
             extra = {"sweep": {"outputs": sw["outputs"], "dense": sw["dense"], "points": sw["points"]}}
-        self.report_path = write_report(entries, self.config, best.parent.parent, extra=extra, echo=LOGGER.info)
+        self.report_path = write_report(entries, self.config, best.parent.parent, extra=extra, echo=LOGGER.info,
+                                        yolo_loggers=find_yolo_loggers(getattr(self, "callbacks", None)))
         check_exports(entries)
         return entries
 
@@ -150,5 +152,6 @@ def register(callbacks: Any, config: Optional[PruneConfig] = None, opt: Any = No
     if overrides:
         cfg = cfg.with_overrides(**overrides)
     plugin = PrunePlugin(cfg, opt=opt)
+    plugin.callbacks = callbacks  # YOLOv5's Loggers register on it later; loggers.find_yolo_loggers finds them
     callbacks.register_action("on_train_end", name=HOOK_NAME, callback=plugin.on_train_end)
     return plugin

@@ -19,6 +19,7 @@ from .adapter import Backend, get_backend, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_equal
 from .errors import OutputExistsError, PruneError
 from .evaluation import EvalSettings, Metrics, evaluate_weights
+from .loggers import log_results
 from .pruning import PruneResult, conv_layers, prune_model, sparsity_stats
 from .report import atomic_path, atomic_torch_save, print_report, write_json
 
@@ -138,13 +139,18 @@ def check_exports(entries: list[dict]) -> None:
 
 
 def write_report(entries: list[dict], config: PruneConfig, report_dir: str | Path, extra: Optional[dict] = None,
-                 echo: Any = None) -> Path:
-    """Write ``prune_report.json`` in ``report_dir`` and print the before/after table(s)."""
+                 echo: Any = None, yolo_loggers: Any = None) -> Path:
+    """Write ``prune_report.json`` in ``report_dir`` and print the before/after table(s).
+
+    Also TensorBoard events and ``prune_results.csv`` there (:func:`loggers.log_results`), and the scalars
+    to YOLOv5's active trackers (``yolo_loggers``).
+    """
     path = Path(report_dir) / REPORT_NAME
     data = {"plugin": "yolo_prune_plugin", "version": __version__,
             "created": _dt.datetime.now().isoformat(timespec="seconds"), "config": config.to_dict(),
             "results": entries, **(extra or {})}
     write_json(data, path)
+    log_results(report_dir, entries, (extra or {}).get("history"), (extra or {}).get("sweep"), yolo_loggers)
     print_report(entries, echo=echo)
     LOGGER.info("Report written to %s", path)
     return path
