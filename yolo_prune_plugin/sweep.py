@@ -25,6 +25,7 @@ from .checks import check_device, check_model_matches_data
 from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict
 from .errors import ConfigError
 from .evaluation import EvalSettings, Metrics, evaluate, make_dataloader, make_settings
+from .loggers import progress
 from .pruning import check_scope, prune_model
 from .report import atomic_path, atomic_write_text, write_json
 
@@ -91,7 +92,8 @@ def sweep_model(src: torch.nn.Module, settings: EvalSettings, amounts: Sequence[
     echo(f"[dense] mAP50-95={dense.map:.4f} mAP50={dense.map50:.4f} ({time.perf_counter() - t0:.1f}s)")
     rows, layers = [], {}
     n = len(methods) * len(amounts)
-    for i, (method, amount) in enumerate(((m, a) for m in methods for a in amounts), 1):
+    points = [(m, a) for m in methods for a in amounts]
+    for i, (method, amount) in enumerate(progress(points, desc="sweep", total=n), 1):
         model = copy.deepcopy(base)
         res = prune_model(model, amount, method, config.include, config.exclude, calibration=calibration, log=False)
         t0 = time.perf_counter()
