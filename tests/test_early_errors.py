@@ -260,6 +260,9 @@ def test_quiet_yolov5_restores_filters():
     with quiet_yolov5():
         with quiet_yolov5():  # nested: one shared entry
             with warnings.catch_warnings(record=True) as w:
+                assert warnings.filters[0][1].pattern.startswith("`torch")  # ours first, then: show all others
+                warnings.filters.insert(1, ("always", None, Warning, None, 0))
+                warnings._filters_mutated()
                 torch.cuda.amp.GradScaler(enabled=False)
                 warnings.warn("other", FutureWarning)
             assert [str(x.message) for x in w] == ["other"]
