@@ -21,7 +21,9 @@ import pickle
 import re
 import sys
 import threading
+import warnings
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -239,8 +241,9 @@ def compat_patches(backend: Backend) -> Iterator[None]:
 
 @contextlib.contextmanager
 def driving_yolov5(backend: Backend) -> Iterator[None]:
-    """Everything the plugin sets up while it runs YOLOv5's own code (training, validation, export), undone after."""
-    with compat_patches(backend):
+    """Everything the plugin sets up while it runs YOLOv5's own code (training, validation, export), undone after:
+    the compatibility patches and a quiet log (:func:`quiet_yolov5`)."""
+    with compat_patches(backend), quiet_yolov5():
         yield
 
 
@@ -404,6 +407,60 @@ def training_objects(backend: Backend) -> TrainingObjects:
 
 
 # --------------------------------------------------------------------------------------------------
+# A quiet log while the plugin drives YOLOv5
+# --------------------------------------------------------------------------------------------------
+#: The deprecation warnings YOLOv5 7.0.x's training loop triggers (``torch.cuda.amp.autocast`` every batch,
+#: ``torch.cuda.amp.GradScaler`` once); matched against the start of the message, FutureWarning only.
+AMP_DEPRECATION = re.compile(r"`torch\.cuda\.amp\.(autocast|GradScaler|custom_fwd|custom_bwd)\(args\.\.\.\)` is deprecated")
+#: YOLOv5's ``check_font`` log line (it tries to download Arial.ttf, which fails offline and is not needed).
+FONT_DOWNLOAD = re.compile(r"Downloading https://ultralytics\.com/assets/\S+\.ttf")
+_YOLOV5_LOGGER = "yolov5"  # utils.general.LOGGING_NAME, for the package and a checkout alike
+
+_quiet_lock = threading.Lock()
+_quiet_depth = 0
+_quiet_filter: Optional[tuple] = None
+
+
+class _FontDownloadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not FONT_DOWNLOAD.match(str(record.getMessage()))
+
+
+_font_filter = _FontDownloadFilter()
+
+
+@contextmanager
+def quiet_yolov5() -> Iterator[None]:
+    """Silence exactly YOLOv5's ``torch.cuda.amp`` FutureWarnings and its Arial.ttf download line, then restore.
+
+    ``warnings.catch_warnings`` swaps the process-wide filter list (not thread-safe: a thread that adds a filter
+    meanwhile loses it), so one filter entry is inserted and later removed by identity; re-entrant (nested or
+    concurrent uses share the entry, the last exit removes it). Every other warning and log line is untouched.
+    """
+    global _quiet_depth, _quiet_filter
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_filter = ("ignore", AMP_DEPRECATION, FutureWarning, None, 0)
+            warnings.filters.insert(0, _quiet_filter)
+            warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidate the once-per-location caches
+            logging.getLogger(_YOLOV5_LOGGER).addFilter(_font_filter)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for i, f in enumerate(warnings.filters):
+                    if f is _quiet_filter:
+                        del warnings.filters[i]
+                        break
+                warnings._filters_mutated()  # type: ignore[attr-defined]
+                logging.getLogger(_YOLOV5_LOGGER).removeFilter(_font_filter)
+                _quiet_filter = None
+
+
+# --------------------------------------------------------------------------------------------------
 # Safe checkpoint loading
 # --------------------------------------------------------------------------------------------------
 def allowed_globals(backend: Backend) -> list[Any]:
@@ -426,8 +483,7 @@ def allowed_globals(backend: Backend) -> list[Any]:
                 entries += [(obj, f"{sp}{leaf}.{name}") for sp in spellings]
     # numpy scalars and arrays (best_fitness is a numpy array in checkpoints YOLOv5 writes); an object
     # array's elements are unpickled through the same allow-list
-    core = getattr(np, "_core", None) or np.core
-    entries += [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype]
+    entries += numpy_globals()
     entries += [getattr(np.dtypes, n) for n in ("Float64DType", "Float32DType", "Float16DType", "Int64DType",
                                                  "Int32DType", "BoolDType")
                 if hasattr(np, "dtypes") and hasattr(np.dtypes, n)]
@@ -435,6 +491,31 @@ def allowed_globals(backend: Backend) -> list[Any]:
     import pathlib
 
     entries += [pathlib.PosixPath, pathlib.WindowsPath, pathlib.PurePosixPath, pathlib.PureWindowsPath]
+    return entries
+
+
+#: The numpy names checkpoints pickle, under numpy 1's (``numpy.core``) and numpy 2's (``numpy._core``)
+#: spelling. Only array/scalar rebuilders and dtype classes: nothing that can call arbitrary code.
+_NUMPY_REBUILDERS = ("multiarray._reconstruct", "multiarray.scalar")
+
+
+def numpy_globals() -> list[Any]:
+    """numpy's array/scalar rebuilders and ``ndarray``/``dtype`` under both module spellings.
+
+    A file pickled under numpy 1 names ``numpy.core.multiarray._reconstruct``; one pickled under numpy 2 names
+    ``numpy._core.multiarray._reconstruct``. Both map to the real objects of the numpy in use (``(obj, name)``
+    entries of ``torch.serialization.add_safe_globals``), so either loads on either numpy.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    entries: list[Any] = [np.ndarray, np.dtype]
+    for rel in _NUMPY_REBUILDERS:
+        mod, name = rel.split(".")
+        obj = getattr(getattr(core, mod), name)
+        entries.append(obj)
+        entries += [(obj, f"{sp}.{rel}") for sp in ("numpy.core", "numpy._core")]
+    entries += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
     return entries
 
 

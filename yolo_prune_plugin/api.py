@@ -15,6 +15,7 @@ import torch
 from . import pipeline
 from .adapter import Backend, driving_yolov5, get_backend, load_checkpoint
 from .callbacks import PrunePlugin, register
+from .checks import check_device, check_model_matches_data
 from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
 from .evaluation import make_settings, resolve_data
@@ -155,6 +156,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
 
     Without ``data`` nothing is evaluated (and data-aware methods are unavailable).
     """
+    check_device(device)
     backend = get_backend()
     cfg = config or load_config()
     if overrides:
@@ -165,6 +167,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
     settings = None
     if data is not None:
         settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)
+        check_model_matches_data(ckpt.get("ema") or ckpt["model"], settings.data, weights, data, single_cls)
     elif cfg.method in DATA_AWARE_METHODS:
         raise ConfigError(f"method {cfg.method!r} needs calibration images from --data")
     if cfg.finetune.epochs or cfg.schedule.final_amount is not None:

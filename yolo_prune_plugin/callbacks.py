@@ -15,10 +15,11 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .adapter import Backend, backend_of_callbacks, compat_patches, get_backend, load_checkpoint
+from .adapter import Backend, backend_of_callbacks, driving_yolov5, get_backend, load_checkpoint
 from .config import PruneConfig, load_config
 from .errors import PruneError
 from .evaluation import Metrics
+from .loggers import find_yolo_loggers
 from .report import ReportEntry
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -53,6 +54,7 @@ class PrunePlugin:
         self.report_path: Optional[Path] = None
         self.error: Optional[BaseException] = None
         self.ran = False
+        self.callbacks: Any = None  # set by register(): YOLOv5's Loggers (trackers) are found on it
         self._resolved_opt: dict = {}  # training options as the hook found them (for the retry command)
         self._scope = contextlib.ExitStack()  # the compat patches while YOLOv5 trains (3-line path)
         self._scoped = False
@@ -70,7 +72,7 @@ class PrunePlugin:
     def on_pretrain_routine_start(self) -> None:
         """Training begins: YOLOv5 7.0.x needs the compat patches (offline font, Pillow, numpy) until it ends."""
         if not self._scoped:
-            self._scope.enter_context(compat_patches(self.backend))
+            self._scope.enter_context(driving_yolov5(self.backend))
             self._scoped = True
 
     def on_train_start(self) -> None:
@@ -155,7 +157,7 @@ class PrunePlugin:
         self._best = best
         backend = self.backend
         ckpts: dict[Path, dict] = {}
-        with compat_patches(backend):
+        with driving_yolov5(backend):
             if self.mode == "schedule":
                 cand, model, section, leaks, before_row = self.gradual.result(last, best, epoch)
                 opt = self._resolved_opt = self._options(cand, best)
@@ -191,7 +193,8 @@ class PrunePlugin:
                                ckpt=ckpts.get(f0))
                 sweep = {"outputs": sw["outputs"], "dense": sw["dense"], "points": sw["points"]}
             self.report_path = pipeline.write_report(self.entries, self.config, best.parent.parent,
-                                                     history=self.history or None, sweep=sweep, echo=LOGGER.info)
+                                                     history=self.history or None, sweep=sweep, echo=LOGGER.info,
+                                                     yolo_loggers=find_yolo_loggers(self.callbacks))
         pipeline.check_exports(self.entries)
         return self.entries
 
@@ -229,6 +232,7 @@ def register(callbacks: Any, config: Optional[PruneConfig] = None, opt: Any = No
         cfg = cfg.with_overrides(**overrides)
     backend = backend_of_callbacks(callbacks)
     plugin = PrunePlugin(cfg, opt=opt, backend=backend)
+    plugin.callbacks = callbacks  # YOLOv5's Loggers register on it later; loggers.find_yolo_loggers finds them
     for hook, fn in plugin.hooks().items():
         callbacks.register_action(hook, name=HOOK_NAME, callback=fn)
     return plugin

@@ -5,9 +5,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 from ._version import __version__
 from .config import METHODS, PruneConfig, config_from_dict, load_config
@@ -148,7 +151,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     handler = _setup_logging(ns.verbose)
     try:
-        with contextlib.ExitStack() as scope:
+        with sigterm_as_interrupt(), contextlib.ExitStack() as scope:
+            early_checks(ns, rest)  # the user's own paths and device, before torch/YOLOv5 are imported
             if ns.trust_checkpoint:
                 from .adapter import trusted_loading
 
@@ -159,6 +163,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PruneError as e:
         print(f"yolo-prune: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except Terminated:
+        print("yolo-prune: terminated (SIGTERM); unfinished outputs were removed", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("yolo-prune: interrupted", file=sys.stderr)
         return 130
@@ -166,6 +173,63 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if handler is not None:
             LOGGER.removeHandler(handler)
             LOGGER.setLevel(logging.NOTSET)
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread on SIGTERM, so ``finally`` blocks (temporary-file cleanup) run as on Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Treat SIGTERM like SIGINT while the command runs (main thread only); restores the previous handler."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _train_paths(rest: list[str]) -> argparse.Namespace:
+    """The few YOLOv5 train flags checked early (everything else is YOLOv5's to parse)."""
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--weights", default=None)
+    p.add_argument("--data", default=None)
+    p.add_argument("--device", default="")
+    p.add_argument("--resume", nargs="?", const=True, default=False)
+    return p.parse_known_args(rest)[0]
+
+
+def early_checks(ns: argparse.Namespace, rest: list[str]) -> None:
+    """Errors about the user's own arguments, before any heavy import and any work.
+
+    Paths (``--weights``, ``--data``, the config YAML) are checked with the standard library only; the
+    device check imports torch but not YOLOv5.
+    """
+    from .checks import check_device, check_file_path, check_user_paths
+
+    cmd = ns.command
+    if cmd == "train":
+        t = _train_paths(rest)
+        prune_on = any(v is not None for k, v in vars(ns).items() if k.startswith("prune_"))
+        if prune_on and not t.resume:
+            check_user_paths(t.weights, t.data, ns.prune_config, allow_release=True)
+        check_device(t.device)
+    elif cmd == "prune":
+        check_file_path(ns.config, "--config", "prune config YAML")
+        check_user_paths(ns.weights, ns.data)
+        check_device(ns.device)
+    elif cmd in ("export", "sweep"):
+        check_user_paths(ns.weights, getattr(ns, "data", None))
+        check_device(ns.device)
+    elif cmd == "demo":
+        check_device(ns.device)
 
 
 def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:

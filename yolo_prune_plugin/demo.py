@@ -39,7 +39,28 @@ def run_demo(folder: str | Path = "runs/yolo-prune-demo", amount: Optional[float
     if plugin is None or plugin.error is not None or not plugin.entries:
         return 1
     entry = plugin.entries[0]
+    sweep = demo_sweep(entry.checkpoint, data, imgsz=int(overrides["imgsz"]), device=device,
+                       out=Path(entry.checkpoint).parent.parent / "sweep", backend=backend)
     dense = (entry.metrics_before or {}).get("mAP50")
-    LOGGER.info("\nDemo finished: dense mAP50 %s, pruned file %s, report %s",
-                f"{dense:.3f}" if dense is not None else "n/a", entry.output, plugin.report_path)
+    LOGGER.info("\nDemo finished: dense mAP50 %s, pruned file %s, report %s, sweep plot %s",
+                f"{dense:.3f}" if dense is not None else "n/a", entry.output, plugin.report_path,
+                sweep["outputs"]["png"])
     return 0
+
+
+#: The demo's closing sweep: a few amounts of the default method, seconds on CPU at the demo's image size.
+DEMO_SWEEP_AMOUNTS = (0.3, 0.5, 0.7)
+
+
+def demo_sweep(weights: str | Path, data: str | Path, imgsz: int, device: str = "", out: str | Path | None = None,
+               amounts: tuple = DEMO_SWEEP_AMOUNTS, backend: Optional[object] = None) -> dict:
+    """Sweep the demo's trained model over ``amounts`` (global magnitude), print the table and the plot's path."""
+    from .sweep import run_sweep
+
+    result = run_sweep(weights, data, amounts=list(amounts), methods="global", imgsz=imgsz, batch_size=32,
+                       device=device or "cpu", workers=0, out=out, backend=backend, echo=LOGGER.info)
+    rows = ["amount  sparsity  mAP50   mAP50-95  retention"]
+    rows += [f"{p['amount']:>6.2f}  {100 * p['sparsity']:>7.1f}%  {p['mAP50']:.3f}   {p['mAP50-95']:.3f}     "
+             f"{p['retention'] if p['retention'] is not None else '-'}" for p in result["points"]]
+    LOGGER.info("Sweep of the demo model (global):\n%s\nplot: %s", "\n".join(rows), result["outputs"]["png"])
+    return result

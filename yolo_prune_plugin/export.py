@@ -514,8 +514,10 @@ def _export_all(b: Backend, weights: Path, fmts: list[str], dests: dict[str, Pat
             except Exception as e:  # noqa: BLE001 - YOLOv5 asserts/raises outside its try_export too
                 failures.append(f"{type(e).__name__}: {e}")
         cache: dict = {"model": reference}  # the reference output is computed once for all formats
+        from .loggers import progress
+
         return [_verify_and_place(b, fmt, artifact_path(src, fmt), dests[fmt], reference, size, device, atol,
-                                  failures, cache) for fmt in fmts]
+                                  failures, cache) for fmt in progress(fmts, desc="verify exports", total=len(fmts))]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

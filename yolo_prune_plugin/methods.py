@@ -347,6 +347,9 @@ def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
     masks: dict[int, torch.Tensor] = {}
     report: dict[str, dict] = {}
     fallback: list[str] = []
+    from .loggers import progress
+
+    bar = progress(desc="obs: pruning layers", total=len(layers))
 
     def prune_one(conv: nn.Conv2d, inp: Optional[torch.Tensor]) -> None:
         name, _, k, forced = todo[id(conv)]
@@ -380,6 +383,7 @@ def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
         conv.weight.data.copy_(new)
         masks[id(conv)] = k_mask.to(conv.weight.dtype)
         report[name] = rep
+        bar.update(1)
 
     def hook(conv: nn.Module, inp: tuple) -> None:
         if id(conv) not in masks:  # a layer called twice is pruned on its first call
@@ -390,6 +394,7 @@ def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
         for _, m in layers:  # layers the forward pass never reached
             if id(m) not in masks:
                 prune_one(m, None)
+    bar.close()
 
     extra: dict[str, Any] = {
         "calibration_images": int(calibration.shape[0]),

@@ -25,6 +25,7 @@ from .adapter import Backend, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_equal
 from .errors import OutputExistsError, PruneError
 from .evaluation import EvalSettings, Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
+from .loggers import log_results
 from .pruning import PruneResult, conv_layers, prune_model, sparsity_stats
 from .report import ReportEntry, atomic_path, print_report, write_json
 
@@ -258,8 +259,10 @@ def check_exports(entries: list[ReportEntry]) -> None:
 
 
 def write_report(entries: list[ReportEntry], config: PruneConfig, report_dir: str | Path,
-                 history: Optional[list] = None, sweep: Optional[dict] = None, echo: Any = None) -> Path:
-    """Write ``prune_report.json`` in ``report_dir`` and print the before/after table(s)."""
+                 history: Optional[list] = None, sweep: Optional[dict] = None, echo: Any = None,
+                 yolo_loggers: Any = None) -> Path:
+    """Write ``prune_report.json`` in ``report_dir``, print the before/after table(s), and log the results where
+    YOLOv5 users look (TensorBoard events, ``prune_results.csv``, YOLOv5's active trackers)."""
     path = Path(report_dir) / REPORT_NAME
     data: dict[str, Any] = {"plugin": "yolo_prune_plugin", "version": __version__,
                             "created": _dt.datetime.now().isoformat(timespec="seconds"), "config": config.to_dict(),
@@ -270,6 +273,7 @@ def write_report(entries: list[ReportEntry], config: PruneConfig, report_dir: st
     if sweep is not None:
         data["sweep"] = sweep
     write_json(data, path)
-    print_report([e.to_dict() for e in entries], echo=echo)
+    log_results(report_dir, data["results"], history, sweep, yolo_loggers)
+    print_report(data["results"], echo=echo)
     LOGGER.info("Report written to %s", path)
     return path

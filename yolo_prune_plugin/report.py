@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import glob
 import json
+import logging
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -11,16 +14,65 @@ from typing import Any, Callable, Iterator, Mapping, Optional
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+
+#: Temporary files of :func:`atomic_path` are ``.<dest name>.yp<pid>-<random>.tmp``: the pid tells a later run
+#: whether the process that made one is gone (killed with SIGKILL, power loss) and the file is garbage.
+_TMP_RE = re.compile(r"^\.(?P<dest>.+)\.yp(?P<pid>\d+)-[^./]+\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or cannot tell: keep the file
+    return True
+
+
+def stale_temp_files(dest: str | Path) -> list[Path]:
+    """Temporary files for ``dest`` left by plugin runs whose process no longer exists."""
+    dest = Path(dest)
+    out = []
+    try:
+        candidates = list(dest.parent.glob(f".{glob.escape(dest.name)}.yp*-*.tmp"))
+    except OSError:
+        return []
+    for f in candidates:
+        m = _TMP_RE.match(f.name)
+        if m and m.group("dest") == dest.name and not _pid_alive(int(m.group("pid"))):
+            out.append(f)
+    return out
+
+
+def remove_stale_temp_files(dest: str | Path) -> list[Path]:
+    """Delete :func:`stale_temp_files` of ``dest``; returns what was removed (logged at INFO)."""
+    removed = []
+    for f in stale_temp_files(dest):
+        try:
+            f.unlink()
+        except OSError:
+            continue
+        removed.append(f)
+        LOGGER.info("yolo_prune_plugin: removed %s, left by an earlier run that was killed", f)
+    return removed
+
 
 @contextmanager
 def atomic_path(dest: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``dest``; on success it is renamed onto ``dest`` in one step.
 
-    On failure the temporary file is removed and ``dest`` is left as it was.
+    On failure (including Ctrl-C, and SIGTERM under ``yolo-prune``) the temporary file is removed and ``dest``
+    is left as it was. Temporary files of ``dest`` left by an earlier, killed run are removed first.
     """
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    remove_stale_temp_files(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.yp{os.getpid()}-", suffix=".tmp", dir=dest.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -21,9 +21,11 @@ import torch
 
 from . import __version__
 from .adapter import Backend, get_backend, load_checkpoint
+from .checks import check_device, check_model_matches_data
 from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict
 from .errors import ConfigError
 from .evaluation import EvalSettings, evaluate, make_dataloader, make_settings
+from .loggers import progress
 from .pruning import check_scope, prune_model
 from .report import atomic_path, atomic_write_text, write_json
 
@@ -90,7 +92,8 @@ def sweep_model(src: torch.nn.Module, settings: EvalSettings, amounts: Sequence[
     echo(f"[dense] mAP50-95={dense.map:.4f} mAP50={dense.map50:.4f} ({time.perf_counter() - t0:.1f}s)")
     rows, layers = [], {}
     n = len(methods) * len(amounts)
-    for i, (method, amount) in enumerate(((m, a) for m in methods for a in amounts), 1):
+    points = [(m, a) for m in methods for a in amounts]
+    for i, (method, amount) in enumerate(progress(points, desc="sweep", total=n), 1):
         model = copy.deepcopy(base)
         res = prune_model(model, amount, method, config.include, config.exclude, calibration=calibration, log=False,
                           options=config.obs)
@@ -199,7 +202,11 @@ def run_sweep(weights: str | Path, data: str | Path | dict, amounts: Sequence[fl
     weights = Path(weights).expanduser().resolve()
     src = ckpt if ckpt is not None else load_checkpoint(weights, backend)
     src = src.get("ema") or src["model"]
-    settings = settings or make_settings(data, imgsz, batch_size, device, False, workers, backend)
+    if settings is None:
+        check_device(device)
+        settings = make_settings(data, imgsz, batch_size, device, False, workers, backend)
+    check_model_matches_data(src, settings.data, weights, data if not isinstance(data, dict) else None,
+                             settings.single_cls)
     folder = Path(out) if out else weights.parent / "sweep"
     folder = Path(backend.general.increment_path(folder, exist_ok=exist_ok))  # never overwrite an earlier sweep
     result = sweep_model(src, settings, amounts_t, methods_t, config, backend, echo)

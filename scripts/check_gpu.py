@@ -1,0 +1,155 @@
+#!/usr/bin/env python
+"""Run every CUDA code path of the plugin once on one GPU (< 5 min) and print one line per path.
+
+    python scripts/check_gpu.py [--shared ../shared] [--device 0] [--img 320]
+
+Paths: prune (global, obs) on CUDA with half-precision evaluation as YOLOv5's final validation does it (and
+YOLOv5's own ``val.py --half`` on the written file reproduces the numbers); a 1-epoch ``yolo-prune train
+--device 0 --prune-amount 0.3`` on coco128 with its report; a half ONNX export with verification;
+``yolo-prune bench`` on the GPU when that command exists. Each path runs as its own ``yolo-prune`` process.
+Exit status 1 if any path failed; without CUDA it says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "yolo_prune_plugin.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=str(ROOT))
+
+
+def _why(r: subprocess.CompletedProcess) -> str:
+    lines = [ln for ln in (r.stderr + r.stdout).strip().splitlines() if ln.strip()]
+    return f"exit {r.returncode}: {lines[-1][:300] if lines else 'no output'}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shared", default=os.environ.get("YOLO_PRUNE_SHARED", str(ROOT.parent / "shared")))
+    ap.add_argument("--device", default="0")
+    ap.add_argument("--img", type=int, default=320)
+    a = ap.parse_args(argv)
+
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"check_gpu: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}); nothing to "
+              "check here")
+        return 0
+    shared = Path(a.shared).expanduser().resolve()
+    weights, data_yaml = shared / "weights" / "yolov5n.pt", shared / "data" / "coco128.yaml"
+    if not weights.is_file() or not data_yaml.is_file():
+        print(f"check_gpu: failed: needs {weights} and {data_yaml} (pass --shared)")
+        return 1
+    from yolo_prune_plugin.evaluation import write_absolute_data_yaml
+
+    work = Path(tempfile.mkdtemp(prefix="yolo_prune_gpu_"))
+    data = write_absolute_data_yaml(data_yaml, work / "data")
+    dev, img = a.device, str(a.img)
+    print(f"check_gpu: {torch.cuda.get_device_name(int(dev.split(',')[0]))}, torch {torch.__version__}, work {work}")
+    results: list[tuple[str, bool, str]] = []
+
+    def path(name: str, fn) -> None:
+        t0 = time.perf_counter()
+        try:
+            msg = fn()
+            ok = True
+        except Exception as e:  # noqa: BLE001 - every path reports, none stops the others
+            ok, msg = False, f"{type(e).__name__}: {e}"
+        line = f"{name:<28} {'ok' if ok else 'FAILED'}  ({time.perf_counter() - t0:5.1f}s)  {msg}"
+        print(line, flush=True)
+        results.append((name, ok, msg))
+
+    def prune(method: str) -> dict:
+        d = work / f"prune_{method}"
+        d.mkdir()
+        w = d / "yolov5n.pt"
+        shutil.copy(weights, w)
+        r = _cli("prune", "--weights", str(w), "--data", str(data), "--img", img, "--device", dev, "--amount",
+                 "0.3", "--method", method, "--workers", "4")
+        if r.returncode != 0:
+            raise RuntimeError(_why(r))
+        entry = json.loads((d / "prune_report.json").read_text())["results"][0]
+        if not str(entry["device"]).startswith("cuda"):
+            raise RuntimeError(f"pruned on {entry['device']}, not CUDA")
+        if not entry.get("eval", {}).get("half"):
+            raise RuntimeError("evaluation was not half precision (YOLOv5's final validation on GPU is)")
+        return entry
+
+    def prune_global() -> str:
+        e = prune("global")
+        return f"mAP50-95 {e['metrics_before']['mAP50-95']:.4f} -> {e['metrics_after']['mAP50-95']:.4f}"
+
+    def prune_obs() -> str:
+        e = prune("obs")
+        return f"mAP50-95 {e['metrics_after']['mAP50-95']:.4f}, {e['prune_seconds']:.1f}s"
+
+    def half_eval_matches_val() -> str:
+        from yolo_prune_plugin.adapter import get_backend
+
+        b = get_backend()
+        out = work / "prune_global" / "yolov5n_pruned.pt"
+        entry = json.loads((work / "prune_global" / "prune_report.json").read_text())["results"][0]
+        r = b.val.run(data=str(data), weights=str(out), imgsz=int(img), batch_size=32, iou_thres=0.6, device=dev,
+                      half=True, workers=4, project=str(work / "val"), plots=False)[0]
+        d = abs(r[3] - entry["metrics_after"]["mAP50-95"])
+        if d > 0.002:
+            raise RuntimeError(f"YOLOv5 val.py --half gives {r[3]:.4f}, report says "
+                               f"{entry['metrics_after']['mAP50-95']:.4f}")
+        return f"val.py --half {r[3]:.4f} (|diff| {d:.4f})"
+
+    def train() -> str:
+        r = _cli("train", "--data", str(data), "--weights", str(weights), "--img", img, "--epochs", "1",
+                 "--batch-size", "16", "--device", dev, "--workers", "4", "--project", str(work / "runs"),
+                 "--name", "exp", "--prune-amount", "0.3", timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(_why(r))
+        rep = work / "runs" / "exp" / "prune_report.json"
+        entry = json.loads(rep.read_text())["results"][0]
+        return f"sparsity {entry['sparsity_after']['sparsity']:.3f}, report {rep}"
+
+    def export_half() -> str:
+        src = work / "prune_global" / "yolov5n_pruned.pt"
+        r = _cli("export", "--weights", str(src), "--include", "onnx", "--device", dev, "--half", "--img", img)
+        if r.returncode != 0:
+            raise RuntimeError(_why(r))
+        return (r.stdout.strip().splitlines() or [""])[-1][:200]
+
+    def bench() -> str:
+        h = _cli("--help")
+        if " bench" not in h.stdout and "bench," not in h.stdout and ",bench" not in h.stdout:
+            return "skipped: this version has no `yolo-prune bench` command"
+        r = _cli("bench", "--weights", str(work / "prune_global" / "yolov5n_pruned.pt"), "--device", dev,
+                 "--img", img)
+        if r.returncode != 0:
+            raise RuntimeError(_why(r))
+        return (r.stdout.strip().splitlines() or [""])[-1][:200]
+
+    path("prune global (cuda)", prune_global)
+    path("prune obs (cuda)", prune_obs)
+    path("half eval = YOLOv5 val --half", half_eval_matches_val)
+    path("train 1 epoch + prune", train)
+    path("export onnx --half", export_half)
+    path("bench (gpu)", bench)
+    failed = [n for n, ok, _ in results if not ok]
+    print(f"check_gpu: {len(results) - len(failed)} ok, {len(failed)} failed" + (f": {', '.join(failed)}" if failed
+                                                                                    else ""))
+    shutil.rmtree(work, ignore_errors=True)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
