@@ -13,6 +13,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("YOLO_PRUNE_SHARED", ROOT.parent / "shared"))
 SHARED_WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core (-n 2): one torch thread each, no oversubscription
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

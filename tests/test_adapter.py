@@ -187,7 +187,7 @@ def test_real_checkpoint_shapes_load(backend, tmp_path, cfg, with_state):
             "optimizer": None, "opt": {"data": "x.yaml", "imgsz": 640}, "date": "2026-01-01"}
     if with_state:
         opt = torch.optim.SGD(model.float().parameters(), lr=0.1, momentum=0.9)
-        model(torch.zeros(2, 3, 128, 128))[0].sum().backward()
+        model(torch.zeros(2, 3, 64, 64))[0].sum().backward()  # one real step: optimizer state exists
         opt.step()
         ema = torch_utils.ModelEMA(model)
         ckpt.update(model=model.half(), ema=ema.ema.half(), updates=ema.updates, optimizer=opt.state_dict())

@@ -74,13 +74,33 @@ def test_train_without_prune_flags_is_plain_yolov5(backend, tiny_data, tmp_path)
     assert not (run / "prune_report.json").exists() and not list(run.rglob("*_pruned.pt"))
 
 
-def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data, tmp_path, monkeypatch, caplog):
+def fake_train_main(small_model):
+    """Stands in for YOLOv5's ``train.main`` where the hook is the subject: writes a finished run folder the way
+    train.py leaves it and fires the callbacks train.py fires (no epoch is trained)."""
+    from conftest import save_checkpoint
+
+    def main(opt, callbacks):
+        from pathlib import Path
+
+        callbacks.run("on_pretrain_routine_start")
+        w = Path(opt.project) / opt.name / "weights"
+        w.mkdir(parents=True)
+        for f in ("best.pt", "last.pt"):
+            save_checkpoint(small_model, w / f, opt=dict(vars(opt)))
+        callbacks.run("on_train_end", w / "last.pt", w / "best.pt", 0, None)
+
+    return main
+
+
+def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data, tmp_path, monkeypatch, caplog,
+                                                              small_model):
     import yolo_prune_plugin.pipeline as pipeline_mod
 
     def boom(*a, **k):
         raise RuntimeError("injected pruning fault")
 
     monkeypatch.setattr(pipeline_mod, "prune_model", boom)
+    monkeypatch.setattr(backend.train, "main", fake_train_main(small_model))
     rc = main(_train_args(backend, tiny_data, tmp_path / "runs", "--prune-amount", "0.3"))
     assert rc == 1
     w = tmp_path / "runs" / "exp" / "weights"
