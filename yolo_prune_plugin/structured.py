@@ -101,7 +101,7 @@ class ChannelPruneResult:
     conv_weights_after: int
     channels_before: dict[str, list[int]]
     channels_after: dict[str, list[int]]
-    ratio: float  # the global importance quantile that met the amount
+    ratio: float  # fraction of all ranked channels selected globally (before rounding) that met the amount
     seconds: float
     extra: dict = field(default_factory=dict)
 
@@ -110,7 +110,7 @@ class ChannelPruneResult:
              "achieved": round(self.achieved, 6), "round_to": self.round_to, "params_before": self.params_before,
              "params_after": self.params_after, "gflops_before": self.gflops_before,
              "gflops_after": self.gflops_after, "conv_weights_before": self.conv_weights_before,
-             "conv_weights_after": self.conv_weights_after, "quantile": round(self.ratio, 6),
+             "conv_weights_after": self.conv_weights_after, "channel_ratio": round(self.ratio, 6),
              "seconds": round(self.seconds, 3), **self.extra}
         if per_layer:
             d["channels"] = {n: {"before": self.channels_before[n], "after": c}
@@ -206,7 +206,7 @@ def accumulate_loss_gradients(model: nn.Module, images: torch.Tensor, targets: t
             t[:, 0] -= i
             loss, _ = compute_loss(model(x), t.to(p0.device))
             loss.backward()
-            total += float(loss)
+            total += float(loss.detach())
             n += 1
     finally:
         model.load_state_dict({**model.state_dict(), **buffers})
@@ -272,15 +272,24 @@ def _keep_count(n: int, n_prune: int, round_to: int, floor: int) -> int:
     return int(min(n, max(kept, floor)))
 
 
-def _plan(scores: dict[str, torch.Tensor], threshold: float, round_to: int, max_layer_ratio: float) -> dict:
-    """Channel indices to remove per group root for one global ``threshold`` on normalised importance."""
+def _plan(scores: dict[str, torch.Tensor], k: int, round_to: int, max_layer_ratio: float) -> dict:
+    """Channel indices to remove per group root when the ``k`` globally lowest-ranked channels go.
+
+    Ranking is by normalised importance over all groups (ties broken by position, so equal scores, e.g. an
+    untrained model's BatchNorm scales, still give every ``k`` its own plan); each group's count is then rounded.
+    """
+    names = list(scores)
+    flat = torch.cat([scores[n] for n in names])
+    owner = torch.cat([torch.full((len(scores[n]),), i) for i, n in enumerate(names)])
+    order = torch.sort(flat, stable=True).indices[: max(0, int(k))]
+    counts = torch.bincount(owner[order], minlength=len(names)).tolist()
     plan = {}
-    for name, s in scores.items():
+    for name, n_prune in zip(names, counts):
+        s = scores[name]
         n = len(s)
-        n_prune = int((s <= threshold).sum())
         kept = _keep_count(n, n_prune, round_to, math.ceil(n * (1 - max_layer_ratio)))
         if kept < n:
-            plan[name] = torch.argsort(s)[: n - kept].tolist()
+            plan[name] = torch.sort(s, stable=True).indices[: n - kept].tolist()
     return plan
 
 
@@ -355,25 +364,26 @@ def channel_prune(model: nn.Module, amount: float, *, importance: str = DEFAULT_
             p.grad = None
     if not scores:
         raise PruneError("channel pruning: no prunable channel group in scope")
-    flat = torch.cat(list(scores.values()))
+    total = sum(len(v) for v in scores.values())
 
-    def trial(q: float) -> tuple[float, dict]:
-        plan = _plan(scores, float(torch.quantile(flat, q)) if q > 0 else -math.inf, round_to, max_layer_ratio)
+    def trial(k: int) -> tuple[float, dict]:
+        plan = _plan(scores, k, round_to, max_layer_ratio)
         m = copy.deepcopy(model)
         _apply_plan(m, plan, ignored_names, trace_imgsz)
         return 1 - _weights(m, scope) / w_before, plan
 
-    lo, hi = 0.0, 1.0
-    best: tuple[float, float, dict] = (math.inf, 0.0, {})
-    for _ in range(14):
-        q = (lo + hi) / 2
-        got, plan = trial(q)
+    lo, hi = 0, total
+    best: tuple[float, int, dict] = (math.inf, 0, {})
+    while lo <= hi:  # bisection on the number of globally lowest-ranked channels removed
+        k = (lo + hi) // 2
+        got, plan = trial(k)
         if abs(got - amount) < abs(best[0] - amount):
-            best = (got, q, plan)
+            best = (got, k, plan)
         if abs(got - amount) <= tolerance / 4:
             break
-        lo, hi = (q, hi) if got < amount else (lo, q)
-    achieved, q, plan = best
+        lo, hi = (k + 1, hi) if got < amount else (lo, k - 1)
+    achieved, k, plan = best
+    q = k / total
     if abs(achieved - amount) > tolerance:
         raise PruneError(f"channel pruning: cannot remove {amount:.1%} of the Conv2d weights in scope "
                          f"(closest {achieved:.1%} with round_to={round_to}, max_layer_ratio={max_layer_ratio}); "
