@@ -120,7 +120,13 @@ class Ctx:
             r = channel_prune(m, amount, importance=importance, round_to=round_to, max_layer_ratio=max_layer_ratio,
                               calibration=cal, imgsz=self.args.imgsz)
             info.update(r.to_dict(per_layer=False))
-        if recal:
+        if recal == "recon":  # layer-wise least-squares reconstruction against the dense model (320 px)
+            from yolo_prune_plugin.calibration import load_calibration_images
+            from yolo_prune_plugin.structured import reconstruct_layers
+
+            ims = load_calibration_images(self.held, 320, n=self.args.calib)
+            info["reconstruction"] = reconstruct_layers(m, self.dense(), ims)
+        elif recal:
             info["bn_recal"] = recalibrate_bn(m, self.calib_images(), batch_size=8)
         name = tag or f"{kind}{int(round(amount * 100))}{'_recal' if recal else ''}"
         return self.save(m, name), info
@@ -164,9 +170,12 @@ def phase_explore(c: Ctx) -> None:
         save_row(res, "dense", c.evaluate(c.save(c.dense(), "dense"), c.held))
     grid = [("l1", 8, 0.75, True), ("l1", 8, 0.75, False), ("l1", 1, 0.75, True), ("taylor", 8, 0.75, True),
             ("taylor", 1, 0.75, True), ("l1", 8, 0.5, True), ("bn", 8, 0.75, True)]
+    if c.args.grid:  # IMPORTANCE:ROUND_TO:MAX_LAYER_RATIO:recal|raw
+        grid = [(i, int(r), float(m), {"recal": True, "raw": False}.get(rc, rc))
+                for i, r, m, rc in (g.split(":") for g in c.args.grid)]
     for amount in c.args.explore_amounts:
         for imp, rt, mlr, recal in grid:
-            key = f"{amount}_{imp}_rt{rt}_mlr{mlr}_{'recal' if recal else 'raw'}"
+            key = f"{amount}_{imp}_rt{rt}_mlr{mlr}_{recal if isinstance(recal, str) else 'recal' if recal else 'raw'}"
             if key in load_json(res):
                 continue
             p, info = c.make("channel", amount, recal, imp, rt, mlr, tag="explore")
@@ -185,15 +194,16 @@ def phase_finetune(c: Ctx) -> None:
     res = c.out / "finetune.json"
     base = train_opt([], c.b, data=str(c.full), imgsz=a.ft_imgsz, batch_size=a.batch_size, device="cpu",
                      workers=a.workers, noplots=True, project=str(c.out / "ft"))
-    jobs = [("channel50", "channel", 0.5), ("dense", "dense", 0.0), ("channel30", "channel", 0.3),
-            ("unstructured50", "unstructured", 0.5)][: a.ft_jobs]
+    jobs = [(f"channel50_{a.ft_importance}", "channel", 0.5), ("dense", "dense", 0.0),
+            (f"channel30_{a.ft_importance}", "channel", 0.3), ("unstructured50", "unstructured", 0.5)][: 4 if a.ft_only else a.ft_jobs]
     for name, kind, amount in jobs:
-        if name in load_json(res):
+        if name in load_json(res) or (a.ft_only and name not in a.ft_only):
             continue
         if kind == "dense":
             src = c.save(c.dense(), "dense")
         else:
-            src, _ = c.make(kind, amount, True, tag=f"{name}_ftstart")
+            src, _ = c.make(kind, amount, True, importance=a.ft_importance if kind == "channel" else "l1",
+                            tag=f"{name}_ftstart")
         t0 = time.perf_counter()
         common = dict(lr_scale=a.lr_scale, warmup=False, project=c.out / "ft", name=name, backend=c.b)
         if kind == "channel":
@@ -259,8 +269,11 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-imgsz", type=int, default=320)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--lr-scale", type=float, default=1.0)
+    ap.add_argument("--ft-importance", default="taylor", help="importance of the channel-pruned fine-tune starts")
+    ap.add_argument("--ft-only", nargs="+", default=None, help="run only these fine-tune jobs (names)")
     ap.add_argument("--ft-jobs", type=int, default=3, help="channel50, dense, channel30, unstructured50: first N")
     ap.add_argument("--explore-amounts", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--grid", nargs="+", default=None, help="explore points IMPORTANCE:ROUND_TO:MAX_RATIO:recal|raw")
     args = ap.parse_args(argv)
     import torch
 

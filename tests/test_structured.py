@@ -195,3 +195,25 @@ def test_keep_architecture_refuses_other_class_count_and_restores(backend, prune
         with keep_checkpoint_architecture(backend, path):
             backend.train.Model("x.yaml", ch=3, nc=80)
     assert backend.train.Model is orig
+
+
+def test_reconstruction_brings_outputs_closer_to_the_dense_model(yolov5n):
+    from yolo_prune_plugin.structured import reconstruct_layers
+
+    dense = yolov5n
+    small_model = copy.deepcopy(yolov5n)
+    res = channel_prune(small_model, 0.3, imgsz=64, log=False)
+    counts = channel_counts(small_model)
+    assert res.kept and all(len(v) == counts[n][0] for n, v in res.kept.items())
+    g = torch.Generator().manual_seed(1)
+    fit, check = torch.rand(8, 3, 128, 128, generator=g), torch.rand(4, 3, 128, 128, generator=g)
+    def raw(m):  # Detect's raw output maps (logits), before its sigmoid and grid decoding
+        return torch.cat([t.flatten() for t in m(check)[1]])
+
+    with torch.no_grad():
+        ref = raw(dense)
+        err_before = (raw(small_model.eval()) - ref).pow(2).mean()
+        info = reconstruct_layers(small_model, dense, fit, positions=64, kept=res.kept)
+        err_after = (raw(small_model) - ref).pow(2).mean()
+    assert info["layers"] == len(counts) and channel_counts(small_model) == counts
+    assert err_after < 0.7 * err_before
