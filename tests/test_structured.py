@@ -217,3 +217,10 @@ def test_reconstruction_brings_outputs_closer_to_the_dense_model(yolov5n):
         err_after = (raw(small_model) - ref).pow(2).mean()
     assert info["layers"] == len(counts) and channel_counts(small_model) == counts
     assert err_after < 0.7 * err_before
+
+
+def test_default_importance_is_taylor_with_calibration_else_l1(small_model, syn_data):
+    m2 = copy.deepcopy(small_model)
+    assert channel_prune(small_model, 0.3, imgsz=64, log=False).importance == "l1"
+    cal = load_calibration_batch(syn_data, 64, n=4)
+    assert channel_prune(m2, 0.3, calibration=cal, imgsz=64, log=False).importance == "taylor"
