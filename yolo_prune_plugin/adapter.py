@@ -13,6 +13,7 @@ Everything else in the plugin talks to YOLOv5 through :func:`get_backend`.
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib
 import inspect
 import logging
@@ -612,3 +613,68 @@ def is_detection_model(model: nn.Module) -> bool:
     """True for a YOLOv5 detection model, whichever package spelling its classes use."""
     inner = getattr(model, "model", None)
     return isinstance(inner, nn.Sequential) and len(inner) > 0 and type(inner[-1]).__name__ in {"Detect", "Segment"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Channel-pruned checkpoints in YOLOv5's train.py (structured pruning)
+# --------------------------------------------------------------------------------------------------
+def _conv_shapes(model: nn.Module) -> dict[str, tuple]:
+    det = model.model[-1] if is_detection_model(model) else None
+    skip = {id(m) for m in getattr(det, "m", [])}  # Detect's outputs depend on nc/anchors, not on pruning
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and id(m) not in skip}
+
+
+def is_channel_pruned(model: nn.Module, backend: Optional[Backend] = None) -> bool:
+    """True when ``model``'s Conv2d shapes differ from what ``Model(model.yaml)`` builds (channels removed).
+
+    A model without a ``yaml`` dict cannot be compared and counts as not pruned.
+    """
+    yaml_cfg = getattr(model, "yaml", None)
+    if not isinstance(yaml_cfg, dict):
+        return False
+    b = backend or get_backend()
+    ylog = b.general.LOGGER
+    level = ylog.level
+    ylog.setLevel(logging.WARNING)  # Model() prints its layer table
+    try:
+        ref = b.yolo.Model(copy.deepcopy(yaml_cfg), ch=3, nc=yaml_cfg.get("nc"))
+    finally:
+        ylog.setLevel(level)
+    return _conv_shapes(ref) != _conv_shapes(model)
+
+
+@contextlib.contextmanager
+def keep_checkpoint_architecture(backend: Backend, weights: str | Path) -> Iterator[nn.Module]:
+    """Make YOLOv5's ``train.py`` train the architecture stored in ``weights`` instead of rebuilding its YAML.
+
+    ``train.py`` builds ``Model(cfg or ckpt['model'].yaml)`` and copies only tensors of equal shape
+    (``intersect_dicts``): a channel-pruned checkpoint would be silently re-initialised at full width. Inside
+    this context ``backend.train.Model`` returns an fp32 copy of the checkpoint's own module (all parameters
+    trainable); ``nc`` must match the checkpoint's and custom ``anchors`` are refused (PruneError). The original
+    ``Model`` is restored on exit, also on exceptions. Yields the checkpoint model (not the copy).
+    """
+    src = load_checkpoint(weights, backend)["model"]
+    det = src.model[-1]
+    wpath = Path(weights)
+
+    def factory(cfg: Any = None, ch: int = 3, nc: Any = None, anchors: Any = None) -> nn.Module:
+        if nc is not None and int(nc) != int(det.nc):
+            raise PruneError(f"{wpath}: channel-pruned checkpoint has {det.nc} classes but the dataset {nc}; a "
+                             "pruned architecture cannot change its class count (prune a model trained on this data)")
+        if anchors:
+            raise PruneError(f"{wpath}: channel-pruned checkpoint keeps its anchors; remove 'anchors' from hyp")
+        if ch != 3:
+            raise PruneError(f"{wpath}: channel-pruned checkpoint takes 3 input channels, not {ch}")
+        m = copy.deepcopy(src).float()
+        for p in m.parameters():
+            p.requires_grad_(True)
+        LOGGER.info("yolo_prune_plugin: training the channel-pruned architecture of %s (not its YAML)", wpath.name)
+        return m
+
+    p = Patch()
+    p.set(backend.train, "Model", factory)
+    try:
+        yield src
+    finally:
+        p.undo()

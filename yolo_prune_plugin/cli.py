@@ -133,6 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--exist-ok", action="store_true", help="write into an existing output folder")
     _common(s)
 
+    bn = sub.add_parser("bench", help="latency of checkpoints side by side: PyTorch eager and ONNX Runtime CPU")
+    bn.add_argument("--weights", required=True, nargs="+", help="YOLOv5 .pt files; speed-up is vs the first")
+    bn.add_argument("--img", "--imgsz", dest="imgsz", type=int, default=640, help="image size (default 640)")
+    bn.add_argument("--batch", "--batch-size", dest="batch", type=int, default=1, help="batch size (default 1)")
+    bn.add_argument("--threads", type=int, default=None, help="CPU threads for torch and ONNX Runtime")
+    bn.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
+    bn.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
+    bn.add_argument("--backends", default="torch,onnxruntime", help="torch,onnxruntime (default both)")
+    bn.add_argument("--json", default=None, metavar="FILE", help="also write the rows to this JSON file")
+    _common(bn)
+
     d = sub.add_parser("demo", help="generate the synthetic dataset, train a small YOLOv5 on it with pruning")
     d.add_argument("--dir", default="runs/yolo-prune-demo", help="working folder (default runs/yolo-prune-demo)")
     d.add_argument("--amount", type=float, default=None)
@@ -290,6 +301,22 @@ def _cmd_sweep(ns: argparse.Namespace, rest: list[str]) -> int:
     return 0
 
 
+def _cmd_bench(ns: argparse.Namespace, rest: list[str]) -> int:
+    from .adapter import get_backend
+    from .bench import bench_files, format_bench_table
+
+    get_backend(ns.yolov5_dir)
+    backends = [x.strip() for x in ns.backends.split(",") if x.strip()]
+    rows = bench_files(ns.weights, imgsz=ns.imgsz, batch=ns.batch, threads=ns.threads, runs=ns.runs,
+                       warmup=ns.warmup, backends=backends, progress=True)
+    print(format_bench_table(rows))
+    if ns.json:
+        from .report import write_json
+
+        write_json({"bench": rows}, Path(ns.json))
+    return 0
+
+
 def _cmd_demo(ns: argparse.Namespace, rest: list[str]) -> int:
     from .demo import run_demo
 
@@ -297,7 +324,8 @@ def _cmd_demo(ns: argparse.Namespace, rest: list[str]) -> int:
                     yolov5_dir=ns.yolov5_dir)
 
 
-COMMANDS = {"train": _cmd_train, "prune": _cmd_prune, "export": _cmd_export, "sweep": _cmd_sweep, "demo": _cmd_demo}
+COMMANDS = {"train": _cmd_train, "prune": _cmd_prune, "export": _cmd_export, "sweep": _cmd_sweep, "bench": _cmd_bench,
+            "demo": _cmd_demo}
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,226 @@
+"""structured.py: Torch-Pruning channel pruning of real YOLOv5 models, and keeping the pruned architecture in training."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("torch_pruning")
+
+from yolo_prune_plugin.adapter import is_channel_pruned, keep_checkpoint_architecture, load_checkpoint  # noqa: E402
+from yolo_prune_plugin.errors import ConfigError, PruneError  # noqa: E402
+from yolo_prune_plugin.pruning import conv_layers  # noqa: E402
+from yolo_prune_plugin.recalibration import recalibrate_bn  # noqa: E402
+from yolo_prune_plugin.structured import (channel_counts, channel_prune, detect_output_convs,  # noqa: E402
+                                          load_calibration_batch)
+
+from conftest import save_checkpoint  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _check_structure(before: dict, model: torch.nn.Module, round_to: int, scope: set[str]) -> int:
+    """Every conv has channels; pruned out-channel counts are multiples of round_to; out-of-scope/Detect unchanged."""
+    after = channel_counts(model)
+    assert after.keys() == before.keys()
+    changed = 0
+    detect = {n for n, m in model.named_modules() if any(m is d for d in detect_output_convs(model))}
+    for n, (out_c, in_c) in after.items():
+        assert out_c >= 1 and in_c >= 1, n
+        if out_c != before[n][0]:
+            changed += 1
+            assert n in scope and n not in detect, f"{n} lost output channels but is out of scope"
+            assert out_c % round_to == 0, f"{n}: {out_c} channels, not a multiple of {round_to}"
+    return changed
+
+
+@pytest.mark.parametrize("amount,importance,round_to", [(0.3, "l1", 8), (0.5, "l1", 8), (0.5, "l2", 1),
+                                                       (0.2, "bn", 4), (0.4, "lamp", 8)])
+def test_amount_is_met_and_structure_is_valid(small_model, amount, importance, round_to):
+    before = channel_counts(small_model)
+    res = channel_prune(small_model, amount, importance=importance, round_to=round_to, imgsz=64, log=False)
+    assert abs(res.achieved - amount) <= 0.02
+    weights_now = sum(m.weight.numel() for _, m in conv_layers(small_model))
+    assert weights_now == res.conv_weights_after  # no include/exclude: every Conv2d is in scope
+    assert res.params_after < res.params_before and res.gflops_after < res.gflops_before
+    assert _check_structure(before, small_model, round_to, set(before)) > 0
+    y = small_model.eval()(torch.zeros(1, 3, 64, 64))[0]
+    assert y.shape == (1, 252, 8)  # 3 anchors x (8x8 + 4x4 + 2x2) x (5 + 3 classes): the head is intact
+    assert is_channel_pruned(small_model)
+
+
+def test_real_yolov5n_amount_and_gflops(yolov5n):
+    m = copy.deepcopy(yolov5n)
+    res = channel_prune(m, 0.5, log=False)
+    assert abs(res.achieved - 0.5) <= 0.02
+    assert res.gflops_after < 0.6 * res.gflops_before
+    assert not is_channel_pruned(yolov5n) and is_channel_pruned(m)
+
+
+def test_include_exclude_restrict_output_channels(small_model):
+    before = channel_counts(small_model)
+    exclude = ("model.0.*", "model.2.*")
+    res = channel_prune(small_model, 0.3, exclude=exclude, round_to=4, imgsz=64, log=False)
+    scope = {n for n, _ in conv_layers(small_model, exclude=exclude)}
+    assert _check_structure(before, small_model, 4, scope) > 0
+    assert channel_counts(small_model)["model.0.conv"] == before["model.0.conv"]
+    assert abs(res.achieved - 0.3) <= 0.02
+
+
+@pytest.mark.parametrize("kwargs,match", [({"amount": 1.2}, "amount"), ({"importance": "xyz"}, "importance"),
+                                          ({"round_to": 0}, "round_to"), ({"importance": "taylor"}, "calibration"),
+                                          ({"exclude": ("nomatch*",)}, "matches no Conv2d")])
+def test_bad_arguments_are_clear_errors(small_model, kwargs, match):
+    kw = {"amount": 0.3, **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        channel_prune(small_model, kw.pop("amount"), **kw)
+
+
+def test_unreachable_amount_is_refused(small_model):
+    with pytest.raises(PruneError, match="cannot remove"):
+        channel_prune(small_model, 0.95, max_layer_ratio=0.5, imgsz=64, log=False)
+
+
+@pytest.fixture(scope="module")
+def syn_data(tmp_path_factory) -> Path:
+    from yolo_prune_plugin import synthetic
+
+    return synthetic.make_dataset(tmp_path_factory.mktemp("syn"), n_train=4, n_val=2, imgsz=64)
+
+
+def test_taylor_uses_yolov5_loss_on_labelled_train_images(small_model, syn_data):
+    images, targets = load_calibration_batch(syn_data, 64, n=4)
+    assert images.shape == (4, 3, 64, 64) and targets.shape[1] == 6 and len(targets) > 0
+    assert set(targets[:, 0].long().tolist()) <= {0, 1, 2, 3}
+    ref = copy.deepcopy(small_model)
+    res = channel_prune(small_model, 0.3, importance="taylor", calibration=(images, targets), imgsz=64, log=False)
+    assert res.extra["calibration_loss"] > 0 and abs(res.achieved - 0.3) <= 0.02
+    assert all(p.grad is None for p in small_model.parameters())
+    channel_prune(ref, 0.3, importance="l1", imgsz=64, log=False)
+    assert channel_counts(ref) != channel_counts(small_model)  # the data changed the ranking
+
+
+def test_loss_gradients_leave_weights_and_bn_statistics_unchanged(small_model, syn_data):
+    from yolo_prune_plugin.structured import accumulate_loss_gradients
+
+    state = {k: v.clone() for k, v in small_model.state_dict().items()}
+    loss = accumulate_loss_gradients(small_model, *load_calibration_batch(syn_data, 64, n=4), batch_size=2)
+    assert loss > 0 and not small_model.training and not hasattr(small_model, "hyp")
+    assert all(torch.equal(v, state[k]) for k, v in small_model.state_dict().items())
+    assert small_model.model[0].conv.weight.grad is not None and small_model.model[0].conv.weight.grad.abs().sum() > 0
+
+
+def test_bn_recalibration_changes_running_stats_never_conv_weights(small_model):
+    channel_prune(small_model, 0.3, imgsz=64, log=False)
+    convs = {n: m.weight.clone() for n, m in conv_layers(small_model)}
+    bn = {n: m.running_mean.clone() for n, m in small_model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    recalibrate_bn(small_model, torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)), batch_size=2)
+    assert all(torch.equal(m.weight, convs[n]) for n, m in conv_layers(small_model))
+    changed = [n for n, m in small_model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
+               and not torch.equal(m.running_mean, bn[n])]
+    assert len(changed) == len(bn)
+
+
+@pytest.fixture
+def pruned_ckpt(small_model, tmp_path) -> tuple[Path, dict]:
+    channel_prune(small_model, 0.5, imgsz=64, log=False)
+    return save_checkpoint(small_model.eval(), tmp_path / "pruned.pt"), channel_counts(small_model)
+
+
+def test_export_of_channel_pruned_file_matches_and_is_smaller(backend, small_ckpt, pruned_ckpt):
+    from yolo_prune_plugin.export import export_and_verify
+
+    path, _ = pruned_ckpt
+    [rep] = export_and_verify(path, ["onnx"], imgsz=64)
+    assert rep.ok and rep.written, rep.message
+    [dense] = export_and_verify(small_ckpt, ["onnx"], imgsz=64)
+    assert dense.ok and rep.bytes < 0.6 * dense.bytes
+
+
+def test_plain_yolov5_attempt_load_without_the_plugin(pruned_ckpt):
+    """A fresh interpreter that never imports the plugin (no allow-list: YOLOv5 as users run it)."""
+    path, counts = pruned_ckpt
+    code = ("import sys, torch; from yolov5.models.experimental import attempt_load\n"
+            f"m = attempt_load({str(path)!r}, device='cpu', fuse=True)\n"
+            "assert 'yolo_prune_plugin' not in sys.modules\n"
+            "y = m(torch.zeros(1, 3, 64, 64))[0]\n"
+            "print(y.shape[1], [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # what plain YOLOv5 7.0 needs on torch >= 2.6
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    n, outs = out.stdout.strip().splitlines()[-1].split(" ", 1)
+    assert int(n) == 252
+    assert eval(outs) == [c[0] for c in counts.values()]  # fused: one conv per conv, same widths
+
+
+def _opt(backend, data, project):
+    from yolo_prune_plugin.api import train_opt
+
+    return train_opt([], backend, data=str(data), weights="", imgsz=64, epochs=1, batch_size=4, device="cpu",
+                     workers=0, noplots=True, noautoanchor=True, project=str(project), name="base")
+
+
+def test_finetune_keeps_channel_counts_and_yolov5_alone_would_reinit(backend, pruned_ckpt, syn_data, tmp_path):
+    from yolo_prune_plugin.recovery import finetune_checkpoint
+
+    path, counts = pruned_ckpt
+    base = _opt(backend, syn_data, tmp_path)
+    orig_model = backend.train.Model
+    with keep_checkpoint_architecture(backend, path):
+        assert backend.train.Model is not orig_model
+        ft = finetune_checkpoint(path, base, 1, masks=None, project=tmp_path, name="keep", backend=backend)
+    assert backend.train.Model is orig_model
+    trained = load_checkpoint(ft.last)["model"]
+    assert channel_counts(trained) == counts
+    assert is_channel_pruned(trained)
+    before = load_checkpoint(path)["model"]
+    assert any(not torch.equal(a.float(), b.float()) for a, b in zip(trained.parameters(), before.parameters()))
+    # control: YOLOv5 on its own rebuilds the YAML at full width and drops every mismatched tensor
+    plain = finetune_checkpoint(path, base, 1, masks=None, project=tmp_path, name="plain", backend=backend)
+    widths = channel_counts(load_checkpoint(plain.last)["model"])
+    assert widths != counts and not is_channel_pruned(load_checkpoint(plain.last)["model"])
+
+
+def test_keep_architecture_refuses_other_class_count_and_restores(backend, pruned_ckpt):
+    path, _ = pruned_ckpt
+    orig = backend.train.Model
+    with pytest.raises(PruneError, match="3 classes but the dataset 80"):
+        with keep_checkpoint_architecture(backend, path):
+            backend.train.Model("x.yaml", ch=3, nc=80)
+    assert backend.train.Model is orig
+
+
+def test_reconstruction_brings_outputs_closer_to_the_dense_model(yolov5n):
+    from yolo_prune_plugin.structured import reconstruct_layers
+
+    dense = yolov5n
+    small_model = copy.deepcopy(yolov5n)
+    res = channel_prune(small_model, 0.3, imgsz=64, log=False)
+    counts = channel_counts(small_model)
+    assert res.kept and all(len(v) == counts[n][0] for n, v in res.kept.items())
+    g = torch.Generator().manual_seed(1)
+    fit, check = torch.rand(8, 3, 128, 128, generator=g), torch.rand(4, 3, 128, 128, generator=g)
+    def raw(m):  # Detect's raw output maps (logits), before its sigmoid and grid decoding
+        return torch.cat([t.flatten() for t in m(check)[1]])
+
+    with torch.no_grad():
+        ref = raw(dense)
+        err_before = (raw(small_model.eval()) - ref).pow(2).mean()
+        info = reconstruct_layers(small_model, dense, fit, positions=64, kept=res.kept)
+        err_after = (raw(small_model) - ref).pow(2).mean()
+    assert info["layers"] == len(counts) and channel_counts(small_model) == counts
+    assert err_after < 0.7 * err_before
+
+
+def test_default_importance_is_taylor_with_calibration_else_l1(small_model, syn_data):
+    m2 = copy.deepcopy(small_model)
+    assert channel_prune(small_model, 0.3, imgsz=64, log=False).importance == "l1"
+    cal = load_calibration_batch(syn_data, 64, n=4)
+    assert channel_prune(m2, 0.3, calibration=cal, imgsz=64, log=False).importance == "taylor"

@@ -1,0 +1,174 @@
+"""Latency benchmark of YOLOv5 checkpoints: PyTorch eager and ONNX Runtime CPU, side by side in one process.
+
+Each file is loaded as YOLOv5's ``export.py`` loads it (``attempt_load``, BatchNorm fused, fp32, eval) and
+exported to ONNX with YOLOv5's own ``export.run`` into a temporary folder (nothing is written beside the
+weights). After ``warmup`` calls per model, ``runs`` rounds time every model once per round (round-robin),
+so a change in machine load hits all models alike; the median and 90th percentile are reported, and the
+speed-up is the first file's median over each file's median.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .adapter import export_patches, get_backend, load_checkpoint
+from .errors import ConfigError, ExportError
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+BACKENDS = ("torch", "onnxruntime")
+
+
+def _export_onnx(b: Any, weights: Path, tmp: Path, imgsz: int, batch: int) -> Path:
+    src = tmp / weights.name
+    shutil.copyfile(weights, src)
+    with export_patches(b) as failures:
+        try:
+            b.export.run(weights=str(src), imgsz=[imgsz, imgsz], batch_size=batch, device="cpu",
+                         include=("onnx",))
+        except Exception as e:  # noqa: BLE001
+            failures.append(f"{type(e).__name__}: {e}")
+    out = src.with_suffix(".onnx")
+    if not out.is_file():
+        raise ExportError(f"{weights}: YOLOv5's ONNX export failed ({(failures or ['no file written'])[-1]})")
+    return out
+
+
+def _stats(ms: list[float]) -> tuple[float, float]:
+    a = np.asarray(ms)
+    return round(float(np.median(a)), 3), round(float(np.percentile(a, 90)), 3)
+
+
+def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, threads: Optional[int] = None,
+                runs: int = 50, warmup: int = 5, backends: Sequence[str] = BACKENDS,
+                progress: bool = True) -> list[dict]:
+    """Time each checkpoint in ``files`` (PyTorch eager and/or ONNX Runtime CPU); one dict per file.
+
+    Keys: ``file``, ``params``, ``gflops`` (YOLOv5's thop formula at ``imgsz``), ``pt_bytes``, ``onnx_bytes``,
+    ``<backend>_median_ms``, ``<backend>_p90_ms``, ``<backend>_speedup`` (first file's median / this median),
+    and the settings. ``threads``: torch intra-op threads and ONNX Runtime ``intra_op_num_threads`` (default:
+    each library's own). Raises :class:`ConfigError` for bad arguments or a missing onnxruntime.
+    """
+    from .export import load_export_model
+    from .structured import gflops
+
+    files = [Path(f).expanduser().resolve() for f in files]
+    if not files:
+        raise ConfigError("bench: no --weights given")
+    backends = [str(x).lower() for x in backends]
+    for k in backends:
+        if k not in BACKENDS:
+            raise ConfigError(f"bench backend {k!r} is unknown; expected {', '.join(BACKENDS)}")
+    for name, v, lo in (("imgsz", imgsz, 32), ("batch", batch, 1), ("runs", runs, 1), ("warmup", warmup, 0)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ConfigError(f"bench {name}: expected an integer >= {lo}, got {v!r}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"bench threads: expected an integer >= 1, got {threads!r}")
+    if "onnxruntime" in backends:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ConfigError("bench with onnxruntime needs onnx and onnxruntime: pip install "
+                              "yolo_prune_plugin[export]") from None
+    b = get_backend()
+    for f in files:
+        load_checkpoint(f, b)  # clear error for a missing / unsafe / non-YOLOv5 file before any work
+    old_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    tmp = Path(tempfile.mkdtemp(prefix="yolo-prune-bench-"))
+    rows: list[dict] = []
+    runners: list[dict[str, Any]] = []
+    try:
+        x = torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+        for i, f in enumerate(files):
+            model = load_export_model(f, "cpu", b)
+            row: dict[str, Any] = {"file": str(f), "name": f.name, "params": sum(p.numel() for p in model.parameters()),
+                                   "gflops": gflops(model, imgsz), "pt_bytes": f.stat().st_size, "onnx_bytes": None,
+                                   "imgsz": imgsz, "batch": batch, "threads": threads, "runs": runs}
+            fns: dict[str, Any] = {}
+            if "torch" in backends:
+                def run_torch(m: torch.nn.Module = model) -> None:
+                    with torch.inference_mode():
+                        m(x)
+                fns["torch"] = run_torch
+            if "onnxruntime" in backends:
+                d = tmp / str(i)
+                d.mkdir()
+                onnx_path = _export_onnx(b, f, d, imgsz, batch)
+                row["onnx_bytes"] = onnx_path.stat().st_size
+                so = ort.SessionOptions()
+                if threads:
+                    so.intra_op_num_threads = threads
+                    so.inter_op_num_threads = 1
+                sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+                feed = {sess.get_inputs()[0].name: x.numpy()}
+                fns["onnxruntime"] = (lambda s=sess, fd=feed: s.run(None, fd))
+            rows.append(row)
+            runners.append(fns)
+        times: list[dict[str, list[float]]] = [{k: [] for k in fns} for fns in runners]
+        for fns in runners:
+            for fn in fns.values():
+                for _ in range(warmup):
+                    fn()
+        total = runs * sum(len(fns) for fns in runners)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total, desc="bench", unit="run", leave=False)
+        for _ in range(runs):
+            for fns, t in zip(runners, times):
+                for k, fn in fns.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    t[k].append((time.perf_counter() - t0) * 1000)
+                    if bar is not None:
+                        bar.update(1)
+        if bar is not None:
+            bar.close()
+        for row, t in zip(rows, times):
+            for k, ms in t.items():
+                row[f"{k}_median_ms"], row[f"{k}_p90_ms"] = _stats(ms)
+        for k in backends:
+            ref = rows[0].get(f"{k}_median_ms")
+            for row in rows:
+                med = row.get(f"{k}_median_ms")
+                row[f"{k}_speedup"] = round(ref / med, 3) if ref and med else None
+    finally:
+        torch.set_num_threads(old_threads)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def format_bench_table(rows: Sequence[dict]) -> str:
+    """A fixed-width table of :func:`bench_files` rows (one line per file)."""
+    ks = [k for k in BACKENDS if any(f"{k}_median_ms" in r for r in rows)]
+    head = f"{'weights':<28}{'params':>10}{'GFLOPs':>8}{'.pt MB':>8}{'.onnx MB':>9}"
+    for k in ks:
+        label = "torch" if k == "torch" else "ORT"
+        head += f"{label + ' med ms':>14}{'p90':>8}{'speed-up':>9}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        onnx = f"{r['onnx_bytes'] / 1e6:.2f}" if r.get("onnx_bytes") else "-"
+        line = (f"{r['name'][:27]:<28}{r['params']:>10,}{r['gflops'] or 0:>8.2f}{r['pt_bytes'] / 1e6:>8.2f}"
+                f"{onnx:>9}")
+        for k in ks:
+            line += f"{r[f'{k}_median_ms']:>14.1f}{r[f'{k}_p90_ms']:>8.1f}{r[f'{k}_speedup']:>8.2f}x"
+        lines.append(line)
+    r0 = rows[0] if rows else {}
+    lines.append(f"(imgsz {r0.get('imgsz')}, batch {r0.get('batch')}, threads {r0.get('threads') or 'default'}, "
+                 f"{r0.get('runs')} runs each, round-robin; speed-up vs {r0.get('name')}; load {os.getloadavg()[0]:.2f})")
+    return "\n".join(lines)
+
+
+__all__ = ["bench_files", "format_bench_table", "BACKENDS"]
