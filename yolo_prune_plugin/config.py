@@ -37,6 +37,7 @@ class CalibrationOptions:
     images: int = 16
     batch_size: int = 8
     seed: int = 0
+    allow_overlap: bool = False  # accept train images that are also val images (metrics then optimistic)
 
 
 @dataclass(frozen=True)
