@@ -98,13 +98,13 @@ def split_benchmark(args, backend) -> int:
     from yolo_prune_plugin import methods as obs_methods
     from yolo_prune_plugin.calibration import load_calibration_images
     from yolo_prune_plugin.evaluation import evaluate, evaluate_weights
-    from yolo_prune_plugin.oneshot import prune_oneshot
     from yolo_prune_plugin.sweep import CachedBatches, _fused, run_sweep
 
     shared = Path(args.shared)
     amounts = [float(a) for a in args.amounts.split(",") if a]
     meths = [m for m in args.methods.split(",") if m]
     seeds = [int(s) for s in args.seeds.split(",") if s]
+    seed_amounts = [float(a) for a in args.seed_amounts.split(",") if a]
     cal_opts = PruneConfig().calibration
     out_lines: list[str] = []
 
@@ -136,35 +136,36 @@ def split_benchmark(args, backend) -> int:
                                                              seed=seed, device=settings.device)
                 return cal[(seed, n)]
 
-            def point(method, amount, seed=cal_opts.seed, recal=True, n=cal_opts.images, **obs_over):
-                model = copy.deepcopy(src)
-                c = calib(seed, n) if method in ("obs",) else None
-                t1 = time.perf_counter()
-                if obs_over:
-                    from yolo_prune_plugin.pruning import apply_masks, conv_layers
-                    import torch as _t
+            def point(method, amount, seed=cal_opts.seed, n=cal_opts.images, recal=False, **obs_over):
+                """Prune a copy of the model (obs: ObsOptions defaults unless overridden) and evaluate it."""
+                from yolo_prune_plugin.pruning import apply_masks, conv_layers
+                from yolo_prune_plugin.recalibration import recalibrate_bn
 
+                model = copy.deepcopy(src)
+                c = calib(seed, n) if method == "obs" else None
+                t1 = time.perf_counter()
+                if method == "obs":
                     layers = conv_layers(model)
                     masks, _ = obs_methods.obs_prune(model, layers, amount, c, **obs_over)
-                    with _t.no_grad():
+                    with torch.no_grad():
                         apply_masks(layers, masks)
-                    if recal:
-                        from yolo_prune_plugin.recalibration import recalibrate_bn
-
-                        recalibrate_bn(model, c)
                 else:
-                    prune_oneshot(model, amount, method, calibration=c, recalibrate=recal, log=False)
+                    prune_model(model, amount, method, log=False)
+                if recal:
+                    recalibrate_bn(model, c)
                 prune_s = time.perf_counter() - t1
                 m = evaluate(_fused(model), settings, batches, backend).to_dict()
                 return m, prune_s
 
-            spread = {}
+            spread, base = {}, {}
             for amount in amounts:
                 for method in meths:
                     m, s = point(method, amount)
                     rows.append(_row(LABELS.get(method, method), amount, m, dense, s))
+                    if method == "obs":
+                        base[amount] = m
                     print(rows[-1], flush=True)
-                    if method == "obs" and len(seeds) > 1:
+                    if method == "obs" and len(seeds) > 1 and (not seed_amounts or amount in seed_amounts):
                         vals = [m["mAP50-95"]] + [point("obs", amount, seed=sd)[0]["mAP50-95"] for sd in seeds[1:]]
                         spread[amount] = vals
             say(f"\n### {name}: {wname} at {imgsz}, held-out ({'coco128 sorted names: calibration pool = first 64, evaluation = last 64' if name == 'coco128' else 'calibrate on train, evaluate on test (117 images)'}), {date.today()}")
@@ -182,12 +183,18 @@ def split_benchmark(args, backend) -> int:
                 say("\nWhat each change contributed (obs, seed 0, mAP50-95 / retention):")
                 say("| variant | " + " | ".join(f"{100 * a:.0f} %" for a in amounts) + " |")
                 say("|---|" + "---|" * len(amounts))
-                variants = [("obs, previous defaults (16 images, no BN recal)", dict(recal=False, flip=True)),
-                            ("+ BN recalibration on the calibration images (= default)", dict(recal=True, flip=True))]
+                variants = [("obs default (16 images + mirrored, global-L1 per-layer counts)", dict()),
+                            ("+ BN recalibration on the calibration images (not adopted)", dict(recal=True)),
+                            ("Hessian-saliency per-layer counts (not adopted)", dict(allocation="hessian")),
+                            ("32 calibration images (not adopted)", dict(n=32)),
+                            ("dampening 0.05 instead of 0.01 (not adopted)", dict(damp=0.05))]
                 for label, kw in variants:
                     cells = []
                     for amount in amounts:
-                        m, _ = point("obs", amount, **kw)
+                        if label.startswith("obs default") and amount in base:
+                            m = base[amount]
+                        else:
+                            m, _ = point("obs", amount, **kw)
                         cells.append(f"{m['mAP50-95']:.3f} / {m['mAP50-95'] / dense['mAP50-95']:.3f}")
                     say(f"| {label} | " + " | ".join(cells) + " |")
             if args.costs:
@@ -244,6 +251,7 @@ def main() -> int:
                     help="held-out mode: calibration and evaluation images disjoint (coco128 split + corn-pest test)")
     ap.add_argument("--models", default="coco128,cornpest", help="--split: which models")
     ap.add_argument("--seeds", default="0,1,2", help="--split: calibration seeds for the default method's spread")
+    ap.add_argument("--seed-amounts", default="", help="--split: amounts for the seed spread (default: all)")
     ap.add_argument("--contrib", action="store_true", help="--split: rows of what each change contributed")
     ap.add_argument("--costs", action="store_true", help="--split: cost ratios (train-end work, sweep)")
     args = ap.parse_args()

@@ -38,7 +38,8 @@ class Metrics:
              "mAP50-95": round(self.map, 6)}
         if self.nms_timeouts:
             d["nms_timeouts"] = self.nms_timeouts
-        d["nms_time_limit"] = self.nms_time_limit
+        if self.nms_time_limit != "active":  # YOLOv5's own validation (limit active) keeps its plain keys
+            d["nms_time_limit"] = self.nms_time_limit
         return d
 
 

@@ -77,7 +77,7 @@ def prune_checkpoint(weights: str | Path, config: PruneConfig, settings: Optiona
 
         c = config.calibration
         calibration = load_calibration_images(settings.data, settings.imgsz, n=c.images, batch_size=c.batch_size,
-                                              seed=c.seed, device=device)
+                                              seed=c.seed, device=device, allow_overlap=c.allow_overlap)
     result: PruneResult = prune_model(model, config.amount, config.method, config.include, config.exclude,
                                       calibration=calibration)
     pruned = model.to("cpu").to(saved_dtype)  # the dtype/format YOLOv5 writes (fp16)
