@@ -183,3 +183,14 @@ def test_cornpest_prunes_and_evaluates_end_to_end(shared, tmp_path, backend, one
     assert before["nms_time_limit"] == after["nms_time_limit"] == "lifted"
     assert before["mAP50-95"] > 0.3  # a trained 4-class model on its never-seen test split
     assert 0.8 * before["mAP50-95"] < after["mAP50-95"] <= 1.05 * before["mAP50-95"]
+
+
+@pytest.mark.parametrize("value, ok", [(True, True), (False, True), ("yes", False), (1, False)])
+def test_allow_overlap_config_key(value, ok):
+    from yolo_prune_plugin.config import config_from_dict
+
+    if ok:
+        assert config_from_dict({"calibration": {"allow_overlap": value}}).calibration.allow_overlap is value
+    else:
+        with pytest.raises(ConfigError, match=r"'calibration\.allow_overlap' must be true or false"):
+            config_from_dict({"calibration": {"allow_overlap": value}})
