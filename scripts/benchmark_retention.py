@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from yolo_prune_plugin.adapter import get_backend, load_checkpoint  # noqa: E402
-from yolo_prune_plugin.config import PruneConfig  # noqa: E402
+from yolo_prune_plugin.config import CalibrationOptions, PruneConfig  # noqa: E402
 from yolo_prune_plugin.evaluation import make_dataloader, make_settings, write_absolute_data_yaml  # noqa: E402
 from yolo_prune_plugin.pruning import prune_model  # noqa: E402
 from yolo_prune_plugin.sweep import sweep_model  # noqa: E402
@@ -277,7 +277,9 @@ def main() -> int:
         ckpt = load_checkpoint(weights)
         settings = make_settings(data, args.img, args.batch_size, args.device, False, args.workers, backend)
         t0 = time.perf_counter()
-        result = sweep_model(ckpt["model"], settings, amounts, methods, PruneConfig(), backend, echo=print)
+        # coco128's train split IS its val split: this mode knowingly calibrates on evaluated images (--split doesn't)
+        cfg = PruneConfig(calibration=CalibrationOptions(allow_overlap=True))
+        result = sweep_model(ckpt["model"], settings, amounts, methods, cfg, backend, echo=print)
         sweep_s = time.perf_counter() - t0
         n = len(result["points"])
         separate_s = None
@@ -287,7 +289,7 @@ def main() -> int:
                 from yolo_prune_plugin.calibration import load_calibration_images
 
                 calib = load_calibration_images(settings.data, args.img, n=16, batch_size=8, seed=0,
-                                                device=settings.device)
+                                                device=settings.device, allow_overlap=True)
             pts = [(r["method"], r["amount"]) for r in result["points"]]
             separate_s = time_separate_val(backend, ckpt, pts, data, args.img, args.batch_size, args.device,
                                            args.workers, tmp, calib)
@@ -299,6 +301,7 @@ def main() -> int:
     dev = str(settings.device)
     cpu = platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() and dev != "cpu" else None
+    print("\n(val = train: coco128's calibration images are also evaluated; use --split for held-out numbers)")
     print(f"\nRetention benchmark, {date.today()}, yolov5n on {args.data} at {args.img}, device {gpu or 'CPU ' + cpu}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"| method | sparsity | P | R | mAP50 | mAP50-95 | retention |")
