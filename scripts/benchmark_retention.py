@@ -216,7 +216,7 @@ def split_benchmark(args, backend) -> int:
                 obs_s = entry["method_details"].get("seconds", float("nan"))
                 n_cal = entry["method_details"].get("calibration_images", cal_opts.images)
                 say(f"\nCosts ({name}): train-end work with the default method at 50 % (calibration load, obs, "
-                    f"BN recal, save, val of the pruned model; before-metrics reused) {end_s:.1f} s vs one val pass "
+                    f"save, val of the pruned model; before-metrics reused) {end_s:.1f} s vs one val pass "
                     f"of {wname} {val_s:.1f} s -> ratio {end_s / val_s:.2f} (target <= 1.15); obs {obs_s:.1f} s "
                     f"for {n_cal} images (+flip) = {obs_s / n_cal:.2f} s per calibration image")
                 # (2) N-point sweep vs N separate val.run
