@@ -21,6 +21,44 @@ LOGGER = logging.getLogger("yolo_prune_plugin")
 DataSpec = Union[str, Path, Mapping[str, Any]]
 
 
+def _split(data: DataSpec, key: str) -> tuple[Any, str]:
+    """The (absolute) ``key`` split of ``data`` (``None`` when absent) and a name for messages."""
+    if not isinstance(data, Mapping):
+        p = Path(data).expanduser().resolve()
+        try:
+            data = {**get_backend().general.check_dataset(str(p), autodownload=False), "yaml_file": str(p)}
+        except Exception:  # noqa: BLE001 - reported with its own message by _train_split
+            return None, str(p)
+    if not data.get(key):
+        return None, str(data.get("yaml_file") or "data dict")
+    return _train_split({**data, "train": data[key]})
+
+
+def check_disjoint(data: DataSpec, calibration_split: str = "train", evaluation_split: str = "val") -> None:
+    """Raise :class:`ConfigError` when the calibration split's image files overlap the evaluation split's.
+
+    Files are compared by resolved path (folders are listed, ``.txt`` lists read). A missing evaluation
+    split is not an overlap.
+    """
+    from .heldout import image_files
+
+    cal, where = _split(data, calibration_split)
+    ev, _ = _split(data, evaluation_split)
+    if cal is None or ev is None:
+        return
+    try:
+        shared = set(image_files(cal)) & set(image_files(ev))
+    except ConfigError:
+        return  # unreadable entries are reported by YOLOv5's dataset loader with their own message
+    if shared:
+        first = sorted(shared)[0]
+        raise ConfigError(
+            f"{where}: calibration split '{calibration_split}' and evaluation split '{evaluation_split}' share "
+            f"{len(shared)} image file(s) (e.g. {first}); accuracy measured on images the pruner calibrated on "
+            "is optimistic. Use disjoint splits (yolo_prune_plugin.heldout.split_data_yaml writes one) or set "
+            "calibration.allow_overlap: true to accept it knowingly")
+
+
 def _train_split(data: DataSpec) -> tuple[Any, str]:
     """The (absolute) train split of ``data`` and a name for messages."""
     b = get_backend()
@@ -48,18 +86,22 @@ def _train_split(data: DataSpec) -> tuple[Any, str]:
 
 
 def load_calibration_images(data: DataSpec, imgsz: int, n: int = 16, batch_size: int = 8, seed: int = 0,
-                            device: Any = "cpu") -> torch.Tensor:
+                            device: Any = "cpu", allow_overlap: bool = False) -> torch.Tensor:
     """``n`` training images as a float tensor ``(N, 3, imgsz, imgsz)`` in [0, 1] on ``device``.
 
     ``data`` is a data YAML path or the dict returned by YOLOv5's ``check_dataset``. Images are drawn
     without replacement from the train split by a seeded permutation (same seed, same images) and are
     letterboxed by YOLOv5's ``LoadImagesAndLabels`` (``augment=False, rect=False``). ``N = min(n, images in
     the split)``. ``batch_size`` is passed on to YOLOv5's dataset and does not change the result. Raises
-    :class:`ConfigError` naming the file when the train split is missing or holds no images.
+    :class:`ConfigError` naming the file when the train split is missing or holds no images, and (unless
+    ``allow_overlap``) when a train image is also a val image (:func:`check_disjoint`): calibration never
+    reads evaluation images.
     """
     if n < 1:
         raise ConfigError(f"calibration.images must be >= 1, got {n}")
     train, where = _train_split(data)
+    if not allow_overlap:
+        check_disjoint(data)
     b = get_backend()
     dataloaders = importlib.import_module(b.prefix + "utils.dataloaders")
     stride = 32
@@ -84,4 +126,4 @@ def load_calibration_images(data: DataSpec, imgsz: int, n: int = 16, batch_size:
     return out.to(device)
 
 
-__all__ = ["load_calibration_images"]
+__all__ = ["load_calibration_images", "check_disjoint"]

@@ -38,6 +38,7 @@ class CalibrationOptions:
     images: int = 16
     batch_size: int = 8
     seed: int = 0
+    allow_overlap: bool = False  # accept train images that are also val images (metrics then optimistic)
 
 
 @dataclass(frozen=True)
@@ -199,6 +200,8 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                     raise ConfigError(f"{where}: '{q}' must be > 0, got {v}")
             else:
                 out[k] = _bool(v, q, where)
+        elif cls is CalibrationOptions and k == "allow_overlap":
+            out[k] = _bool(v, q, where)
         elif cls is CalibrationOptions:
             out[k] = int(_number(v, q, where, integer=True))
             if k != "seed" and out[k] < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ from typing import Any, Optional
 import torch
 import torch.nn as nn
 
-from .adapter import Backend, driving_yolov5, get_backend
+from .adapter import Backend, driving_yolov5, get_backend, no_nms_time_limit
 from .errors import ConfigError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -25,6 +26,7 @@ class Metrics:
     map50: float
     map: float  # mAP50-95
     nms_timeouts: int = 0  # batches where YOLOv5's NMS hit its time limit (metrics then undercount)
+    nms_time_limit: str = "active"  # "lifted" when evaluated under adapter.no_nms_time_limit (reproducible)
 
     @classmethod
     def from_results(cls, results: Any, nms_timeouts: int = 0) -> "Metrics":
@@ -37,6 +39,8 @@ class Metrics:
              "mAP50-95": round(self.map, 6)}
         if self.nms_timeouts:
             d["nms_timeouts"] = self.nms_timeouts
+        if self.nms_time_limit != "active":  # YOLOv5's own validation (limit active) keeps its plain keys
+            d["nms_time_limit"] = self.nms_time_limit
         return d
 
 
@@ -163,7 +167,9 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
     """Validate ``model`` (a loaded YOLOv5 model, as ``attempt_load`` returns) with YOLOv5's ``val.run``.
 
     Uses the model-passed path of ``val.run`` that train.py uses for its final validation; outputs YOLOv5's
-    validator writes (results.html) go to a temporary folder, never the run folder.
+    validator writes (results.html) go to a temporary folder, never the run folder. YOLOv5's NMS time limit
+    is lifted (:class:`~yolo_prune_plugin.adapter.no_nms_time_limit`), so a busy CPU cannot drop detections;
+    the metrics record ``nms_time_limit: lifted``.
     """
     backend = backend or get_backend()
     p = next(model.parameters())
@@ -176,7 +182,8 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
     yolo_logger = logging.getLogger(getattr(backend.general, "LOGGING_NAME", "yolov5"))
     yolo_logger.addHandler(counter)
     try:
-        with tempfile.TemporaryDirectory(prefix="yolo_prune_val_") as tmp, driving_yolov5(backend):
+        with tempfile.TemporaryDirectory(prefix="yolo_prune_val_") as tmp, driving_yolov5(backend), \
+                no_nms_time_limit(backend):
             results = backend.val.run(settings.data, batch_size=settings.batch_size, imgsz=settings.imgsz,
                                       model=model.half() if settings.half else model, iou_thres=settings.iou_thres,
                                       single_cls=settings.single_cls, dataloader=dataloader, save_dir=Path(tmp),
@@ -186,7 +193,7 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
     if counter.count:
         LOGGER.warning("yolo_prune_plugin: YOLOv5's NMS hit its time limit in %d batch(es); mAP is undercounted "
                        "(slow or busy CPU). Re-validate on an idle machine or a GPU for exact numbers.", counter.count)
-    return Metrics.from_results(results, counter.count)
+    return dataclasses.replace(Metrics.from_results(results, counter.count), nms_time_limit=no_nms_time_limit.status)
 
 
 def evaluate_weights(weights: str | Path, settings: EvalSettings, dataloader: Any = None,

@@ -125,7 +125,7 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
 
         c = config.calibration
         calibration = load_calibration_images(ctx.settings.data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
-                                              seed=c.seed, device=ctx.device)
+                                              seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
     result = prune_model(model, config.amount, config.method, config.include, config.exclude,
                          calibration=calibration, options=config.obs)
     return model, result

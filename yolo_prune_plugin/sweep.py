@@ -85,7 +85,7 @@ def sweep_model(src: torch.nn.Module, settings: EvalSettings, amounts: Sequence[
 
         c = config.calibration
         calibration = load_calibration_images(settings.data, settings.imgsz, n=c.images, batch_size=c.batch_size,
-                                              seed=c.seed, device=settings.device)
+                                              seed=c.seed, device=settings.device, allow_overlap=c.allow_overlap)
     base = copy.deepcopy(src).float().to(settings.device)
     t0 = time.perf_counter()
     dense = evaluate(_fused(copy.deepcopy(base)), settings, batches, backend)

@@ -1,0 +1,195 @@
+"""Held-out evaluation (issue 11): calibration never reads evaluation images, YOLOv5's NMS time limit cannot
+change the plugin's metrics, held-out split YAMLs, and the custom corn-pest model end to end."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import yaml
+
+from yolo_prune_plugin.calibration import check_disjoint, load_calibration_images
+from yolo_prune_plugin.errors import ConfigError
+from yolo_prune_plugin.heldout import image_files, retarget_data_yaml, split_data_yaml
+
+from conftest import data_yaml
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibration and evaluation images are disjoint
+# ---------------------------------------------------------------------------------------------------
+def _lists(tmp_path, shared, cal: slice, ev: slice):
+    files = sorted((shared / "data" / "coco8" / "images").rglob("*.jpg"))
+    assert len(files) == 8
+    (tmp_path / "cal.txt").write_text("".join(f"{f}\n" for f in files[cal]))
+    (tmp_path / "ev.txt").write_text("".join(f"{f}\n" for f in files[ev]))
+    data = tmp_path / "lists.yaml"
+    data.write_text(yaml.safe_dump({"path": str(tmp_path), "train": str(tmp_path / "cal.txt"),
+                                    "val": str(tmp_path / "ev.txt"), "names": {i: str(i) for i in range(80)}}))
+    return data
+
+
+@pytest.mark.parametrize("cal, ev, shared_n", [(slice(0, 5), slice(4, 8), 1), (slice(0, 8), slice(0, 8), 8)])
+def test_overlapping_splits_fail_loudly(tmp_path, shared, backend, cal, ev, shared_n):
+    data = _lists(tmp_path, shared, cal, ev)
+    with pytest.raises(ConfigError, match=rf"lists\.yaml: calibration split 'train' and evaluation split 'val' "
+                                          rf"share {shared_n} image file"):
+        load_calibration_images(data, 64, n=2)
+    with pytest.raises(ConfigError, match="share"):  # the check_dataset dict too
+        check_disjoint(backend.general.check_dataset(str(data)))
+    # knowingly accepted: loads
+    assert load_calibration_images(data, 64, n=2, allow_overlap=True).shape == (2, 3, 64, 64)
+
+
+def test_disjoint_lists_load(tmp_path, shared):
+    data = _lists(tmp_path, shared, slice(0, 4), slice(4, 8))
+    x = load_calibration_images(data, 64, n=8)
+    assert x.shape == (4, 3, 64, 64)  # only the 4 calibration images exist to draw from
+
+
+def test_coco128_as_shipped_is_refused(tmp_path, shared):
+    with pytest.raises(ConfigError, match=r"coco128\.yaml.*share 128 image"):
+        load_calibration_images(data_yaml(shared, "coco128", tmp_path), 64, n=2)
+
+
+@pytest.mark.parametrize("cal, ev", [(64, 64), (16, 100)])
+def test_split_data_yaml_is_deterministic_and_disjoint(tmp_path, shared, cal, ev):
+    out = split_data_yaml(shared / "data" / "coco128.yaml", tmp_path / "a", calibration=cal, evaluation=ev)
+    again = split_data_yaml(shared / "data" / "coco128.yaml", tmp_path / "b", calibration=cal, evaluation=ev)
+    d = yaml.safe_load(out.read_text())
+    c, e = image_files(d["train"]), image_files(d["val"])
+    assert len(c) == cal and len(e) == ev and not set(c) & set(e)
+    everything = image_files(shared / "data" / "coco128" / "images" / "train2017")
+    assert c == everything[:cal] and e == everything[-ev:]  # sorted names: first / last
+    assert image_files(yaml.safe_load(again.read_text())["val"]) == e
+    check_disjoint(out)  # no error
+    assert d["names"][0] == "person"
+
+
+def test_split_too_many(tmp_path, shared):
+    with pytest.raises(ConfigError, match="cannot split 128 'val' images into 100 calibration"):
+        split_data_yaml(shared / "data" / "coco128.yaml", tmp_path, calibration=100, evaluation=64)
+
+
+# ---------------------------------------------------------------------------------------------------
+# NMS time limit
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture
+def slow_nms(monkeypatch):
+    """torchvision's NMS sleeping past YOLOv5's time limit (0.5 + 0.05 * batch s) on every image."""
+    import torchvision
+
+    real = torchvision.ops.nms
+
+    def nms(*args, **kwargs):
+        time.sleep(0.75)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.ops, "nms", nms)
+
+
+@pytest.fixture(scope="module")
+def coco8_eval(backend, shared, tmp_path_factory):
+    from yolo_prune_plugin.adapter import load_checkpoint
+    from yolo_prune_plugin.evaluation import make_settings
+    from yolo_prune_plugin.sweep import _batches
+
+    settings = make_settings(data_yaml(shared, "coco8", tmp_path_factory.mktemp("d8")), 160, 4, "cpu",
+                             workers=0, backend=backend)
+    model = load_checkpoint(shared / "weights" / "yolov5n.pt")["model"].float().fuse().eval()
+    return model, settings, _batches(settings, 32, backend)
+
+
+def _yolov5_val(backend, model, settings, batches, tmp_path):
+    r = backend.val.run(settings.data, batch_size=settings.batch_size, imgsz=settings.imgsz, model=model,
+                        iou_thres=settings.iou_thres, dataloader=batches, save_dir=tmp_path, plots=False,
+                        half=False, verbose=False)[0]
+    return [float(v) for v in r[:4]]
+
+
+def test_nms_time_limit_cannot_change_metrics(backend, coco8_eval, tmp_path, caplog, monkeypatch, one_thread):
+    import torchvision
+
+    from yolo_prune_plugin.adapter import no_nms_time_limit
+    from yolo_prune_plugin.evaluation import evaluate
+
+    model, settings, batches = coco8_eval
+    normal = evaluate(copy.deepcopy(model), settings, batches, backend)
+    assert normal.map > 0 and normal.nms_time_limit == "lifted" and normal.to_dict()["nms_time_limit"] == "lifted"
+    orig = backend.val.non_max_suppression
+    real = torchvision.ops.nms
+
+    def nms(*args, **kwargs):
+        time.sleep(0.75)  # > 0.5 + 0.05 * 4: YOLOv5 stops after the first image of the batch
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torchvision.ops, "nms", nms)
+    # YOLOv5's own validator drops detections: the simulated slowness does matter ...
+    plain = _yolov5_val(backend, copy.deepcopy(model), settings, batches, tmp_path)
+    assert plain[3] < normal.map - 0.05
+    # ... but not for the plugin's evaluation, and not inside the context manager
+    slow = evaluate(copy.deepcopy(model), settings, batches, backend)
+    assert slow.to_dict() == normal.to_dict() and slow.nms_timeouts == 0
+    with no_nms_time_limit(backend):
+        assert backend.val.non_max_suppression is not orig
+        lifted = _yolov5_val(backend, copy.deepcopy(model), settings, batches, tmp_path)
+    assert lifted == pytest.approx([normal.precision, normal.recall, normal.map50, normal.map], abs=1e-9)
+    assert backend.val.non_max_suppression is orig  # restored
+    assert backend.val.non_max_suppression.__globals__["time"] is time
+
+
+def test_no_nms_time_limit_restores_on_error(backend):
+    from yolo_prune_plugin.adapter import no_nms_time_limit
+
+    orig = backend.val.non_max_suppression
+    with pytest.raises(RuntimeError, match="boom"):
+        with no_nms_time_limit(backend):
+            with no_nms_time_limit(backend):  # nested: inner leaves the outer wrapping alone
+                assert getattr(backend.val.non_max_suppression, "_yolo_prune_no_limit", False)
+            assert backend.val.non_max_suppression is not orig
+            raise RuntimeError("boom")
+    assert backend.val.non_max_suppression is orig
+
+
+# ---------------------------------------------------------------------------------------------------
+# the custom corn-pest model, end to end
+# ---------------------------------------------------------------------------------------------------
+def test_cornpest_prunes_and_evaluates_end_to_end(shared, tmp_path, backend, one_thread):
+    from yolo_prune_plugin import api
+    from yolo_prune_plugin.adapter import load_checkpoint
+
+    weights = shared / "weights" / "yolov5n-cornpest.pt"
+    if not weights.is_file():
+        pytest.skip(f"needs {weights}")
+    data = retarget_data_yaml(shared / "data" / "cornpest.yaml", tmp_path / "data")  # calibrate train, eval test
+    d = yaml.safe_load(data.read_text())
+    assert d["val"].endswith("cornpest/test/images") and d["train"].endswith("cornpest/train/images")
+    check_disjoint(data)
+    src = load_checkpoint(weights)
+    names = dict((src.get("ema") or src["model"]).names)
+    assert len(names) == 4
+    local = tmp_path / "best.pt"
+    local.write_bytes(weights.read_bytes())  # the pruned file is written beside the weights
+    [entry] = api.prune(local, data, imgsz=416, batch_size=32, device="cpu", workers=0, method="obs", amount=0.5,
+                        calibration={"images": 4, "batch_size": 4, "seed": 0})
+    out = load_checkpoint(entry["output"])
+    model = out.get("ema") or out["model"]
+    assert dict(model.names) == names and int(model.nc) == 4 and int(model.model[-1].nc) == 4
+    assert out["prune"]["method"] == "obs" and out["prune"]["method_details"]["calibration_images"] == 4
+    assert abs(entry["sparsity_after"]["sparsity"] - 0.5) < 1e-4
+    before, after = entry["metrics_before"], entry["metrics_after"]
+    assert before["nms_time_limit"] == after["nms_time_limit"] == "lifted"
+    assert before["mAP50-95"] > 0.3  # a trained 4-class model on its never-seen test split
+    assert 0.8 * before["mAP50-95"] < after["mAP50-95"] <= 1.05 * before["mAP50-95"]
+
+
+@pytest.mark.parametrize("value, ok", [(True, True), (False, True), ("yes", False), (1, False)])
+def test_allow_overlap_config_key(value, ok):
+    from yolo_prune_plugin.config import config_from_dict
+
+    if ok:
+        assert config_from_dict({"calibration": {"allow_overlap": value}}).calibration.allow_overlap is value
+    else:
+        with pytest.raises(ConfigError, match=r"'calibration\.allow_overlap' must be true or false"):
+            config_from_dict({"calibration": {"allow_overlap": value}})
