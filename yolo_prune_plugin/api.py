@@ -6,7 +6,7 @@ import argparse
 import logging
 import re
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -16,7 +16,7 @@ from . import pipeline
 from .adapter import Backend, driving_yolov5, get_backend, load_checkpoint
 from .callbacks import PrunePlugin, register
 from .checks import check_device, check_model_matches_data
-from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict, load_config
+from .config import PruneConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
 from .evaluation import make_settings, resolve_data
 from .pruning import check_scope
@@ -99,7 +99,7 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
     else:
         model = None
     check_model_config(model, config, source="--prune-include/--prune-exclude")
-    if config.method in DATA_AWARE_METHODS or config.schedule.final_amount is not None:
+    if pipeline.calibration_needs(config) or config.schedule.final_amount is not None:
         train_dir = data.get("train")
         if not train_dir:
             raise ConfigError(f"{opt.data}: no 'train' split for calibration images")
@@ -144,9 +144,25 @@ def run_training(opt: argparse.Namespace, config: Optional[PruneConfig], backend
         if not str(opt.data).startswith(("http:/", "https:/")) and Path(str(opt.data)).is_file():
             opt.data = str(Path(str(opt.data)).resolve())
         opt.weights = _resolve_weights(str(opt.weights))
-    with driving_yolov5(backend):
+    with driving_yolov5(backend), _architecture_of(opt, backend):
         backend.train.main(opt, callbacks=callbacks)
     return plugin
+
+
+def _architecture_of(opt: argparse.Namespace, backend: Backend) -> Any:
+    """``--weights`` holding a channel-pruned model: YOLOv5 must train that architecture, not rebuild its YAML
+    (which would silently re-initialise every pruned layer)."""
+    w = str(getattr(opt, "weights", "") or "")
+    if getattr(opt, "resume", False) or not w.endswith(".pt") or not Path(w).is_file():
+        return nullcontext()
+    from .adapter import is_channel_pruned, keep_checkpoint_architecture
+
+    ckpt = load_checkpoint(w, backend)
+    if not is_channel_pruned(ckpt.get("ema") or ckpt["model"], backend):
+        return nullcontext()
+    LOGGER.info("yolo_prune_plugin: %s is channel-pruned: training its own architecture (not %s)", Path(w).name,
+                opt.cfg or "its YAML")
+    return keep_checkpoint_architecture(backend, w)
 
 
 def prune(weights: str | Path, data: str | Path | None = None, config: PruneConfig | None = None,
@@ -168,8 +184,8 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
     if data is not None:
         settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)
         check_model_matches_data(ckpt.get("ema") or ckpt["model"], settings.data, weights, data, single_cls)
-    elif cfg.method in DATA_AWARE_METHODS:
-        raise ConfigError(f"method {cfg.method!r} needs calibration images from --data")
+    elif pipeline.calibration_needs(cfg):
+        raise ConfigError(f"{' and '.join(pipeline.calibration_needs(cfg))} need(s) train-split images: pass --data")
     if cfg.finetune.epochs or cfg.schedule.final_amount is not None:
         raise ConfigError("finetune/schedule need a training run: use `yolo-prune train` (or register() + "
                           "train.main); `yolo-prune prune` prunes one-shot")

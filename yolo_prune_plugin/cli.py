@@ -51,6 +51,10 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument(f"--{prefix}config", metavar="FILE", help="prune YAML config (default: built-in defaults)")
     p.add_argument(f"--{prefix}amount", type=float, metavar="A", help="target fraction of Conv2d weights set to zero")
     p.add_argument(f"--{prefix}method", metavar="M", help=f"importance method: {', '.join(METHODS)}")
+    p.add_argument(f"--{prefix}structure", metavar="S", help="unstructured (zeros, default) or channel (removes "
+                   "whole channels: a smaller, faster model)")
+    p.add_argument(f"--{prefix}bench", action="store_true", default=None,
+                   help="time the original and the pruned model (PyTorch eager, ONNX Runtime CPU) into the report")
     p.add_argument(f"--{prefix}include", metavar="PATTERNS", help="comma-separated module-name patterns to prune")
     p.add_argument(f"--{prefix}exclude", metavar="PATTERNS", help="comma-separated module-name patterns to skip")
     p.add_argument(f"--{prefix}checkpoints", metavar="NAMES", help="best,last (train only; default best)")
@@ -66,7 +70,8 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
 
 def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConfig]:
     pre = prefix.replace("-", "_")
-    keys = ("amount", "method", "include", "exclude", "checkpoints", "suffix", "export", "overwrite", "evaluate")
+    keys = ("amount", "method", "structure", "include", "exclude", "checkpoints", "suffix", "export", "overwrite",
+            "evaluate", "bench")
     overrides = {k: getattr(ns, pre + k, None) for k in keys}
     path = getattr(ns, pre + "config", None)
     finetune = getattr(ns, "prune_finetune_epochs", None)

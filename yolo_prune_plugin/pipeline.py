@@ -23,14 +23,16 @@ import torch.nn as nn
 from ._version import __version__
 from .adapter import Backend, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_equal
+from .registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .errors import OutputExistsError, PruneError
 from .evaluation import EvalSettings, Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
 from .loggers import log_results
-from .pruning import PruneResult, conv_layers, prune_model, sparsity_stats
+from .pruning import conv_layers, prune_model, sparsity_stats
 from .report import ReportEntry, atomic_path, print_report, write_json
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 REPORT_NAME = "prune_report.json"
+BENCH_RUNS = 30  # timed rounds of `bench: true` (each model once per round, round-robin)
 
 __all__ = ["RunContext", "context_from_opt", "output_path", "check_output_free", "run", "write_report",
            "check_exports", "REPORT_NAME"]
@@ -51,8 +53,20 @@ class RunContext:
         return str(self.device.index or 0) if self.device.type == "cuda" else "cpu"
 
 
+def calibration_needs(config: PruneConfig) -> list[str]:
+    """Why ``config`` needs train-split images (empty: it does not)."""
+    why = []
+    if config.structure == "unstructured" and config.method in DATA_AWARE_METHODS:
+        why.append(f"method {config.method!r}")
+    if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
+        why.append(f"channel.importance {config.channel.importance!r}")
+    if config.bn_recalibration.count(config.structure):
+        why.append(f"bn_recalibration ({config.bn_recalibration.count(config.structure)} images; 0 turns it off)")
+    return why
+
+
 def needs_data(config: PruneConfig) -> bool:
-    return bool(config.evaluate or config.method in DATA_AWARE_METHODS or config.sweep.amounts)
+    return bool(config.evaluate or calibration_needs(config) or config.sweep.amounts)
 
 
 def context_from_opt(opt: Mapping[str, Any], config: PruneConfig, backend: Backend) -> RunContext:
@@ -114,21 +128,58 @@ def source_model(ckpt: Mapping[str, Any]) -> nn.Module:
     return ckpt.get("ema") or ckpt["model"]
 
 
-def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -> tuple[nn.Module, PruneResult]:
-    """A float copy of the checkpoint's model on the run's device, pruned as ``config`` says."""
+def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -> tuple[nn.Module, dict]:
+    """A float copy of the checkpoint's model on the run's device, pruned as ``config`` says (zeros, or channels
+    removed), BatchNorm statistics re-estimated when configured. Returns the model and what was done."""
     model = copy.deepcopy(source_model(ckpt)).float().to(ctx.device)
-    calibration = None
-    if config.method in DATA_AWARE_METHODS:
-        if ctx.settings is None:
-            raise PruneError(f"method {config.method!r} needs calibration images: pass --data")
-        from .calibration import load_calibration_images
+    c = config.calibration
+    done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
+                                                                              config.exclude)).to_dict(per_layer=False)}
+    if config.structure == "channel":
+        from .structured import channel_prune, load_calibration_batch
 
-        c = config.calibration
-        calibration = load_calibration_images(ctx.settings.data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
-                                              seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
-    result = prune_model(model, config.amount, config.method, config.include, config.exclude,
-                         calibration=calibration, options=config.obs)
-    return model, result
+        imp = config.channel.importance
+        calibration = None
+        if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None):
+            data = _calibration_data(config, ctx, f"channel importance {imp or 'taylor'!r}")
+            calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed)
+        res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
+                            include=config.include, exclude=config.exclude, calibration=calibration,
+                            max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz)
+        done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
+    else:
+        calibration = None
+        if config.method in DATA_AWARE_METHODS:
+            from .calibration import load_calibration_images
+
+            data = _calibration_data(config, ctx, f"method {config.method!r}")
+            calibration = load_calibration_images(data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
+                                                  seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
+        result = prune_model(model, config.amount, config.method, config.include, config.exclude,
+                             calibration=calibration, options=config.obs)
+        done.update(seconds=round(result.seconds, 3), details=result.extra)
+    n = config.bn_recalibration.count(config.structure)
+    if n:
+        from .calibration import load_calibration_images
+        from .recalibration import recalibrate_bn
+
+        data = _calibration_data(config, ctx, "bn_recalibration")
+        images = load_calibration_images(data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size,
+                                         seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
+        done["recalibration"] = recalibrate_bn(model, images, config.bn_recalibration.batch_size)
+        LOGGER.info("BatchNorm statistics re-estimated on %d train images (%d layers)", len(images),
+                    done["recalibration"]["layers"])
+    return model.eval(), done
+
+
+def _calibration_data(config: PruneConfig, ctx: RunContext, what: str) -> dict:
+    if ctx.settings is None:
+        raise PruneError(f"{what} needs train-split images: pass --data (or set bn_recalibration.images: 0)")
+    if not config.calibration.allow_overlap:
+        from .calibration import check_disjoint
+
+        check_disjoint(ctx.settings.data)
+    return ctx.settings.data
 
 
 def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: PruneConfig,
@@ -139,13 +190,17 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
 
     ft_cfg = config.finetune
     run_dir = Path(entry.checkpoint).parent.parent
-    masks = zero_masks(model, config.include, config.exclude)
+    channel = config.structure == "channel"  # a smaller dense architecture: trained as it is, no mask to hold
+    masks = {} if channel else zero_masks(model, config.include, config.exclude)
     ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
-                             include=config.include, exclude=config.exclude, masks=masks, warmup=ft_cfg.warmup,
-                             project=run_dir.parent, name=f"{run_dir.name}_finetune",
-                             hyp_path=run_dir / "hyp_finetune.yaml", backend=ctx.backend)
+                             include=config.include, exclude=config.exclude, masks=masks or None,
+                             warmup=ft_cfg.warmup, project=run_dir.parent, name=f"{run_dir.name}_finetune",
+                             hyp_path=run_dir / "hyp_finetune.yaml", backend=ctx.backend, keep_architecture=channel)
     ckpt = load_checkpoint(ft.best, ctx.backend)
     tuned = source_model(ckpt).float()
+    if channel and _channels(tuned) != _channels(model):
+        raise PruneError(f"{ft.best}: the fine-tuned model lost the pruned architecture (channel counts differ); "
+                         f"{out} still holds the one-shot pruned model")
     leaks = dict(ft.leaks)
     leaks["best_pruned.pt"] = count_leaks(tuned, masks)
     entry.finetune = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
@@ -159,6 +214,10 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     same = ft.imgsz == ctx.imgsz and ft.results is not None and ft.best.name == "best.pt"
     reused = Metrics.from_results(ft.results) if same else None
     return ckpt, tuned, reused
+
+
+def _channels(model: nn.Module) -> list[tuple[int, int]]:
+    return [(m.out_channels, m.in_channels) for _, m in conv_layers(model)]
 
 
 def _evaluate_before(ckpt: Mapping[str, Any], ctx: RunContext) -> Metrics:
@@ -191,9 +250,10 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
     dtype = next(source_model(ckpt).parameters()).dtype  # YOLOv5 writes fp16: keep what the source holds
     mode = mode or ("finetune" if config.finetune.epochs else "oneshot")
 
+    done: dict[str, Any] = {}
     if pruned is None:
-        model, result = prune_stage(ckpt, config, ctx)
-        stats_before, seconds, details = result.before.to_dict(per_layer=False), round(result.seconds, 3), result.extra
+        model, done = prune_stage(ckpt, config, ctx)
+        stats_before, seconds, details = done["stats_before"], done["seconds"], done["details"]
     else:
         model, seconds, details = pruned.float().to(ctx.device), None, {}
         stats_before = (schedule or {}).get("dense_stats")
@@ -201,6 +261,8 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
     entry = ReportEntry(checkpoint=str(source), output=str(out), mode=mode, method=config.method, amount=amount,
                         device=str(ctx.device), imgsz=ctx.imgsz, prune_seconds=seconds,
                         sparsity_before=stats_before, method_details=details, schedule=schedule, leaks=leaks,
+                        structure=config.structure, channels=done.get("channels"),
+                        recalibration=done.get("recalibration"),
                         metrics_before=before.to_dict() if before else None,
                         metrics_before_source=before_source if before else None)
     if config.evaluate and ctx.settings is not None and before is None:
@@ -222,6 +284,12 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
         arts = export_and_verify(out, config.export, imgsz=ctx.imgsz, device=ctx.export_device, half=o.half,
                                  dynamic=o.dynamic, simplify=o.simplify, opset=o.opset, atol=o.atol, overwrite=True)
         entry.exports = [a.to_dict() for a in arts]
+    if config.bench:
+        from .bench import bench_files
+
+        LOGGER.info("Timing %s against %s (PyTorch eager and ONNX Runtime, batch 1, %d px)...", out.name,
+                    source.name, ctx.imgsz)
+        entry.bench = bench_files([source, out], imgsz=ctx.imgsz, batch=1, runs=BENCH_RUNS, warmup=5)
     return entry
 
 

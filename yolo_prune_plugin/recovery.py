@@ -45,6 +45,7 @@ in ``last.pt`` (model and EMA) after every save, in the final ``last.pt``/``best
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -57,7 +58,8 @@ import torch
 import torch.nn as nn
 import yaml
 
-from .adapter import Backend, driving_yolov5, get_backend, load_checkpoint, training_objects
+from .adapter import (Backend, driving_yolov5, get_backend, keep_checkpoint_architecture, load_checkpoint,
+                      training_objects)
 from .config import DATA_AWARE_METHODS, PruneConfig, ScheduleOptions
 from .errors import ConfigError, PruneError
 from .pruning import conv_layers, prune_model, sparsity_stats
@@ -330,12 +332,13 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                         masks: Masks | str | None = "zeros", warmup: bool = FINETUNE_WARMUP,
                         project: str | Path | None = None, name: Optional[str] = None,
                         hyp_path: str | Path | None = None, backend: Optional[Backend] = None,
-                        **train_overrides: Any) -> FinetuneResult:
+                        keep_architecture: bool = False, **train_overrides: Any) -> FinetuneResult:
     """Train ``weights`` for ``epochs`` more epochs with YOLOv5's ``train.main``, holding ``masks`` at zero.
 
     ``base_opt`` (a YOLOv5 train ``opt`` or its ``vars``) gives data, batch size, device, optimizer, hyp, ...;
     ``masks``: ``"zeros"`` (the checkpoint's zero Conv2d weights in scope), a :data:`Masks` dict, or None
-    (dense fine-tune, e.g. a baseline). ``train_overrides`` are further YOLOv5 options. The run goes to
+    (dense fine-tune, e.g. a baseline). ``keep_architecture``: train the module stored in ``weights`` (a
+    channel-pruned model) instead of YOLOv5 rebuilding its YAML. ``train_overrides`` are further YOLOv5 options. The run goes to
     ``project/name`` (never overwriting: YOLOv5 increments the name). Raises :class:`PruneError` on a leak.
     """
     b = backend or get_backend()
@@ -402,7 +405,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                 weights.name, epochs, hyp["lr0"], "no" if not masks else "the pruned", "on" if warmup else "off")
     t0 = time.perf_counter()
     try:
-        with driving_yolov5(b):
+        with driving_yolov5(b), (keep_checkpoint_architecture(b, weights) if keep_architecture
+                                  else contextlib.nullcontext()):
             b.train.main(opt, callbacks=cb)
     finally:
         keeper.remove_hooks()

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-__all__ = ["MethodSpec", "ObsOptions", "OBS_ALLOCATIONS", "METHODS", "method_names", "data_aware_names", "get_method"]
+__all__ = ["MethodSpec", "ObsOptions", "OBS_ALLOCATIONS", "STRUCTURES", "CHANNEL_IMPORTANCES",
+           "DATA_AWARE_CHANNEL_IMPORTANCES", "ChannelOptions", "METHODS", "method_names", "data_aware_names", "get_method"]
 
 
 #: per-layer count allocations of ``obs`` (see :func:`yolo_prune_plugin.methods.layer_counts`)
@@ -51,6 +52,23 @@ METHODS: dict[str, MethodSpec] = {m.name: m for m in (
     MethodSpec("obs", "global", "obs", data_aware=True, options=ObsOptions,
                summary="SparseGPT-style OBS with reconstruction, calibrated on train-split images"),
 )}
+
+
+#: ``structure`` values: zeros inside dense tensors (default), or whole output channels removed (smaller, faster)
+STRUCTURES = ("unstructured", "channel")
+#: channel importances of ``structure: channel`` (Torch-Pruning's criteria); the data-aware ones need labelled
+#: train-split images (YOLOv5's own loss)
+CHANNEL_IMPORTANCES = ("l1", "l2", "bn", "lamp", "taylor")
+DATA_AWARE_CHANNEL_IMPORTANCES = ("taylor",)
+
+
+@dataclass(frozen=True)
+class ChannelOptions:
+    """Options of ``structure: channel`` (defaults chosen by scripts/benchmark_structured.py)."""
+
+    importance: Optional[str] = None  # None: taylor when the run has data (train split with labels), else l1
+    round_to: int = 8  # kept channel counts are multiples of it (nearest, never 0)
+    max_layer_ratio: float = 0.75  # at most this fraction of a layer group's channels is removed
 
 
 def method_names() -> tuple[str, ...]:

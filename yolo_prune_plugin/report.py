@@ -110,6 +110,8 @@ def _json_default(o: Any) -> Any:
 # the report entry: one type for one-shot, fine-tune and schedule
 # --------------------------------------------------------------------------------------------------
 MODES = ("oneshot", "finetune", "schedule")
+#: below this fraction of the dense mAP50-95 the table points to fine-tuning
+LOW_RETENTION = 0.9
 
 
 @dataclass
@@ -137,6 +139,10 @@ class ReportEntry:
     finetune: Optional[dict] = None  # fine-tune mode: run, epochs, lr, history
     schedule: Optional[dict] = None  # schedule mode: steps, source epoch, expected zeros
     leaks: Optional[dict] = None  # recovery modes: non-zero values at pruned positions (always 0)
+    structure: str = "unstructured"  # unstructured | channel
+    channels: Optional[dict] = None  # channel mode: params, GFLOPs, Conv2d weights, channel counts before/after
+    recalibration: Optional[dict] = None  # BatchNorm recalibration: layers, images, seconds
+    bench: Optional[list] = None  # bench: true: latency rows of the source and the pruned file (bench.bench_files)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -169,7 +175,7 @@ _ENTRY_TYPES: dict[str, Any] = {
     "imgsz": int, "prune_seconds": (int, float), "sparsity_before": dict, "sparsity_after": dict,
     "sparsity_all_conv": dict, "metrics_before": dict, "metrics_before_source": str, "metrics_oneshot": dict,
     "metrics_after": dict, "eval": dict, "method_details": dict, "exports": list, "finetune": dict,
-    "schedule": dict, "leaks": dict,
+    "schedule": dict, "leaks": dict, "structure": str, "channels": dict, "recalibration": dict, "bench": list,
 }
 REPORT_KEYS = {"plugin", "version", "created", "config", "mode", "results", "history", "sweep"}
 
@@ -208,13 +214,23 @@ def format_table(entry: dict) -> str:
         ("non-zero Conv2d weights", sb.get("nonzero"), sa.get("nonzero"), "int"),
         ("Conv2d sparsity", sb.get("sparsity"), sa.get("sparsity"), "pct"),
     ]
+    ch = entry.get("channels")
+    if ch:  # channel mode: a smaller model
+        rows += [("Conv2d weights", ch.get("conv_weights_before"), ch.get("conv_weights_after"), "int"),
+                 ("GFLOPs", ch.get("gflops_before"), ch.get("gflops_after"), "f")]
+    for row in (entry.get("bench") or [])[1:]:
+        for k in ("onnxruntime", "torch"):
+            if row.get(f"{k}_median_ms") is not None:
+                rows.append((f"{k} latency ms (x{row.get(f'{k}_speedup')})",
+                             entry["bench"][0].get(f"{k}_median_ms"), row[f"{k}_median_ms"], "f"))
     if o:  # fine-tune mode: where the one-shot pruned model stood before fine-tuning
         rows.insert(4, ("mAP50-95 one-shot (no fine-tune)", b.get("mAP50-95"), o.get("mAP50-95"), "f"))
     for art in entry.get("exports") or []:
         rows.append((f"{art['format']} bytes (gzip)", None, art.get("gzip_bytes"), "int"))
     w0 = max(len(r[0]) for r in rows)
     title = (f"{Path(entry['checkpoint']).name} -> {Path(entry['output']).name}  "
-             f"(method={entry['method']}, amount={entry['amount']}, mode={entry.get('mode', 'oneshot')})")
+             f"(method={entry['method'] if entry.get('structure', 'unstructured') == 'unstructured' else 'channel'}, "
+             f"amount={entry['amount']}, mode={entry.get('mode', 'oneshot')})")
     lines = [title, f"{'':<{w0}}  {'before':>14}  {'after':>14}  {'change':>10}"]
     for name, vb, va, kind in rows:
         change = ""
@@ -228,6 +244,12 @@ def format_table(entry: dict) -> str:
         if m.get("nms_timeouts"):
             lines.append(f"! {label}: YOLOv5's NMS hit its time limit in {m['nms_timeouts']} batch(es); "
                          "mAP is undercounted (busy CPU)")
+    kept = (a.get("mAP50-95") / b["mAP50-95"]) if a.get("mAP50-95") is not None and b.get("mAP50-95") else None
+    if kept is not None and kept < LOW_RETENTION and entry.get("mode", "oneshot") == "oneshot":
+        hint = ("removing whole channels needs training to recover" if ch else "a data-aware method (method: obs) "
+                "or less sparsity keeps more")
+        lines.append(f"! one-shot pruning kept {kept:.0%} of mAP50-95: {hint}; fine-tune the pruned model with "
+                     "'finetune: {epochs: N}' (--prune-finetune-epochs N), see README 'Recovery'")
     for art in entry.get("exports") or []:
         if not art.get("ok"):
             lines.append(f"! {art['format']} export FAILED verification: {art.get('message')}")

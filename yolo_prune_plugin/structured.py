@@ -35,18 +35,19 @@ import torch.nn as nn
 
 from .errors import ConfigError, PruneError
 from .pruning import check_scope, conv_layers, count_parameters
+from .registry import CHANNEL_IMPORTANCES, DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
 #: importance criteria; the data-aware ones need ``calibration=(images, targets)``
-IMPORTANCES = ("l1", "l2", "bn", "lamp", "taylor")
-DATA_AWARE_IMPORTANCES = ("taylor",)
+IMPORTANCES = CHANNEL_IMPORTANCES
+DATA_AWARE_IMPORTANCES = DATA_AWARE_CHANNEL_IMPORTANCES
 #: defaults chosen by measurement (scripts/benchmark_structured.py): Taylor when labelled calibration images are
 #: given (one-shot mAP50-95 at 10 %: 0.177 vs 0.070 for L1, both + BN recalibration), else L1
 DEFAULT_IMPORTANCE = "taylor"
 FALLBACK_IMPORTANCE = "l1"
-DEFAULT_ROUND_TO = 8
-DEFAULT_MAX_LAYER_RATIO = 0.75
+DEFAULT_ROUND_TO = ChannelOptions.round_to
+DEFAULT_MAX_LAYER_RATIO = ChannelOptions.max_layer_ratio
 #: the achieved fraction is within this of ``amount`` (raises otherwise)
 AMOUNT_TOLERANCE = 0.02
 

@@ -1,0 +1,120 @@
+"""``structure: channel`` through the one pipeline: CLI prune, report, fine-tune keeping the architecture, and a
+channel-pruned ``--weights`` file trained by ``yolo-prune train`` without re-initialisation (synthetic data)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from yolo_prune_plugin.cli import main
+from yolo_prune_plugin.config import config_from_dict
+from yolo_prune_plugin.errors import ConfigError
+from yolo_prune_plugin.pruning import conv_layers
+from yolo_prune_plugin.report import validate_report
+from yolo_prune_plugin.synthetic import TINY, make_dataset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("synthetic"), **TINY.dataset_kwargs())  # 3 classes
+
+
+def _channels(model):
+    return [(m.out_channels, m.in_channels) for _, m in conv_layers(model)]
+
+
+def _conv_weights(model):
+    return sum(m.weight.numel() for _, m in conv_layers(model))
+
+
+@pytest.fixture(scope="module")
+def pruned(backend, tiny_data, tmp_path_factory):
+    """`yolo-prune prune --structure channel` on a 3-class YOLOv5n with the synthetic data."""
+    from conftest import save_checkpoint
+
+    torch.manual_seed(0)
+    model = backend.yolo.Model(str(backend.root / "models" / "yolov5n.yaml"), ch=3, nc=3)
+    model.names = {0: "circle", 1: "rectangle", 2: "triangle"}
+    folder = tmp_path_factory.mktemp("channel")
+    ckpt = save_checkpoint(model, folder / "best.pt")
+    rc = main(["prune", "--weights", str(ckpt), "--data", str(tiny_data), "--img", "64", "--amount", "0.4",
+               "--structure", "channel", "--device", "cpu", "--workers", "0", "--batch-size", "4"])
+    assert rc == 0
+    return ckpt, folder / "best_pruned.pt", model
+
+
+def test_cli_channel_prune_writes_a_smaller_model_and_report(backend, pruned):
+    src, out, dense = pruned
+    report = json.loads((src.parent / "prune_report.json").read_text())
+    entry = validate_report(report)[0]
+    assert entry.structure == "channel" and entry.channels["structure"] == "channel"
+    small = torch.load(out)["model"].float()
+    removed = 1 - _conv_weights(small) / _conv_weights(dense)
+    assert abs(removed - 0.4) <= 0.02 and abs(entry.channels["achieved"] - removed) < 1e-6
+    assert entry.channels["params_after"] < entry.channels["params_before"]
+    assert entry.channels["gflops_after"] < entry.channels["gflops_before"]
+    assert entry.channels["importance"] == "taylor"  # data given: the data-aware default
+    assert entry.recalibration["images"] == 8  # BN recalibration on by default for channel (all 8 train images)
+    assert entry.metrics_after is not None and entry.metrics_before is not None
+    assert entry.sparsity_after["conv_weights"] == _conv_weights(small)
+    loaded = backend.attempt_load(out, "cpu")  # plain YOLOv5, no plugin hook needed for the smaller model
+    assert loaded(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8
+
+
+def test_train_with_channel_pruned_weights_trains_that_architecture(backend, pruned, tiny_data, tmp_path):
+    _, out, _ = pruned
+    want = _channels(torch.load(out)["model"])
+    o = TINY.train_overrides(tiny_data, tmp_path / "runs", "exp", yolov5_root=backend.root)
+    rc = main(["train", "--data", o["data"], "--weights", str(out), "--img", "64", "--epochs", "1",
+               "--batch-size", "4", "--workers", "0", "--device", "cpu", "--noplots", "--project",
+               str(tmp_path / "runs"), "--name", "exp"])
+    assert rc == 0
+    trained = torch.load(tmp_path / "runs" / "exp" / "weights" / "last.pt")["model"]
+    assert _channels(trained) == want  # not YOLOv5's full-width re-initialisation
+    assert backend.train.Model is backend.yolo.Model  # the patch is gone
+
+
+def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_data, tmp_path):
+    from conftest import save_checkpoint
+    from yolo_prune_plugin.api import run_training, train_opt
+
+    _, _, dense = pruned
+    run = tmp_path / "exp" / "weights"
+    run.mkdir(parents=True)
+    o = TINY.train_overrides(tiny_data, tmp_path, "exp", yolov5_root=backend.root)
+    opt = train_opt([], backend, **{**o, "weights": str(run / "best.pt")})
+    save_checkpoint(dense, run / "best.pt", opt=dict(vars(opt)))
+    cfg = config_from_dict({"amount": 0.3, "structure": "channel", "finetune": {"epochs": 1}, "evaluate": False,
+                            "bn_recalibration": {"images": 0}, "channel": {"importance": "l1"}})
+    from yolo_prune_plugin.callbacks import PrunePlugin
+
+    plugin = PrunePlugin(cfg, opt=opt)
+    plugin.on_train_end(run / "last.pt", run / "best.pt", 0, None)
+    assert plugin.error is None, plugin.error
+    entry = plugin.entries[0]
+    assert entry.mode == "finetune" and entry.structure == "channel"
+    final = torch.load(run / "best_pruned.pt")["model"]
+    ft_best = torch.load(tmp_path / "exp_finetune" / "weights" / "best.pt")["model"]
+    assert _channels(final) == _channels(ft_best) != _channels(dense)
+    assert abs(1 - _conv_weights(final) / _conv_weights(dense) - 0.3) <= 0.02
+
+
+@pytest.mark.parametrize("cfg,match", [
+    ({"structure": "channel", "method": "obs"}, "choose 'channel.importance'"),
+    ({"structure": "channel", "schedule": {"end_epoch": 2, "final_amount": 0.5}}, "cannot be combined"),
+    ({"structure": "rows"}, "'structure' must be one of unstructured, channel"),
+    ({"channel": {"round_to": 0}}, "'channel.round_to' must be >= 1"),
+])
+def test_bad_channel_configs(cfg, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(cfg)
+
+
+def test_channel_prune_without_data_needs_data_for_bn_recalibration(small_ckpt, capsys):
+    rc = main(["prune", "--weights", str(small_ckpt), "--amount", "0.3", "--structure", "channel"])
+    assert rc == 2 and "bn_recalibration" in capsys.readouterr().err
+    assert not small_ckpt.with_name("best_pruned.pt").exists()
