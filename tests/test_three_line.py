@@ -64,7 +64,8 @@ def setup(backend, tmp_path_factory):
     weights = save_checkpoint(model, tmp / "start.pt")  # pickled as yolov5.models.*: needs the allow-list
     configs = {}
     for name, text in (("plain", "amount: 0.3\n"), ("finetune", "amount: 0.3\nfinetune: {epochs: 1}\n"),
-                       ("schedule", "schedule: {start_epoch: 0, end_epoch: 1, final_amount: 0.4}\n")):
+                       ("schedule", "schedule: {start_epoch: 0, end_epoch: 1, final_amount: 0.4}\n"),
+                       ("channel", "amount: 0.3\nstructure: channel\n")):
         configs[name] = tmp / f"{name}.yaml"
         configs[name].write_text(text)
     return data, cfg, weights, configs
@@ -84,12 +85,16 @@ def test_three_line_path_runs_every_mode(backend, setup, tmp_path, layout):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     for name, mode, amount in (("plain", "oneshot", 0.3), ("finetune", "finetune", 0.3),
-                               ("schedule", "schedule", 0.4)):
+                               ("schedule", "schedule", 0.4), ("channel", "oneshot", 0.3)):
         r = result[name]
         assert r == {"error": None, "ran": True, "mode": mode, "report": r["report"], "kind": layout}, r
         report = json.loads(Path(r["report"]).read_text())
         entry = validate_report(report)[0]
-        assert entry.mode == mode and abs(entry.sparsity_after["sparsity"] - amount) < 1e-3
+        if name == "channel":  # channels removed: a smaller model, not zeros
+            assert entry.structure == "channel" and abs(entry.channels["achieved"] - amount) <= 0.02
+            assert entry.channels["params_after"] < entry.channels["params_before"]
+        else:
+            assert entry.mode == mode and abs(entry.sparsity_after["sparsity"] - amount) < 1e-3
         assert entry.metrics_after is not None
         pruned = torch.load(entry.output)  # plain YOLOv5 classes only (weights_only)
         assert pruned["prune"]["mode"] == mode and pruned["ema"] is None

@@ -107,3 +107,15 @@ def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data
     assert (w / "best.pt").exists() and (w / "last.pt").exists() and _sparsity(w / "best.pt") < 0.01
     assert not list(w.glob("*_pruned.pt")) and not list(w.glob(".*.tmp"))
     assert "injected pruning fault" in caplog.text and f"yolo-prune prune --weights {w / 'best.pt'}" in caplog.text
+
+
+def test_train_structure_flag_reaches_the_hook(backend, tiny_data, tmp_path, monkeypatch, small_model):
+    """`--prune-structure channel --prune-bench`: channels removed at train end and timed into the report."""
+    monkeypatch.setattr(backend.train, "main", fake_train_main(small_model))
+    rc = main(_train_args(backend, tiny_data, tmp_path / "runs", "--prune-amount", "0.3", "--prune-structure",
+                          "channel", "--prune-bench"))
+    assert rc == 0
+    entry = json.loads((tmp_path / "runs" / "exp" / "prune_report.json").read_text())["results"][0]
+    assert entry["structure"] == "channel" and abs(entry["channels"]["achieved"] - 0.3) <= 0.02
+    assert [r["file"].rsplit("/", 1)[-1] for r in entry["bench"]] == ["best.pt", "best_pruned.pt"]
+    assert entry["bench"][1]["params"] < entry["bench"][0]["params"]
