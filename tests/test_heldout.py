@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+from yolo_prune_plugin.adapter import driving_yolov5
 from yolo_prune_plugin.calibration import check_disjoint, load_calibration_images
 from yolo_prune_plugin.errors import ConfigError
 from yolo_prune_plugin.heldout import image_files, retarget_data_yaml, split_data_yaml
@@ -36,7 +37,7 @@ def test_overlapping_splits_fail_loudly(tmp_path, shared, backend, cal, ev, shar
     with pytest.raises(ConfigError, match=rf"lists\.yaml: calibration split 'train' and evaluation split 'val' "
                                           rf"share {shared_n} image file"):
         load_calibration_images(data, 64, n=2)
-    with pytest.raises(ConfigError, match="share"):  # the check_dataset dict too
+    with pytest.raises(ConfigError, match="share"), driving_yolov5(backend):  # the check_dataset dict too
         check_disjoint(backend.general.check_dataset(str(data)))
     # knowingly accepted: loads
     assert load_calibration_images(data, 64, n=2, allow_overlap=True).shape == (2, 3, 64, 64)
@@ -173,12 +174,12 @@ def test_cornpest_prunes_and_evaluates_end_to_end(shared, tmp_path, backend, one
     local.write_bytes(weights.read_bytes())  # the pruned file is written beside the weights
     [entry] = api.prune(local, data, imgsz=416, batch_size=32, device="cpu", workers=0, method="obs", amount=0.5,
                         calibration={"images": 4, "batch_size": 4, "seed": 0})
-    out = load_checkpoint(entry["output"])
+    out = load_checkpoint(entry.output)
     model = out.get("ema") or out["model"]
     assert dict(model.names) == names and int(model.nc) == 4 and int(model.model[-1].nc) == 4
     assert out["prune"]["method"] == "obs" and out["prune"]["method_details"]["calibration_images"] == 4
-    assert abs(entry["sparsity_after"]["sparsity"] - 0.5) < 1e-4
-    before, after = entry["metrics_before"], entry["metrics_after"]
+    assert abs(entry.sparsity_after["sparsity"] - 0.5) < 1e-4
+    before, after = entry.metrics_before, entry.metrics_after
     assert before["nms_time_limit"] == after["nms_time_limit"] == "lifted"
     assert before["mAP50-95"] > 0.3  # a trained 4-class model on its never-seen test split
     assert 0.8 * before["mAP50-95"] < after["mAP50-95"] <= 1.05 * before["mAP50-95"]

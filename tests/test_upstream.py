@@ -40,6 +40,7 @@ def test_backend_from_checkout(checkout, tmp_path):
 
 
 def test_not_a_checkout_is_a_clear_error(tmp_path):
+    (tmp_path / "x.pt").write_bytes(b"x")  # the weights path exists: the checkout is what is wrong
     out = _run(["prune", "--yolov5-dir", str(tmp_path), "--weights", "x.pt"], cwd=tmp_path)
     assert out.returncode == 1
     assert f"{tmp_path} is not a YOLOv5 checkout: missing train.py" in out.stderr

@@ -25,8 +25,10 @@ def _split(data: DataSpec, key: str) -> tuple[Any, str]:
     """The (absolute) ``key`` split of ``data`` (``None`` when absent) and a name for messages."""
     if not isinstance(data, Mapping):
         p = Path(data).expanduser().resolve()
+        b = get_backend()
         try:
-            data = {**get_backend().general.check_dataset(str(p), autodownload=False), "yaml_file": str(p)}
+            with driving_yolov5(b):  # check_dataset downloads a font: optional offline
+                data = {**b.general.check_dataset(str(p), autodownload=False), "yaml_file": str(p)}
         except Exception:  # noqa: BLE001 - reported with its own message by _train_split
             return None, str(p)
     if not data.get(key):
