@@ -96,14 +96,14 @@ class Ctx:
         return self._calib_lab
 
     def save(self, model, name: str) -> Path:
-        from yolo_prune_plugin.recovery import _stripped
+        from yolo_prune_plugin.pipeline import _stripped
 
         path = self.out / f"{name}.pt"
-        self.torch.save(_stripped(self.ckpt, copy.deepcopy(model).eval()), path)
+        self.torch.save(_stripped(self.ckpt, copy.deepcopy(model).eval(), self.torch.float16), path)
         return path
 
     def make(self, kind: str, amount: float, recal: bool, importance: str = "l1", round_to: int = 8,
-             max_layer_ratio: float = 0.75, tag: str = "") -> tuple[Path, dict]:
+             max_layer_ratio: float = 0.75, tag: str = "", cost_aware: float = 0.0) -> tuple[Path, dict]:
         from yolo_prune_plugin.recalibration import recalibrate_bn
 
         m = self.dense()
@@ -118,7 +118,7 @@ class Ctx:
 
             cal = self.calib_labelled() if importance == "taylor" else None
             r = channel_prune(m, amount, importance=importance, round_to=round_to, max_layer_ratio=max_layer_ratio,
-                              calibration=cal, imgsz=self.args.imgsz)
+                              calibration=cal, imgsz=self.args.imgsz, cost_aware=cost_aware)
             info.update(r.to_dict(per_layer=False))
         if recal == "recon":  # layer-wise least-squares reconstruction against the dense model (320 px)
             from yolo_prune_plugin.calibration import load_calibration_images
@@ -170,15 +170,17 @@ def phase_explore(c: Ctx) -> None:
         save_row(res, "dense", c.evaluate(c.save(c.dense(), "dense"), c.held))
     grid = [("l1", 8, 0.75, True), ("l1", 8, 0.75, False), ("l1", 1, 0.75, True), ("taylor", 8, 0.75, True),
             ("taylor", 1, 0.75, True), ("l1", 8, 0.5, True), ("bn", 8, 0.75, True)]
-    if c.args.grid:  # IMPORTANCE:ROUND_TO:MAX_LAYER_RATIO:recal|raw
-        grid = [(i, int(r), float(m), {"recal": True, "raw": False}.get(rc, rc))
-                for i, r, m, rc in (g.split(":") for g in c.args.grid)]
+    grid = [g + (0.0,) for g in grid]
+    if c.args.grid:  # IMPORTANCE:ROUND_TO:MAX_LAYER_RATIO:recal|raw[:COST_AWARE]
+        grid = [(i, int(r), float(m), {"recal": True, "raw": False}.get(rc, rc), float(ca[0]) if ca else 0.0)
+                for i, r, m, rc, *ca in (g.split(":") for g in c.args.grid)]
     for amount in c.args.explore_amounts:
-        for imp, rt, mlr, recal in grid:
+        for imp, rt, mlr, recal, ca in grid:
             key = f"{amount}_{imp}_rt{rt}_mlr{mlr}_{recal if isinstance(recal, str) else 'recal' if recal else 'raw'}"
+            key += f"_cost{ca}" if ca else ""
             if key in load_json(res):
                 continue
-            p, info = c.make("channel", amount, recal, imp, rt, mlr, tag="explore")
+            p, info = c.make("channel", amount, recal, imp, rt, mlr, tag="explore", cost_aware=ca)
             row = {**info, **c.evaluate(p, c.held)}
             save_row(res, key, row)
             print(f"[explore] {key}: mAP50-95 {row['mAP50-95']} achieved {row.get('achieved')}", flush=True)
@@ -273,7 +275,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-only", nargs="+", default=None, help="run only these fine-tune jobs (names)")
     ap.add_argument("--ft-jobs", type=int, default=3, help="channel50, dense, channel30, unstructured50: first N")
     ap.add_argument("--explore-amounts", type=float, nargs="+", default=[0.1, 0.2, 0.3])
-    ap.add_argument("--grid", nargs="+", default=None, help="explore points IMPORTANCE:ROUND_TO:MAX_RATIO:recal|raw")
+    ap.add_argument("--grid", nargs="+", default=None, help="explore points IMPORTANCE:ROUND_TO:MAX_RATIO:recal|raw[:COST_AWARE]")
     args = ap.parse_args(argv)
     import torch
 

@@ -80,7 +80,7 @@ def test_train_with_channel_pruned_weights_trains_that_architecture(backend, pru
 
 def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_data, tmp_path):
     from conftest import save_checkpoint
-    from yolo_prune_plugin.api import run_training, train_opt
+    from yolo_prune_plugin.api import train_opt
 
     _, _, dense = pruned
     run = tmp_path / "exp" / "weights"
@@ -108,6 +108,7 @@ def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_
     ({"structure": "channel", "schedule": {"end_epoch": 2, "final_amount": 0.5}}, "cannot be combined"),
     ({"structure": "rows"}, "'structure' must be one of unstructured, channel"),
     ({"channel": {"round_to": 0}}, "'channel.round_to' must be >= 1"),
+    ({"channel": {"cost_aware": -1}}, "'channel.cost_aware' must be in \\[0, 4\\]"),
 ])
 def test_bad_channel_configs(cfg, match):
     with pytest.raises(ConfigError, match=match):
@@ -118,3 +119,15 @@ def test_channel_prune_without_data_needs_data_for_bn_recalibration(small_ckpt, 
     rc = main(["prune", "--weights", str(small_ckpt), "--amount", "0.3", "--structure", "channel"])
     assert rc == 2 and "bn_recalibration" in capsys.readouterr().err
     assert not small_ckpt.with_name("best_pruned.pt").exists()
+
+
+def test_cost_aware_option_reaches_channel_pruning(small_ckpt):
+    from yolo_prune_plugin import api
+
+    cfg = config_from_dict({"structure": "channel", "amount": 0.3, "evaluate": False,
+                            "bn_recalibration": {"images": 0}, "channel": {"importance": "l1", "cost_aware": 0.1}})
+    [entry] = api.prune(small_ckpt, config=cfg, imgsz=64)
+    plain = api.prune(small_ckpt, config=cfg.with_overrides(channel={"importance": "l1"}, overwrite=True),
+                      imgsz=64)[0]
+    assert entry.channels["cost_aware"] == 0.1 and abs(entry.channels["achieved"] - 0.3) <= 0.02
+    assert entry.channels["gflops_after"] < plain.channels["gflops_after"]  # the same amount, fewer FLOPs left

@@ -75,6 +75,7 @@ def test_include_exclude_restrict_output_channels(small_model):
 
 @pytest.mark.parametrize("kwargs,match", [({"amount": 1.2}, "amount"), ({"importance": "xyz"}, "importance"),
                                           ({"round_to": 0}, "round_to"), ({"importance": "taylor"}, "calibration"),
+                                          ({"cost_aware": -1.0}, "cost_aware"), ({"cost_aware": "yes"}, "cost_aware"),
                                           ({"exclude": ("nomatch*",)}, "matches no Conv2d")])
 def test_bad_arguments_are_clear_errors(small_model, kwargs, match):
     kw = {"amount": 0.3, **kwargs}
@@ -224,3 +225,27 @@ def test_default_importance_is_taylor_with_calibration_else_l1(small_model, syn_
     assert channel_prune(small_model, 0.3, imgsz=64, log=False).importance == "l1"
     cal = load_calibration_batch(syn_data, 64, n=4)
     assert channel_prune(m2, 0.3, calibration=cal, imgsz=64, log=False).importance == "taylor"
+
+
+@pytest.mark.parametrize("amount,cost_aware", [(0.3, 0.5), (0.5, 0.5), (0.5, 1.0)])
+def test_cost_aware_ranking_keeps_amount_and_removes_more_flops(small_model, amount, cost_aware):
+    plain = copy.deepcopy(small_model)
+    ref = channel_prune(plain, amount, imgsz=64, log=False)
+    res = channel_prune(small_model, amount, cost_aware=cost_aware, imgsz=64, log=False)
+    assert abs(res.achieved - amount) <= 0.02 and res.extra["cost_aware"] == cost_aware
+    assert res.gflops_after <= ref.gflops_after, (res.gflops_after, ref.gflops_after)
+    assert channel_counts(plain) != channel_counts(small_model)  # the cost changed the ranking
+    # the stem (6x6 conv at half resolution: the most MACs per weight) loses at least as much as before
+    assert channel_counts(small_model)["model.0.conv"][0] <= channel_counts(plain)["model.0.conv"][0]
+    assert small_model.eval()(torch.zeros(1, 3, 64, 64))[0].shape == (1, 252, 8)
+
+
+def test_channel_macs_counts_the_root_and_its_consumers(small_model):
+    from yolo_prune_plugin.structured import _build_groups, channel_macs
+
+    dg, groups = _build_groups(small_model, detect_output_convs(small_model), 64)
+    macs = channel_macs(small_model, groups, dg, 64)
+    stem, nxt = small_model.model[0].conv, small_model.model[1].conv  # 3->16 6x6/2 (32x32), 16->32 3x3/2 (16x16)
+    assert (stem.in_channels, stem.out_channels, nxt.out_channels) == (3, 16, 32)
+    assert macs["model.0.conv"] == 3 * 6 * 6 * 32 * 32 + 32 * 3 * 3 * 16 * 16
+    assert len(macs) == len(groups) and min(macs.values()) > 0

@@ -261,6 +261,10 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = int(_number(v, q, where, integer=True))
                 if out[k] < 1:
                     raise ConfigError(f"{where}: '{q}' must be >= 1, got {v}")
+            elif k == "cost_aware":
+                out[k] = float(_number(v, q, where))
+                if not 0 <= out[k] <= 4:
+                    raise ConfigError(f"{where}: '{q}' must be in [0, 4] (an exponent; 0 = plain ranking), got {v}")
             else:
                 out[k] = float(_number(v, q, where))
                 if not 0 < out[k] < 1:

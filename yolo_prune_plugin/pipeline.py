@@ -145,7 +145,8 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
             calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed)
         res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
                             include=config.include, exclude=config.exclude, calibration=calibration,
-                            max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz)
+                            max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz,
+                            cost_aware=config.channel.cost_aware)
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
         calibration = None

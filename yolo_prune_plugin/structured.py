@@ -50,6 +50,8 @@ DEFAULT_ROUND_TO = ChannelOptions.round_to
 DEFAULT_MAX_LAYER_RATIO = ChannelOptions.max_layer_ratio
 #: the achieved fraction is within this of ``amount`` (raises otherwise)
 AMOUNT_TOLERANCE = 0.02
+#: exponent of the FLOP-aware ranking (``channel_prune(cost_aware=)``); 0: plain importance ranking
+DEFAULT_COST_AWARE = ChannelOptions.cost_aware
 
 
 def _tp() -> Any:
@@ -271,6 +273,48 @@ def _build_groups(model: nn.Module, ignored: list[nn.Module], imgsz: int) -> tup
     return dg, groups
 
 
+def channel_macs(model: nn.Module, groups: list, dg: Any, imgsz: int) -> dict[str, float]:
+    """Multiply-accumulates (at ``imgsz``) that one channel of each group costs, summed over its Conv2d members.
+
+    For each group ``(root name, group)`` from :func:`_build_groups`: an output channel of a member conv costs
+    ``k*k*in/groups`` MACs per output position, an input channel of a consumer conv ``k*k*out/groups``; both
+    times that conv's output positions (measured by one forward pass at ``imgsz``). Linear in ``imgsz**2``, so
+    the ratios between groups do not depend on ``imgsz``.
+    """
+    hw: dict[nn.Module, int] = {}
+
+    def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+        hw[mod] = int(out.shape[-1] * out.shape[-2])
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    p = next(model.parameters())
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hs:
+            h.remove()
+        model.train(was)
+    cost: dict[str, float] = {}
+    for name, g in groups:
+        seen, c = set(), 0.0
+        for item in g:
+            mod = item.dep.target.module
+            if not isinstance(mod, nn.Conv2d) or mod not in hw:
+                continue
+            out = bool(dg.is_out_channel_pruning_fn(item.dep.handler))
+            if (id(mod), out) in seen:
+                continue
+            seen.add((id(mod), out))
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            per = k * (mod.in_channels if out else mod.out_channels) / mod.groups
+            c += per * hw[mod]
+        cost[name] = max(c, 1.0)
+    return cost
+
+
 def _keep_count(n: int, n_prune: int, round_to: int, floor: int) -> int:
     """Channels kept: nearest multiple of ``round_to``, at least ``floor`` (itself rounded up), at most ``n``."""
     kept = n - n_prune
@@ -314,7 +358,7 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
                   round_to: int = DEFAULT_ROUND_TO, include: Sequence[str] = (), exclude: Sequence[str] = (),
                   calibration: Any = None, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                   imgsz: int = 640, trace_imgsz: int = 64, tolerance: float = AMOUNT_TOLERANCE,
-                  log: bool = True) -> ChannelPruneResult:
+                  cost_aware: float = DEFAULT_COST_AWARE, log: bool = True) -> ChannelPruneResult:
     """Remove whole output channels of ``model`` (a YOLOv5 ``DetectionModel``, in place) with Torch-Pruning.
 
     ``amount``: fraction of the Conv2d weights in scope to remove (input channels removed from a consumer
@@ -324,7 +368,10 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     output convs never do. ``round_to``: kept channel counts are multiples of it (nearest, never 0).
     ``max_layer_ratio``: at most this fraction of a group's channels is removed. ``calibration``: for
     ``importance="taylor"``, ``(images, targets)`` from :func:`load_calibration_batch`. ``importance=None``:
-    Taylor when ``calibration`` is given, else L1. ``imgsz``: for GFLOPs. The result's ``kept`` maps each conv
+    Taylor when ``calibration`` is given, else L1. ``cost_aware``: exponent ``alpha`` of a FLOP-aware ranking,
+    each group's scores divided by ``(MACs one of its channels costs / mean over groups) ** alpha`` (see
+    :func:`channel_macs`), so at the same weight ``amount`` cheap-per-FLOP early, high-resolution layers are
+    preferred; 0 is the plain ranking. ``imgsz``: for GFLOPs. The result's ``kept`` maps each conv
     that lost channels to the original channel indices it kept.
     Raises :class:`ConfigError` for bad arguments, :class:`PruneError` when the amount cannot be met.
     """
@@ -337,6 +384,8 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
         raise ConfigError(f"importance {importance!r} is unknown; expected one of {', '.join(IMPORTANCES)}")
     if not (isinstance(round_to, int) and not isinstance(round_to, bool) and round_to >= 1):
         raise ConfigError(f"round_to: expected an integer >= 1, got {round_to!r}")
+    if not (isinstance(cost_aware, (int, float)) and not isinstance(cost_aware, bool) and 0.0 <= cost_aware <= 4.0):
+        raise ConfigError(f"cost_aware: expected a number in [0, 4] (exponent of the FLOP cost), got {cost_aware!r}")
     if not (0.0 < max_layer_ratio <= 1.0):
         raise ConfigError(f"max_layer_ratio: expected a number in (0, 1], got {max_layer_ratio!r}")
     det = getattr(model, "model", None)
@@ -364,7 +413,7 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
                               "load_calibration_batch (train-split images with labels)")
         loss = accumulate_loss_gradients(model, calibration[0], calibration[1])
     imp = _importance(importance)
-    _, groups = _build_groups(model, [mods[n] for n in ignored_names], trace_imgsz)
+    dg, groups = _build_groups(model, [mods[n] for n in ignored_names], trace_imgsz)
     scores: dict[str, torch.Tensor] = {}
     with torch.no_grad():
         for name, g in groups:
@@ -376,6 +425,11 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
             p.grad = None
     if not scores:
         raise PruneError("channel pruning: no prunable channel group in scope")
+    if cost_aware:
+        macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
+        mean = sum(macs.values()) / len(macs)
+        for n in scores:
+            scores[n] = scores[n] / (macs[n] / mean) ** float(cost_aware)
     total = sum(len(v) for v in scores.values())
 
     def trial(k: int) -> tuple[float, dict]:
@@ -421,7 +475,7 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     res = ChannelPruneResult(importance, float(amount), 1 - w_after / w_before, round_to, params_before,
                              count_parameters(model), gflops_before, gflops(model, imgsz), w_before, w_after,
                              channels_before, channel_counts(model), q, time.perf_counter() - t0,
-                             {"max_layer_ratio": max_layer_ratio, "groups": len(scores),
+                             {"max_layer_ratio": max_layer_ratio, "cost_aware": float(cost_aware), "groups": len(scores),
                               "groups_pruned": len(plan)}, kept)
     if loss is not None:
         res.extra["calibration_loss"] = round(loss, 4)
@@ -548,6 +602,6 @@ def is_structurally_pruned(model: nn.Module) -> bool:
 
 
 __all__ = ["channel_prune", "ChannelPruneResult", "load_calibration_batch", "accumulate_loss_gradients",
-           "gflops", "channel_counts", "reconstruct_layers", "detect_output_convs", "IMPORTANCES",
+           "gflops", "channel_counts", "channel_macs", "DEFAULT_COST_AWARE", "reconstruct_layers", "detect_output_convs", "IMPORTANCES",
            "DEFAULT_IMPORTANCE", "FALLBACK_IMPORTANCE",
            "DEFAULT_ROUND_TO", "DEFAULT_MAX_LAYER_RATIO"]
