@@ -304,8 +304,8 @@ def main() -> int:
     print("\n(val = train: coco128's calibration images are also evaluated; use --split for held-out numbers)")
     print(f"\nRetention benchmark, {date.today()}, yolov5n on {args.data} at {args.img}, device {gpu or 'CPU ' + cpu}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    print(f"| method | sparsity | P | R | mAP50 | mAP50-95 | retention |")
-    print(f"|---|---|---|---|---|---|---|")
+    print("| method | sparsity | P | R | mAP50 | mAP50-95 | retention |")
+    print("|---|---|---|---|---|---|---|")
     print(f"| dense | 0 % | {dense['P']:.3f} | {dense['R']:.3f} | {dense['mAP50']:.3f} | {dense['mAP50-95']:.3f} | 1.000 |")
     label = {"layerwise": "YOLOv5 prune() (layerwise, reference)", "global": "global L1", "lamp": "LAMP",
              "obs": "obs (data-aware reconstruction)"}

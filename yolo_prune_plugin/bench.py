@@ -50,13 +50,15 @@ def _stats(ms: list[float]) -> tuple[float, float]:
 
 def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, threads: Optional[int] = None,
                 runs: int = 50, warmup: int = 5, backends: Sequence[str] = BACKENDS,
-                progress: bool = True) -> list[dict]:
+                progress: bool = True, device: str = "cpu") -> list[dict]:
     """Time each checkpoint in ``files`` (PyTorch eager and/or ONNX Runtime CPU); one dict per file.
 
     Keys: ``file``, ``params``, ``gflops`` (YOLOv5's thop formula at ``imgsz``), ``pt_bytes``, ``onnx_bytes``,
     ``<backend>_median_ms``, ``<backend>_p90_ms``, ``<backend>_speedup`` (first file's median / this median),
     and the settings. ``threads``: torch intra-op threads and ONNX Runtime ``intra_op_num_threads`` (default:
-    each library's own). Raises :class:`ConfigError` for bad arguments or a missing onnxruntime.
+    each library's own). ``device``: where PyTorch eager runs (``cpu``, ``0``/``cuda:0``; CUDA runs are
+    synchronised before each time is taken); ONNX Runtime always runs on the CPU. Raises :class:`ConfigError` for
+    bad arguments or a missing onnxruntime.
     """
     from .export import load_export_model
     from .structured import gflops
@@ -79,6 +81,10 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
         except ImportError:
             raise ConfigError("bench with onnxruntime needs onnx and onnxruntime: pip install "
                               "yolo_prune_plugin[export]") from None
+    dev = torch.device(f"cuda:{device}" if str(device).isdigit() else (device or "cpu"))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"bench --device {device}: CUDA is not available on this machine")
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     b = get_backend()
     for f in files:
         load_checkpoint(f, b)  # clear error for a missing / unsafe / non-YOLOv5 file before any work
@@ -94,12 +100,16 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
             model = load_export_model(f, "cpu", b)
             row: dict[str, Any] = {"file": str(f), "name": f.name, "params": sum(p.numel() for p in model.parameters()),
                                    "gflops": gflops(model, imgsz), "pt_bytes": f.stat().st_size, "onnx_bytes": None,
-                                   "imgsz": imgsz, "batch": batch, "threads": threads, "runs": runs}
+                                   "imgsz": imgsz, "batch": batch, "threads": threads, "runs": runs,
+                                   "torch_device": str(dev)}
             fns: dict[str, Any] = {}
             if "torch" in backends:
-                def run_torch(m: torch.nn.Module = model) -> None:
+                xt = x.to(dev)
+
+                def run_torch(m: torch.nn.Module = model.to(dev), xi: torch.Tensor = xt) -> None:
                     with torch.inference_mode():
-                        m(x)
+                        m(xi)
+                    sync()
                 fns["torch"] = run_torch
             if "onnxruntime" in backends:
                 d = tmp / str(i)

@@ -146,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     bn.add_argument("--runs", type=int, default=50, help="timed runs per model (default 50)")
     bn.add_argument("--warmup", type=int, default=5, help="untimed runs per model first (default 5)")
     bn.add_argument("--backends", default="torch,onnxruntime", help="torch,onnxruntime (default both)")
+    bn.add_argument("--device", default="cpu", help="where PyTorch eager runs: cpu or a CUDA index (ONNX Runtime: CPU)")
     bn.add_argument("--json", default=None, metavar="FILE", help="also write the rows to this JSON file")
     _common(bn)
 
@@ -313,7 +314,7 @@ def _cmd_bench(ns: argparse.Namespace, rest: list[str]) -> int:
     get_backend(ns.yolov5_dir)
     backends = [x.strip() for x in ns.backends.split(",") if x.strip()]
     rows = bench_files(ns.weights, imgsz=ns.imgsz, batch=ns.batch, threads=ns.threads, runs=ns.runs,
-                       warmup=ns.warmup, backends=backends, progress=True)
+                       warmup=ns.warmup, backends=backends, progress=True, device=ns.device)
     print(format_bench_table(rows))
     if ns.json:
         from .report import write_json
