@@ -340,7 +340,38 @@ def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
     t0 = time.perf_counter()
     if not isinstance(calibration, torch.Tensor) or calibration.ndim != 4 or calibration.shape[0] == 0:
         raise ConfigError("obs: calibration must be a non-empty float tensor of images (N, 3, H, W)")
+    if not isinstance(opt.steps, int) or opt.steps < 1:
+        raise ConfigError(f"obs: steps must be an integer >= 1, got {opt.steps!r}")
     x = torch.cat([calibration, calibration.flip(-1)]) if opt.flip else calibration
+    step_amounts = [amount * (i + 1) / opt.steps for i in range(opt.steps)]
+    step_amounts[-1] = amount  # the last pass is exactly the requested amount
+    for a in step_amounts[:-1]:  # earlier passes: zeros they leave stay pruned (forced) in the next ones
+        _obs_pass(model, layers, a, x, opt)
+    masks, report, fallback = _obs_pass(model, layers, amount, x, opt)
+
+    extra: dict[str, Any] = {
+        "calibration_images": int(calibration.shape[0]),
+        "calibration_imgsz": list(calibration.shape[-2:]),
+        "allocation": opt.allocation, "damp": opt.damp, "blocksize": opt.blocksize,
+        "mask_block": opt.mask_block, "protect": list(opt.protect), "flip": opt.flip,
+        "steps": opt.steps, "step_amounts": [round(a, 6) for a in step_amounts],
+        "fallback_layers": fallback,
+        "seconds": round(time.perf_counter() - t0, 2),
+        "layers": report,
+    }
+    if fallback:
+        LOGGER.info(f"obs: magnitude pruning for {len(fallback)} layer(s) without im2col inputs: "
+                    f"{', '.join(fallback[:5])}{' ...' if len(fallback) > 5 else ''}")
+    errs = [r["rel_error"] for r in report.values() if "rel_error" in r]
+    if errs:
+        extra["mean_rel_error"] = round(sum(errs) / len(errs), 6)
+    return masks, extra
+
+
+def _obs_pass(model: nn.Module, layers: Layers, amount: float, x: torch.Tensor,
+              opt: ObsOptions) -> tuple[list[torch.Tensor], dict, list[str]]:
+    """One OBS pass over ``layers`` to exactly ``round(amount * total)`` zeros (weights already zero stay
+    pruned); returns ``(masks, per-layer report, fallback layer names)``."""
     hs = _hessian_scores(model, layers, x, opt) if opt.allocation == "hessian" else None
     counts = layer_counts(layers, amount, opt.allocation, opt.protect, hs)
     todo = {id(m): (name, m, c, m.weight == 0) for (name, m), c in zip(layers, counts)}
@@ -395,23 +426,7 @@ def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
             if id(m) not in masks:
                 prune_one(m, None)
     bar.close()
-
-    extra: dict[str, Any] = {
-        "calibration_images": int(calibration.shape[0]),
-        "calibration_imgsz": list(calibration.shape[-2:]),
-        "allocation": opt.allocation, "damp": opt.damp, "blocksize": opt.blocksize,
-        "mask_block": opt.mask_block, "protect": list(opt.protect), "flip": opt.flip,
-        "fallback_layers": fallback,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "layers": report,
-    }
-    if fallback:
-        LOGGER.info(f"obs: magnitude pruning for {len(fallback)} layer(s) without im2col inputs: "
-                    f"{', '.join(fallback[:5])}{' ...' if len(fallback) > 5 else ''}")
-    errs = [r["rel_error"] for r in report.values() if "rel_error" in r]
-    if errs:
-        extra["mean_rel_error"] = round(sum(errs) / len(errs), 6)
-    return [masks[id(m)] for _, m in layers], extra
+    return [masks[id(m)] for _, m in layers], report, fallback
 
 
 __all__ = ["ObsOptions", "obs_prune", "sparsegpt_layer", "layer_hessian", "layer_counts", "supports_obs",
