@@ -333,8 +333,10 @@ def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
     ``calibration``: float tensor ``(N, 3, H, W)`` in [0, 1] (see
     :func:`yolo_prune_plugin.calibration.load_calibration_images`); with ``flip`` (default) the mirrored
     images are added. Memory is that of one forward pass with batch size 2N. Knobs: :class:`ObsOptions`
-    (``options`` or keyword overrides). Returns ``(masks, extra)``: 0/1 masks in ``layers`` order and a
-    JSON-able report.
+    (``options`` or keyword overrides). With ``steps`` K > 1 the amount is reached gradually: K such
+    passes at ``amount * i / K`` (i = 1..K), each on the model the previous one pruned and reconstructed
+    (its zeros stay pruned), the last one at exactly ``amount``. Returns ``(masks, extra)``: 0/1 masks in
+    ``layers`` order and a JSON-able report (per-layer entries of the last pass).
     """
     opt = dataclasses.replace(options or ObsOptions(), **overrides)
     t0 = time.perf_counter()
