@@ -28,9 +28,10 @@ BatchNorm statistics (0.28-0.29) were all no better. CPU time for yolov5n: ~12-3
 cores), twice that for 32.
 
 Gradual OBS (``steps``: K passes at ``amount * i / K``, each re-calibrated on the model pruned so far;
-held-out retention, mean of calibration seeds 0/1/2, 1 torch thread, load ~2-4 on 2 cores): ``steps: 3``
-gives coco128-split 50 % 0.874 (one pass 0.867), corn-pest test 50 % 0.992 (0.988), 70 % 0.877 (0.872):
-better in 8 of 9 seed pairs but by less than the seed spread, for ~3x the time; so the default stays 1.
+held-out retention, mean of calibration seeds 0/1/2, 1 torch thread, load ~1-4 on 2 cores): one pass
+gives coco128-split 50 % 0.867, corn-pest test 50 % 0.988, 70 % 0.872; ``steps: 2`` 0.879 / 0.991 / 0.875
+(8 of 9 seed pairs better, ~2x the time); ``steps: 3`` 0.874 / 0.992 / 0.877 (8 of 9, ~3x). The corn-pest
+gains are below the seed spread, so the default stays 1.
 
 Entry point: :func:`obs_prune`, bound to the ``obs`` importance by :data:`yolo_prune_plugin.pruning.DATA_AWARE`.
 """
