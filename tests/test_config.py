@@ -45,6 +45,8 @@ def test_nested_prune_key_and_lists_from_strings(tmp_path):
     ({"suffix": "../x"}, r"'suffix' must be a non-empty file-name fragment"),
     ({"export_options": {"opsett": 12}}, r"unknown key 'export_options.opsett'; did you mean 'export_options.opset'"),
     ({"calibration": {"images": 0}}, r"'calibration.images' must be >= 1"),
+    ({"obs": {"steps": 0}}, r"'obs.steps' must be >= 1, got 0"),
+    ({"obs": {"steps": 1.5}}, r"'obs.steps'"),
     ({"sweep": {"amounts": [0.1, 1.2]}}, r"'sweep.amounts' must satisfy"),
     ({"sweep": {"methods": ["global", "l2"]}}, r"'sweep.methods' must be one of"),
     ({"finetune": {"epochs": -1}}, r"'finetune.epochs' must be >= 0"),

@@ -321,6 +321,45 @@ def test_obs_options_keep_exact_sparsity(small_yolo, calib, options):
             assert int((m.weight == 0).sum()) == 0
 
 
+@pytest.mark.parametrize("amount, steps", [(0.5, 2), (0.45, 3)])
+def test_obs_steps_exact_and_equal_to_successive_passes(small_yolo, calib, amount, steps):
+    """``steps: K`` = K obs passes at amount * i / K on the model pruned so far; the zeros of a pass stay
+    zero and the final count is exact."""
+    model = copy.deepcopy(small_yolo)
+    obs = config_from_dict({"obs": {"steps": steps}}).obs  # reachable from the config
+    res = prune_model(model, amount, "obs", calibration=calib, log=False, options=obs)
+    total = sum(m.weight.numel() for _, m in conv_layers(model))
+    assert res.after.zeros == round(amount * total)
+    assert res.extra["steps"] == steps and res.extra["step_amounts"][-1] == amount
+    assert len(res.extra["step_amounts"]) == steps
+
+    ref = copy.deepcopy(small_yolo)
+    layers = conv_layers(ref)
+    zeros_before = None
+    for i in range(1, steps + 1):
+        a = amount if i == steps else amount * i / steps
+        masks, _ = methods.obs_prune(ref, layers, a, calib)
+        zeros = [m.weight == 0 for _, m in layers]
+        assert sum(int(z.sum()) for z in zeros) == round(a * total)
+        if zeros_before is not None:  # pruned weights stay pruned
+            assert all(bool((zb <= z).all()) for zb, z in zip(zeros_before, zeros))
+        zeros_before = zeros
+    for (n, a_), (_, b) in zip(conv_layers(model), layers):
+        assert torch.equal(a_.weight == 0, b.weight == 0), n
+        assert torch.allclose(a_.weight, b.weight, atol=1e-5, rtol=1e-4), n
+
+    one = copy.deepcopy(small_yolo)
+    prune_model(one, amount, "obs", calibration=calib, log=False)
+    assert any(not torch.equal(a_.weight == 0, b.weight == 0) for (_, a_), (_, b)
+               in zip(conv_layers(one), conv_layers(model)))  # gradual is not the one-shot result
+
+
+def test_obs_rejects_bad_steps(small_yolo, calib):
+    with pytest.raises(ConfigError, match="steps must be an integer >= 1"):
+        model = copy.deepcopy(small_yolo)
+        methods.obs_prune(model, conv_layers(model), 0.3, calib, steps=0)
+
+
 def test_obs_rejects_bad_calibration(small_yolo):
     with pytest.raises(ConfigError, match="calibration"):
         prune_model(copy.deepcopy(small_yolo), 0.3, "obs", calibration=torch.rand(3, 64, 64), log=False)

@@ -277,7 +277,7 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
             out[k] = _typed_option(v, q, where, getattr(ObsOptions(), k))
             if k == "allocation":
                 _choice(v, q, where, OBS_ALLOCATIONS)
-            elif k in ("blocksize", "batch_size") and out[k] < 1:
+            elif k in ("blocksize", "batch_size", "steps") and out[k] < 1:
                 raise ConfigError(f"{where}: '{q}' must be >= 1, got {v}")
             elif k == "damp" and not 0 < out[k] < 1:
                 raise ConfigError(f"{where}: '{q}' must be in (0, 1), got {v}")
