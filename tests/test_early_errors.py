@@ -3,6 +3,7 @@ work; SIGTERM cleans up like Ctrl-C; temporary files of killed runs are removed 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -41,7 +42,7 @@ def _run_py(code: str, timeout: float = 300, env: dict | None = None) -> subproc
 
 
 # -- 5: paths before heavy imports ----------------------------------------------------------------------
-@pytest.mark.parametrize("args,match", [
+PATH_CASES = [
     (["prune", "--weights", "{tmp}/nope.pt", "--amount", "0.3"], r"nope.pt: no such file \(--weights"),
     (["prune", "--weights", "{ck}", "--data", "{tmp}/nodata.yaml"], r"--data .*nodata.yaml: data YAML not found"),
     (["prune", "--weights", "{ck}", "--config", "{tmp}/nocfg.yaml"], r"--config .*nocfg.yaml: prune config YAML not found"),
@@ -50,23 +51,40 @@ def _run_py(code: str, timeout: float = 300, env: dict | None = None) -> subproc
     (["train", "--weights", "{tmp}/nope.pt", "--data", "{ck}", "--prune-amount", "0.3"], r"nope.pt: no such file"),
     (["train", "--weights", "{ck}", "--data", "{tmp}/nodata.yaml", "--prune-amount", "0.3"],
      r"nodata.yaml: data YAML not found"),
-])
-def test_path_errors_fire_before_yolov5_is_imported(tmp_path, args, match):
-    ck = tmp_path / "exists.pt"
+]
+
+
+@pytest.fixture(scope="module")
+def path_errors(tmp_path_factory):
+    """Every case in one fresh interpreter (each command returns before YOLOv5 would be imported, so one
+    process shows it for all): ``[(rc, stderr), ...]`` and the YOLOv5 modules imported by the end."""
+    tmp = tmp_path_factory.mktemp("paths")
+    ck = tmp / "exists.pt"
     ck.write_bytes(b"x")
-    args = [a.format(tmp=tmp_path, ck=ck) for a in args]
+    cases = [[a.format(tmp=tmp, ck=ck) for a in args] for args, _ in PATH_CASES]
     r = _run_py(f"""
-        import sys
+        import contextlib, io, json, sys
         from yolo_prune_plugin.cli import main
-        rc = main({args!r})
+        out = []
+        for args in {cases!r}:
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err):
+                rc = main(args)
+            out.append((rc, err.getvalue()))
         heavy = sorted(m for m in ("yolov5", "models", "utils", "train", "val") if m in sys.modules)
-        print("HEAVY", heavy)
-        sys.exit(rc)
+        print("RESULT " + json.dumps({{"cases": out, "heavy": heavy}}))
     """, timeout=120)
-    assert r.returncode in (1, 2), r.stderr
-    assert re.search(match, r.stderr), r.stderr
-    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
-    assert "HEAVY []" in r.stdout  # the error came before YOLOv5 (~10 s of imports) was imported
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout.split("RESULT ", 1)[1])
+
+
+@pytest.mark.parametrize("i", range(len(PATH_CASES)))
+def test_path_errors_fire_before_yolov5_is_imported(path_errors, i):
+    rc, err = path_errors["cases"][i]
+    assert rc in (1, 2), err
+    assert re.search(PATH_CASES[i][1], err), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert path_errors["heavy"] == []  # the errors came before YOLOv5 (~10 s of imports) was imported
 
 
 # -- 2: device not on this machine ------------------------------------------------------------------------

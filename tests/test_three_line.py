@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent('''
     out = {}
     for name, path in json.loads(configs).items():
         opt = yolo_train.parse_opt(True)
-        for k, v in dict(data=data, cfg=cfg, weights=weights, imgsz=64, epochs=3, batch_size=4, workers=0,
+        for k, v in dict(data=data, cfg=cfg, weights=weights, imgsz=64, epochs=2, batch_size=4, workers=0,
                          device="cpu", noplots=True, noautoanchor=True, project=project, name=name).items():
             setattr(opt, k, v)
         callbacks = Callbacks()                                  # the README's three lines
