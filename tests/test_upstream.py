@@ -30,15 +30,6 @@ def _run(args, cwd, env_extra=None, timeout=600):
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_backend_from_checkout(checkout, tmp_path):
-    code = ("from yolo_prune_plugin.adapter import get_backend; b = get_backend(); "
-            "print(b.kind, b.train.__name__, b.yolo.__name__)")
-    env = {**os.environ, "YOLO_PRUNE_YOLOV5_DIR": str(checkout), "PYTHONPATH": str(ROOT)}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-3:] == ["checkout", "train", "models.yolo"]
-
-
 def test_not_a_checkout_is_a_clear_error(tmp_path):
     (tmp_path / "x.pt").write_bytes(b"x")  # the weights path exists: the checkout is what is wrong
     out = _run(["prune", "--yolov5-dir", str(tmp_path), "--weights", "x.pt"], cwd=tmp_path)
@@ -46,10 +37,18 @@ def test_not_a_checkout_is_a_clear_error(tmp_path):
     assert f"{tmp_path} is not a YOLOv5 checkout: missing train.py" in out.stderr
 
 
-def test_prune_with_checkout(checkout, small_ckpt):
-    out = _run(["prune", "--yolov5-dir", str(checkout), "--weights", str(small_ckpt), "--amount", "0.3",
-                "--device", "cpu"], cwd=small_ckpt.parent)
+def test_prune_with_checkout_from_environment(checkout, small_ckpt):
+    """YOLO_PRUNE_YOLOV5_DIR selects the checkout (train/val/models imported top-level); --yolov5-dir is the
+    flag for the same (test_train_with_checkout)."""
+    code = ("import sys; from yolo_prune_plugin.cli import main; rc = main(sys.argv[1:]); "
+            "from yolo_prune_plugin.adapter import get_backend; b = get_backend(); "
+            "print('BACKEND', b.kind, b.train.__name__, b.yolo.__name__); sys.exit(rc)")
+    env = {**os.environ, "YOLO_PRUNE_YOLOV5_DIR": str(checkout), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code, "prune", "--weights", str(small_ckpt), "--amount", "0.3",
+                          "--device", "cpu"], cwd=small_ckpt.parent, env=env, capture_output=True, text=True,
+                         timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "BACKEND checkout train models.yolo" in out.stdout
     ckpt = torch.load(small_ckpt.with_name("best_pruned.pt"))
     assert abs(ckpt["prune"]["sparsity_after"]["sparsity"] - 0.3) < 1e-3
 
