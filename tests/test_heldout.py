@@ -9,6 +9,7 @@ import time
 import pytest
 import yaml
 
+from yolo_prune_plugin.structured import load_calibration_batch
 from yolo_prune_plugin.adapter import driving_yolov5
 from yolo_prune_plugin.calibration import check_disjoint, load_calibration_images
 from yolo_prune_plugin.errors import ConfigError
@@ -39,6 +40,8 @@ def test_overlapping_splits_fail_loudly(tmp_path, shared, backend, cal, ev, shar
         load_calibration_images(data, 64, n=2)
     with pytest.raises(ConfigError, match="share"), driving_yolov5(backend):  # the check_dataset dict too
         check_disjoint(backend.general.check_dataset(str(data)))
+    with pytest.raises(ConfigError, match="share"):  # the labelled batch of channel pruning's Taylor importance too
+        load_calibration_batch(data, 64, n=2)
     # knowingly accepted: loads
     assert load_calibration_images(data, 64, n=2, allow_overlap=True).shape == (2, 3, 64, 64)
 

@@ -141,8 +141,9 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         imp = config.channel.importance
         calibration = None
         if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None):
-            data = _calibration_data(config, ctx, f"channel importance {imp or 'taylor'!r}")
-            calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed)
+            data = _calibration_data(ctx, f"channel importance {imp or 'taylor'!r}")
+            calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed,
+                                                 allow_overlap=c.allow_overlap)
         res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
                             include=config.include, exclude=config.exclude, calibration=calibration,
                             max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz,
@@ -153,7 +154,7 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         if config.method in DATA_AWARE_METHODS:
             from .calibration import load_calibration_images
 
-            data = _calibration_data(config, ctx, f"method {config.method!r}")
+            data = _calibration_data(ctx, f"method {config.method!r}")
             calibration = load_calibration_images(data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
                                                   seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
         result = prune_model(model, config.amount, config.method, config.include, config.exclude,
@@ -164,7 +165,7 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         from .calibration import load_calibration_images
         from .recalibration import recalibrate_bn
 
-        data = _calibration_data(config, ctx, "bn_recalibration")
+        data = _calibration_data(ctx, "bn_recalibration")
         images = load_calibration_images(data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size,
                                          seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
         done["recalibration"] = recalibrate_bn(model, images, config.bn_recalibration.batch_size)
@@ -173,13 +174,9 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
     return model.eval(), done
 
 
-def _calibration_data(config: PruneConfig, ctx: RunContext, what: str) -> dict:
+def _calibration_data(ctx: RunContext, what: str) -> dict:
     if ctx.settings is None:
         raise PruneError(f"{what} needs train-split images: pass --data (or set bn_recalibration.images: 0)")
-    if not config.calibration.allow_overlap:
-        from .calibration import check_disjoint
-
-        check_disjoint(ctx.settings.data)
     return ctx.settings.data
 
 

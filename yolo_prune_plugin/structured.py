@@ -136,17 +136,21 @@ class ChannelPruneResult:
 # --------------------------------------------------------------------------------------------------
 # calibration data with labels (for Taylor importance)
 # --------------------------------------------------------------------------------------------------
-def load_calibration_batch(data: Any, imgsz: int, n: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def load_calibration_batch(data: Any, imgsz: int, n: int = 16, seed: int = 0,
+                           allow_overlap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``n`` train-split images ``(N,3,imgsz,imgsz)`` in [0,1] and their YOLOv5 targets ``(M,6)``.
 
-    Same draw (seeded permutation) and letterbox as :func:`calibration.load_calibration_images`; the targets are
-    in the format YOLOv5's ``ComputeLoss`` takes (``image index, class, x, y, w, h`` normalised).
+    Same draw (seeded permutation), letterbox and train/val overlap check (unless ``allow_overlap``) as
+    :func:`calibration.load_calibration_images`; the targets are in the format YOLOv5's ``ComputeLoss`` takes
+    (``image index, class, x, y, w, h`` normalised).
     """
     from .adapter import get_backend
-    from .calibration import _train_split
+    from .calibration import _train_split, check_disjoint
 
     if n < 1:
         raise ConfigError(f"calibration.images must be >= 1, got {n}")
+    if not allow_overlap:
+        check_disjoint(data)
     train, where = _train_split(data)
     b = get_backend()
     dl = importlib.import_module(b.prefix + "utils.dataloaders")
