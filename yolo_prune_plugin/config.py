@@ -196,6 +196,24 @@ def _typed_option(v: Any, key: str, where: str, default: Any) -> Any:
     return v
 
 
+def _at_least(v: Any, key: str, where: str, lo: int) -> int:
+    """An integer ``>= lo``."""
+    n = int(_number(v, key, where, integer=True))
+    if n < lo:
+        raise ConfigError(f"{where}: '{key}' must be >= {lo}, got {v}")
+    return n
+
+
+def _in_range(v: Any, key: str, where: str, lo: float, hi: float, *, lo_closed: bool = False,
+              hi_closed: bool = False, note: str = "") -> float:
+    """A number within ``lo``..``hi`` (each end open unless closed); the message writes the interval."""
+    x = float(_number(v, key, where))
+    if not ((lo <= x if lo_closed else lo < x) and (x <= hi if hi_closed else x < hi)):
+        interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
+        raise ConfigError(f"{where}: '{key}' must be in {interval}{note}, got {v}")
+    return x
+
+
 def _nested(cls: type, data: Any, key: str, where: str) -> Any:
     if isinstance(data, cls):
         return data
@@ -226,9 +244,7 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
         elif cls is CalibrationOptions and k == "allow_overlap":
             out[k] = _bool(v, q, where)
         elif cls is CalibrationOptions:
-            out[k] = int(_number(v, q, where, integer=True))
-            if k != "seed" and out[k] < 1:
-                raise ConfigError(f"{where}: '{q}' must be >= 1, got {v}")
+            out[k] = int(_number(v, q, where, integer=True)) if k == "seed" else _at_least(v, q, where, 1)
         elif cls is SweepOptions:
             if k == "amounts":
                 if not isinstance(v, (list, tuple, str)):
@@ -243,13 +259,9 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = tuple(_choice(m, q, where, METHODS) for m in _str_list(v, q, where))
         elif cls is FinetuneOptions:
             if k == "epochs":
-                out[k] = int(_number(v, q, where, integer=True))
-                if out[k] < 0:
-                    raise ConfigError(f"{where}: '{q}' must be >= 0, got {v}")
+                out[k] = _at_least(v, q, where, 0)
             elif k == "lr_scale":
-                out[k] = float(_number(v, q, where))
-                if not 0 < out[k] <= 10:
-                    raise ConfigError(f"{where}: '{q}' must be in (0, 10], got {v}")
+                out[k] = _in_range(v, q, where, 0, 10, hi_closed=True)
             elif k == "warmup":
                 out[k] = _bool(v, q, where)
             else:
@@ -258,36 +270,27 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
             if k == "importance":
                 out[k] = None if v is None else _choice(v, q, where, CHANNEL_IMPORTANCES)
             elif k == "round_to":
-                out[k] = int(_number(v, q, where, integer=True))
-                if out[k] < 1:
-                    raise ConfigError(f"{where}: '{q}' must be >= 1, got {v}")
+                out[k] = _at_least(v, q, where, 1)
             elif k == "cost_aware":
-                out[k] = float(_number(v, q, where))
-                if not 0 <= out[k] <= 4:
-                    raise ConfigError(f"{where}: '{q}' must be in [0, 4] (an exponent; 0 = plain ranking), got {v}")
+                out[k] = _in_range(v, q, where, 0, 4, lo_closed=True, hi_closed=True,
+                                   note=" (an exponent; 0 = plain ranking)")
             else:
-                out[k] = float(_number(v, q, where))
-                if not 0 < out[k] < 1:
-                    raise ConfigError(f"{where}: '{q}' must be in (0, 1), got {v}")
+                out[k] = _in_range(v, q, where, 0, 1)
         elif cls is BNRecalibrationOptions:
-            out[k] = None if v is None and k == "images" else int(_number(v, q, where, integer=True))
-            if out[k] is not None and out[k] < (0 if k == "images" else 1):
-                raise ConfigError(f"{where}: '{q}' must be >= {0 if k == 'images' else 1}, got {v}")
+            out[k] = None if v is None and k == "images" else _at_least(v, q, where, 0 if k == "images" else 1)
         elif cls is ObsOptions:
             out[k] = _typed_option(v, q, where, getattr(ObsOptions(), k))
             if k == "allocation":
                 _choice(v, q, where, OBS_ALLOCATIONS)
-            elif k in ("blocksize", "batch_size", "steps") and out[k] < 1:
-                raise ConfigError(f"{where}: '{q}' must be >= 1, got {v}")
-            elif k == "damp" and not 0 < out[k] < 1:
-                raise ConfigError(f"{where}: '{q}' must be in (0, 1), got {v}")
+            elif k in ("blocksize", "batch_size", "steps"):
+                _at_least(v, q, where, 1)
+            elif k == "damp":
+                _in_range(v, q, where, 0, 1)
         elif cls is ScheduleOptions:
             if k == "final_amount":
                 out[k] = None if v is None else _amount(v, q, where)
             else:
-                out[k] = int(_number(v, q, where, integer=True))
-                if out[k] < (1 if k == "every" else 0):
-                    raise ConfigError(f"{where}: '{q}' must be >= {1 if k == 'every' else 0}, got {v}")
+                out[k] = _at_least(v, q, where, 1 if k == "every" else 0)
     obj = cls(**out)
     if cls is ScheduleOptions and obj.final_amount is not None and obj.end_epoch < obj.start_epoch:
         raise ConfigError(f"{where}: 'schedule.end_epoch' ({obj.end_epoch}) must be >= 'schedule.start_epoch' "
