@@ -138,7 +138,7 @@ def test_cli_run_leaves_process_state_as_it_was(backend, small_ckpt, monkeypatch
     def state():
         return (getattr(np, "trapz", None), ImageFont.FreeTypeFont.__dict__.get("getsize"),
                 backend.general.check_font, dict(vars(backend.train)), list(sys.path), dict(os.environ),
-                list(logging.getLogger("yolo_prune_plugin").handlers))
+                list(logging.getLogger("yolo_prune_plugin").handlers), logging.getLogger("yolo_prune_plugin").level)
 
     before = state()
     assert main(["prune", "--weights", str(small_ckpt), "--amount", "0.2", "--trust-checkpoint"]) == 0

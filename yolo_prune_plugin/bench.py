@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from .adapter import export_patches, get_backend, load_checkpoint
+from .checks import check_device
 from .errors import ConfigError, ExportError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -81,9 +82,8 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
         except ImportError:
             raise ConfigError("bench with onnxruntime needs onnx and onnxruntime: pip install "
                               "yolo_prune_plugin[export]") from None
+    check_device(device, "bench --device")
     dev = torch.device(f"cuda:{device}" if str(device).isdigit() else (device or "cpu"))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"bench --device {device}: CUDA is not available on this machine")
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     b = get_backend()
     for f in files:

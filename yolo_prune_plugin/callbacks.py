@@ -55,7 +55,8 @@ class PrunePlugin:
         self.error: Optional[BaseException] = None
         self.ran = False
         self.callbacks: Any = None  # set by register(): YOLOv5's Loggers (trackers) are found on it
-        self._resolved_opt: dict = {}  # training options as the hook found them (for the retry command)
+        self._resolved_opt: dict = {}
+        self._best: Any = None  # best.pt of the run being pruned (for the retry command)  # training options as the hook found them (for the retry command)
         self._scope = contextlib.ExitStack()  # the compat patches while YOLOv5 trains (3-line path)
         self._scoped = False
         self.gradual = GradualPruning(self.config, self.backend) if self.mode == "schedule" else None
@@ -126,8 +127,6 @@ class PrunePlugin:
             LOGGER.debug("traceback", exc_info=True)
 
     # -- work ---------------------------------------------------------------------------------------
-    _best: Any = None
-
     def checkpoints(self, last: Path, best: Path) -> list[Path]:
         """The files to prune: ``checkpoints`` in config; ``best`` falls back to ``last`` when absent."""
         out: list[Path] = []
@@ -157,6 +156,7 @@ class PrunePlugin:
         self._best = best
         backend = self.backend
         ckpts: dict[Path, dict] = {}
+        files = [last]  # schedule mode: the sweep starts from the final training state
         with driving_yolov5(backend):
             if self.mode == "schedule":
                 cand, model, section, leaks, before_row = self.gradual.result(last, best, epoch)
@@ -186,11 +186,10 @@ class PrunePlugin:
             if self.config.sweep.amounts:
                 from .sweep import run_sweep
 
-                f0 = self.checkpoints(last, best)[0] if self.mode != "schedule" else last
-                sw = run_sweep(f0, ctx.settings.data, self.config.sweep.amounts, self.config.sweep.methods,
+                sw = run_sweep(files[0], ctx.settings.data, self.config.sweep.amounts, self.config.sweep.methods,
                                out=best.parent.parent / "sweep", config=self.config, settings=ctx.settings,
                                backend=backend, echo=LOGGER.info,
-                               ckpt=ckpts.get(f0))
+                               ckpt=ckpts.get(files[0]))
                 sweep = {"outputs": sw["outputs"], "dense": sw["dense"], "points": sw["points"]}
             self.report_path = pipeline.write_report(self.entries, self.config, best.parent.parent,
                                                      history=self.history or None, sweep=sweep, echo=LOGGER.info,

@@ -27,15 +27,17 @@ class _StderrHandler(logging.StreamHandler):
         super().emit(record)
 
 
-def _setup_logging(verbose: bool = False) -> Optional[logging.Handler]:
-    """Log to stderr for this command; returns the handler added (removed again when the command ends)."""
+def _setup_logging(verbose: bool = False) -> tuple[Optional[logging.Handler], int]:
+    """Log to stderr for this command; returns the handler added (None if one was there) and the level before,
+    both put back when the command ends."""
+    level = LOGGER.level
     LOGGER.setLevel(logging.DEBUG if verbose else logging.INFO)
     if any(isinstance(h, _StderrHandler) for h in LOGGER.handlers):
-        return None
+        return None, level
     h = _StderrHandler()
     h.setFormatter(logging.Formatter("%(message)s"))
     LOGGER.addHandler(h)
-    return h
+    return h, level
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -166,7 +168,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ns, rest = parser.parse_known_args(argv)
     if rest and ns.command != "train":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
-    handler = _setup_logging(ns.verbose)
+    handler, level = _setup_logging(ns.verbose)
     try:
         with sigterm_as_interrupt(), contextlib.ExitStack() as scope:
             early_checks(ns, rest)  # the user's own paths and device, before torch/YOLOv5 are imported
@@ -189,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     finally:
         if handler is not None:
             LOGGER.removeHandler(handler)
-            LOGGER.setLevel(logging.NOTSET)
+        LOGGER.setLevel(level)
 
 
 class Terminated(KeyboardInterrupt):
@@ -244,6 +246,10 @@ def early_checks(ns: argparse.Namespace, rest: list[str]) -> None:
         check_device(ns.device)
     elif cmd in ("export", "sweep"):
         check_user_paths(ns.weights, getattr(ns, "data", None))
+        check_device(ns.device)
+    elif cmd == "bench":
+        for w in ns.weights:
+            check_user_paths(w, None)
         check_device(ns.device)
     elif cmd == "demo":
         check_device(ns.device)
