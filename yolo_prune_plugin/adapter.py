@@ -28,7 +28,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -382,6 +382,7 @@ class TrainingObjects:
     ema: Any  # ModelEMA or None (DDP ranks > 0)
     start_epoch: int
     resumed: bool
+    imgsz: Optional[int] = None  # train()'s checked image size
 
 
 def training_objects(backend: Backend) -> TrainingObjects:
@@ -399,12 +400,34 @@ def training_objects(backend: Backend) -> TrainingObjects:
                 model = loc["model"]
                 model = getattr(model, "module", model)  # DDP
                 start = int(loc.get("start_epoch", 0))
-                return TrainingObjects(model, loc["optimizer"], loc["ema"], start, bool(loc.get("resume")) or start > 0)
+                return TrainingObjects(model, loc["optimizer"], loc["ema"], start, bool(loc.get("resume")) or start > 0,
+                                       loc.get("imgsz") if isinstance(loc.get("imgsz"), int) else None)
             f = f.f_back
     finally:
         del frame
     raise PruneError("could not find YOLOv5's train() objects (model, optimizer, EMA) from the callback; the "
                      "recovery modes need YOLOv5 7.0.x's train.py")
+
+
+def replace_optimizer_params(optimizer: torch.optim.Optimizer, replaced: Mapping[int, torch.Tensor]) -> int:
+    """Swap stale parameters in YOLOv5's optimizer for the tensors that replaced them; returns how many.
+
+    ``replaced``: ``id(old parameter) -> new parameter`` (Torch-Pruning assigns a new ``nn.Parameter`` to every
+    pruned ``weight``/``bias``). ``smart_optimizer`` builds three param groups (0: biases, 1: Conv weights with
+    weight decay, 2: BatchNorm weights without); each new tensor takes the old one's place in its group, so its lr,
+    momentum and decay stay YOLOv5's. The old tensor's optimizer state (SGD momentum buffer, Adam moments) is
+    dropped: its shape changed, the next step starts it afresh. Other parameters keep their state.
+    """
+    n = 0
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for i, p in enumerate(params):
+            new = replaced.get(id(p))
+            if new is not None:
+                optimizer.state.pop(p, None)
+                params[i] = new
+                n += 1
+    return n
 
 
 # --------------------------------------------------------------------------------------------------

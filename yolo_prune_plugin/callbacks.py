@@ -59,7 +59,12 @@ class PrunePlugin:
         self._best: Any = None  # best.pt of the run being pruned (for the retry command)  # training options as the hook found them (for the retry command)
         self._scope = contextlib.ExitStack()  # the compat patches while YOLOv5 trains (3-line path)
         self._scoped = False
-        self.gradual = GradualPruning(self.config, self.backend) if self.mode == "schedule" else None
+        self.gradual = None
+        if self.mode == "schedule":
+            from .channel_schedule import ChannelSchedule
+
+            self.gradual = (ChannelSchedule if self.config.structure == "channel" else GradualPruning)(self.config,
+                                                                                                     self.backend)
 
     # -- registration ------------------------------------------------------------------------------
     def hooks(self) -> dict[str, Callable[..., None]]:
@@ -167,6 +172,7 @@ class PrunePlugin:
                 self.entries = [pipeline.run(last, self.config, ctx, ckpt=cand, pruned=model, mode="schedule",
                                              out=pipeline.output_path(best, self.config), schedule=section,
                                              leaks=leaks, before=before,
+                                             channels=getattr(self.gradual, "channels", None),
                                              before_source=f"epoch {section['dense_epoch']} (dense, training history)")]
                 self.history = self.gradual.history
             else:

@@ -345,10 +345,6 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
             raise ConfigError(f"{source}: 'method: {cfg.method}' ranks single weights (structure: unstructured); "
                               "with 'structure: channel' choose 'channel.importance' "
                               f"({', '.join(CHANNEL_IMPORTANCES)})")
-        if cfg.schedule.final_amount is not None:
-            raise ConfigError(f"{source}: 'structure: channel' cannot be combined with 'schedule' (removing channels "
-                              "during training would replace the optimizer's tensors); prune, then fine-tune with "
-                              "'finetune: {epochs: N}'")
     return cfg
 
 

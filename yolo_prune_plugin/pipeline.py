@@ -233,13 +233,14 @@ def _evaluate_before(ckpt: Mapping[str, Any], ctx: RunContext) -> Metrics:
 def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optional[Mapping[str, Any]] = None,
         before: Optional[Metrics] = None, before_source: Optional[str] = None, pruned: Optional[nn.Module] = None,
         out: Optional[Path] = None, mode: Optional[str] = None, schedule: Optional[dict] = None,
-        leaks: Optional[dict] = None) -> ReportEntry:
+        leaks: Optional[dict] = None, channels: Optional[dict] = None) -> ReportEntry:
     """Prune ``source`` (or take the already ``pruned`` model of a schedule run), fine-tune when the config asks,
     write ``out`` (default ``<stem><suffix>.pt`` beside ``source``) atomically, evaluate it as YOLOv5 loads it,
     export it; returns the report entry (also stored under the written file's ``prune`` key).
 
     ``ckpt``: ``source`` already loaded (it is never loaded twice); ``before``: metrics YOLOv5 already computed
-    for ``source`` (reused, not recomputed).
+    for ``source`` (reused, not recomputed). ``channels``: the channel section of a channel schedule's ``pruned``
+    model (channel counts, params, GFLOPs against the dense model).
     """
     source = Path(source).expanduser().resolve()
     out = out or output_path(source, config)
@@ -259,7 +260,7 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
     entry = ReportEntry(checkpoint=str(source), output=str(out), mode=mode, method=config.method, amount=amount,
                         device=str(ctx.device), imgsz=ctx.imgsz, prune_seconds=seconds,
                         sparsity_before=stats_before, method_details=details, schedule=schedule, leaks=leaks,
-                        structure=config.structure, channels=done.get("channels"),
+                        structure=config.structure, channels=done.get("channels", channels),
                         recalibration=done.get("recalibration"),
                         metrics_before=before.to_dict() if before else None,
                         metrics_before_source=before_source if before else None)

@@ -576,6 +576,10 @@ def check_recovery(config: PruneConfig, opt: Any = None) -> None:
         if epochs is not None and s.end_epoch >= int(epochs):
             raise ConfigError(f"schedule.end_epoch ({s.end_epoch}) must be < --epochs ({epochs}) so the final "
                               "sparsity is reached before training ends")
+        if config.structure == "channel":
+            from .channel_schedule import check_channel_schedule
+
+            check_channel_schedule(config, opt)
     if config.finetune.epochs and int(os.getenv("WORLD_SIZE", 1)) > 1:
         raise ConfigError("finetune: masked fine-tuning runs a second single-process training and cannot run "
                           "under DDP; prune and fine-tune after the DDP run (finetune.epochs: 0 here)")
