@@ -105,7 +105,6 @@ def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_
 
 @pytest.mark.parametrize("cfg,match", [
     ({"structure": "channel", "method": "obs"}, "choose 'channel.importance'"),
-    ({"structure": "channel", "schedule": {"end_epoch": 2, "final_amount": 0.5}}, "cannot be combined"),
     ({"structure": "rows"}, "'structure' must be one of unstructured, channel"),
     ({"channel": {"round_to": 0}}, "'channel.round_to' must be >= 1"),
     ({"channel": {"cost_aware": -1}}, "'channel.cost_aware' must be in \\[0, 4\\]"),

@@ -24,7 +24,7 @@ from yolo_prune_plugin.api import run_training, train_opt
 from yolo_prune_plugin.callbacks import register
 from yolo_prune_plugin.channel_schedule import ChannelSchedule, apply_kept_channels
 from yolo_prune_plugin.config import config_from_dict
-from yolo_prune_plugin.errors import ConfigError
+from yolo_prune_plugin.errors import ConfigError, PruneError
 from yolo_prune_plugin.pruning import conv_layers
 from yolo_prune_plugin.recovery import schedule_amount
 from yolo_prune_plugin.report import validate_report
@@ -230,6 +230,28 @@ def test_replace_optimizer_params_keeps_groups_and_drops_stale_state(backend, ti
     model.train()
     sum(o.float().pow(2).mean() for o in model(torch.rand(2, 3, 64, 64))).backward()
     opt.step()  # runs with the new shapes, momentum restarts for them
+
+
+def test_a_failed_step_leaves_model_ema_and_optimizer_untouched(backend, tiny_cfg):
+    """round_to larger than any layer: the amount cannot be met; the step raises and changes nothing."""
+    torch.manual_seed(0)
+    model = backend.yolo.Model(str(tiny_cfg), ch=3, nc=3).train()
+    optimizer = backend.train.smart_optimizer(model, "SGD", 0.01, 0.9, 5e-4)
+    ema = backend.train.ModelEMA(model)
+    cfg = config_from_dict({**CONFIG, "channel": {"round_to": 256}})
+    sched = ChannelSchedule(cfg, backend)
+
+    def train(model, optimizer, ema, start_epoch=0, imgsz=64):  # stands in for YOLOv5's train(): locals are read
+        sched.train_start()
+
+    train(model, optimizer, ema)
+    params = [id(p) for g in optimizer.param_groups for p in g["params"]]
+    counts, ema_model = channel_counts(model), ema.ema
+    sched.epoch_start()  # epoch 0: target 0, nothing to do
+    with pytest.raises(PruneError, match="cannot remove"):
+        sched.epoch_start()  # epoch 1
+    assert channel_counts(model) == channel_counts(ema.ema) == counts and ema.ema is ema_model
+    assert [id(p) for g in optimizer.param_groups for p in g["params"]] == params and sched.steps == []
 
 
 def test_channel_schedule_config_is_accepted():

@@ -10,13 +10,14 @@ measured against the **dense** model, is the cubic schedule's target for that ep
 
 What one step does to YOLOv5's training objects (read from ``train()``'s frame at ``on_train_start``):
 
-* **EMA first.** Channels are ranked on ``ema.ema`` (the model YOLOv5 validates and saves) with a data-free
-  importance (``channel.importance``; default ``l1``: the data-aware ``taylor`` would need a labelled batch and a
-  backward pass per step and is refused, like ``obs`` in the unstructured schedule). The EMA is pruned in place,
-  so its running average is kept for the surviving channels.
+* **EMA first.** Channels are ranked on (a copy of) ``ema.ema``, the model YOLOv5 validates and saves, with a
+  data-free importance (``channel.importance``; default ``l1``: the data-aware ``taylor`` would need a labelled
+  batch and a backward pass per step and is refused, like ``obs`` in the unstructured schedule). The pruned copy
+  replaces ``ema.ema``, so the running average is kept for the surviving channels.
 * **Live model, same channels.** The EMA's kept channel indices (``ChannelPruneResult.kept``) become the removal
   plan for the live model (identical graph, identical group roots), so model and EMA keep the same
-  architecture and the same channels and ``ModelEMA.update`` goes on working; asserted after each step.
+  architecture and the same channels and ``ModelEMA.update`` goes on working. It is tried on a copy first: a
+  step that fails (amount not reachable at ``round_to``) changes nothing, the error is reported at train end.
 * **Optimizer.** Torch-Pruning replaces every pruned ``weight``/``bias`` by a new ``nn.Parameter``; YOLOv5's
   optimizer would keep updating the stale tensors. :func:`~yolo_prune_plugin.adapter.replace_optimizer_params`
   swaps each one for its replacement in its own param group (``smart_optimizer``'s bias / decayed
@@ -202,30 +203,33 @@ class ChannelSchedule:
         if target <= 0 or self.model is None:
             return
         t0 = time.perf_counter()
-        ema = self.ema.ema
-        now = self._conv_weights(ema)
+        now = self._conv_weights(self.ema.ema)
         rel = 1 - (1 - target) * self._dense["conv_weights"] / now  # of what is left, to reach target of dense
         if rel <= 0:
             return
+        # everything that can fail runs on copies first: a failed step leaves YOLOv5's objects as they were
+        ema = copy.deepcopy(self.ema.ema)
         res = channel_prune(ema, rel, importance=self.importance, round_to=c.channel.round_to, include=c.include,
                             exclude=c.exclude, max_layer_ratio=c.channel.max_layer_ratio, imgsz=self.imgsz,
                             cost_aware=c.channel.cost_aware, log=False)
         for p in ema.parameters():  # Torch-Pruning's new Parameters require grad; ModelEMA's never do
             p.requires_grad_(False)
+        trial = copy.deepcopy(self.model)
+        apply_kept_channels(trial, res.kept, c.include, c.exclude)
+        if channel_counts(trial) != channel_counts(ema):
+            raise PruneError("channel schedule: the live model and its EMA would lose different channels")
+        del trial
         before = dict(self.model.named_parameters())
         apply_kept_channels(self.model, res.kept, c.include, c.exclude)
+        self.ema.ema = ema
         after = dict(self.model.named_parameters())
-        if set(after) != set(before):
-            raise PruneError("channel schedule: pruning added or removed parameters of the live model")
         replaced = {id(before[n]): p for n, p in after.items() if p is not before[n]}
         for n, p in after.items():
             p.requires_grad_(before[n].requires_grad)
         swapped = replace_optimizer_params(self.optimizer, replaced)
-        if swapped != len(replaced):
+        if swapped != len(replaced) or set(after) != set(before):
             raise PruneError(f"channel schedule: YOLOv5's optimizer held {swapped} of the {len(replaced)} replaced "
                              "parameters; training would go on with stale tensors")
-        if channel_counts(self.model) != channel_counts(ema):
-            raise PruneError("channel schedule: the live model and its EMA lost different channels")
         removed = self._removed(ema)
         self.steps.append({"epoch": epoch, "target": round(target, 6), "step_amount": round(rel, 6),
                            "removed": round(removed, 6), "conv_weights": self._conv_weights(ema),
