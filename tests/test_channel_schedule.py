@@ -169,6 +169,9 @@ def test_best_pruned_holds_the_final_channels_and_report_matches(run, backend):
     assert ch["params_after"] < ch["params_before"] and ch["gflops_after"] < ch["gflops_before"]
     assert final["prune"]["channels"] == ch and final["prune"]["mode"] == "schedule"
     assert entry.schedule["source_epoch"] >= 2 and entry.metrics_after is not None
+    dense_row = next(r for r in report["history"] if r["epoch"] == 0)  # epoch 0 trained at full width
+    assert entry.metrics_before_source.startswith("epoch 0 (dense")
+    assert entry.metrics_before["mAP50-95"] == pytest.approx(dense_row["mAP50-95"])
     assert entry.sparsity_after["parameters"] == ch["params_after"]
     last = torch.load(w / "last.pt")["model"]  # YOLOv5's own last.pt (stripped: the EMA): the final architecture
     assert channel_counts(last) == counts

@@ -276,7 +276,8 @@ class ChannelSchedule:
         if best.is_file():
             bm = load_checkpoint(best, b)["model"]
             yolo_best = round(self._removed(bm), 6)
-        dense_epoch = s.start_epoch - 1
+        # the last epoch trained at full width: the first step with a target > 0 comes after start_epoch (cubic 0)
+        dense_epoch = (self.steps[0]["epoch"] if self.steps else s.start_epoch) - 1
         before_row = next((r for r in self.history if r["epoch"] == dense_epoch and "mAP50" in r), None)
         section = {**vars(s), "structure": "channel", "steps": self.steps, "source_epoch": self._best[0],
                    "source_fitness": round(self._best[1], 6), "yolov5_best_removed": yolo_best,
