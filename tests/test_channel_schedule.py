@@ -257,6 +257,15 @@ def test_a_failed_step_leaves_model_ema_and_optimizer_untouched(backend, tiny_cf
     assert [id(p) for g in optimizer.param_groups for p in g["params"]] == params and sched.steps == []
 
 
+def test_resume_is_refused_before_training(backend):
+    from yolo_prune_plugin.api import preflight
+
+    opt = train_opt([], backend, resume=True)
+    with pytest.raises(ConfigError, match="cannot --resume"):
+        preflight(opt, config_from_dict(CONFIG), backend)
+    preflight(opt, config_from_dict({"schedule": SCHEDULE}), backend)  # unstructured: resumes as before
+
+
 def test_channel_schedule_config_is_accepted():
     cfg = config_from_dict({"amount": 0.5, **CONFIG})
     assert cfg.structure == "channel" and cfg.schedule.final_amount == 0.5

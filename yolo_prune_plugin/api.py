@@ -82,6 +82,10 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
         raise ConfigError("--evolve: hyperparameter evolution replaces YOLOv5's callbacks between generations; "
                           "prune the evolved best.pt afterwards with `yolo-prune prune`")
     if getattr(opt, "resume", False):
+        if config.structure == "channel" and config.schedule.final_amount is not None:
+            from .channel_schedule import check_channel_schedule
+
+            check_channel_schedule(config, opt)  # refuses --resume (YOLOv5 would rebuild the dense YAML)
         return  # YOLOv5 restores opt from the run; the hook reads it from the checkpoint
     data_path = str(opt.data)
     if not data_path.startswith(("http:/", "https:/")):
