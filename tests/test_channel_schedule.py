@@ -129,7 +129,8 @@ def test_channel_schedule_prunes_at_steps_and_keeps_optimizer_and_ema_in_step(ru
     for s in steps:  # each step reaches its own target of the DENSE count (not compounded)
         target = schedule_amount(s["epoch"], plugin.config.schedule)
         assert s["target"] == pytest.approx(target)
-        assert abs(s["removed"] - target) <= 0.02 and s["removed"] == pytest.approx(1 - s["conv_weights"] / dense_w, abs=1e-6)
+        assert abs(s["removed"] - target) <= 0.02
+        assert s["removed"] == pytest.approx(1 - s["conv_weights"] / dense_w, abs=1e-6)
         assert s["parameters_replaced"] > 0
     assert steps[1]["conv_weights"] < steps[0]["conv_weights"]
     e0, e1, e2 = probe.epochs
@@ -219,7 +220,8 @@ def test_replace_optimizer_params_keeps_groups_and_drops_stale_state(backend, ti
     sum(o.float().pow(2).mean() for o in model(torch.rand(2, 3, 64, 64))).backward()
     opt.step()
     before = dict(model.named_parameters())
-    group_of = {n: i for n, p in before.items() for i, g in enumerate(opt.param_groups) if any(p is q for q in g["params"])}
+    group_of = {n: i for n, p in before.items() for i, g in enumerate(opt.param_groups)
+                if any(p is q for q in g["params"])}
     model.eval()
     channel_prune(model, 0.4, importance="l1", round_to=4, imgsz=64, log=False)
     after = dict(model.named_parameters())
