@@ -199,22 +199,24 @@ def split_benchmark(args, backend) -> int:
                     say(f"| {label} | " + " | ".join(cells) + " |")
             if args.costs:
                 # (1) train-end work with the default method, before-metrics reused, vs one val pass of the model
-                from yolo_prune_plugin.runner import prune_checkpoint
+                from yolo_prune_plugin.pipeline import RunContext
+                from yolo_prune_plugin.pipeline import run as pipeline_run
 
                 local = tmp / name / wname
                 local.write_bytes(weights.read_bytes())
                 t1 = time.perf_counter()
                 evaluate_weights(local, settings, backend=backend)
                 val_s = time.perf_counter() - t1
-                cfg = PruneConfig(method="obs", amount=0.5, overwrite=True)
+                cfg = PruneConfig(method=args.cost_method, amount=0.5, overwrite=True)
                 from yolo_prune_plugin.evaluation import Metrics
 
                 before = Metrics(dense["P"], dense["R"], dense["mAP50"], dense["mAP50-95"])
                 t1 = time.perf_counter()
-                entry = prune_checkpoint(local, cfg, settings, before=before, backend=backend)
+                ctx = RunContext(backend, settings.device, imgsz, settings)
+                entry = pipeline_run(local, cfg, ctx, before=before, before_source="training's final validation")
                 end_s = time.perf_counter() - t1
-                obs_s = entry["method_details"].get("seconds", float("nan"))
-                n_cal = entry["method_details"].get("calibration_images", cal_opts.images)
+                obs_s = entry.method_details.get("seconds", float("nan"))
+                n_cal = entry.method_details.get("calibration_images", cal_opts.images)
                 say(f"\nCosts ({name}): train-end work with the default method at 50 % (calibration load, obs, "
                     f"save, val of the pruned model; before-metrics reused) {end_s:.1f} s vs one val pass "
                     f"of {wname} {val_s:.1f} s -> ratio {end_s / val_s:.2f} (target <= 1.15); obs {obs_s:.1f} s "
@@ -254,6 +256,8 @@ def main() -> int:
     ap.add_argument("--seed-amounts", default="", help="--split: amounts for the seed spread (default: all)")
     ap.add_argument("--contrib", action="store_true", help="--split: rows of what each change contributed")
     ap.add_argument("--costs", action="store_true", help="--split: cost ratios (train-end work, sweep)")
+    ap.add_argument("--cost-method", default=PruneConfig().method,
+                    help="--split --costs: method of the train-end cost row (default: the config default)")
     args = ap.parse_args()
     if args.split:
         if args.methods == "global,lamp,obs,layerwise":

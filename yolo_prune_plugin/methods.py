@@ -159,14 +159,29 @@ def _unfold_cl(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return F.unfold(x, conv.kernel_size, dilation=conv.dilation, padding=conv.padding, stride=conv.stride)
 
 
-def layer_hessian(conv: nn.Conv2d, x: torch.Tensor, chunk: int = 8) -> torch.Tensor:
+def layer_hessian(conv: nn.Conv2d, x: torch.Tensor, chunk: int = 8, samples_per_column: int = 0,
+                  seed: int = 0) -> torch.Tensor:
     """``X X^T / n`` (float64) of the im2col inputs of ``conv`` for the input batch ``x``, ``chunk`` images
-    at a time."""
+    at a time.
+
+    ``samples_per_column`` > 0 caps the im2col rows used at that many per column (``in*kh*kw``): when the
+    batch has more output positions, the same seeded random subset of positions is taken from every image.
+    Early, high-resolution layers have thousands of times more positions than columns, so the estimate stays
+    accurate while its cost drops by that factor; deep layers (few positions) keep all of theirs.
+    """
     cols = conv.weight[0].numel()
     H = torch.zeros(cols, cols, dtype=torch.float64, device=x.device)
     n = 0
+    pick: Optional[torch.Tensor] = None
     for xb in torch.split(x, max(1, chunk)):
         X = _unfold_cl(conv, xb.float())  # (B, cols, L)
+        if pick is None and samples_per_column > 0:
+            per_image = -(-samples_per_column * cols // x.shape[0])  # ceil
+            if per_image < X.shape[2]:
+                g = torch.Generator().manual_seed(int(seed))
+                pick = torch.randperm(X.shape[2], generator=g)[:per_image].sort().values.to(X.device)
+        if pick is not None:
+            X = X[:, :, pick]
         H += torch.matmul(X, X.transpose(1, 2)).sum(0).double()
         n += X.shape[0] * X.shape[2]
     return H / max(n, 1)
@@ -311,7 +326,7 @@ def _hessian_scores(model: nn.Module, layers: Layers, x: torch.Tensor, opt: ObsO
         if not supports_obs(conv):
             out[id(conv)] = W.abs().view_as(conv.weight)
             return
-        H = layer_hessian(conv, inp[0].detach(), opt.batch_size)
+        H = layer_hessian(conv, inp[0].detach(), opt.batch_size, opt.samples_per_column)
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         H += opt.damp * torch.diag(H).mean() * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
@@ -409,7 +424,7 @@ def _obs_pass(model: nn.Module, layers: Layers, amount: float, x: torch.Tensor,
             fallback.append(name)
             rep["fallback"] = "magnitude"
         else:
-            H = layer_hessian(conv, inp, opt.batch_size)
+            H = layer_hessian(conv, inp, opt.batch_size, opt.samples_per_column)
             Wn, keep = sparsegpt_layer(W0, H, k, blocksize=opt.blocksize, mask_block=opt.mask_block,
                                        damp=opt.damp, forced=forced)
             rep["rel_error"] = round(_rel_error(W0, Wn, H), 6)
