@@ -115,7 +115,7 @@ def run(backend, tiny_data, tiny_cfg, tmp_path_factory):
                      ("on_train_batch_end", probe.batch_end), ("on_train_epoch_end", probe.epoch_end)):
         cb.register_action(hook, name="probe", callback=fn)
     torch.manual_seed(0)
-    plugin = run_training(opt, config_from_dict(CONFIG), backend, callbacks=cb)
+    plugin = run_training(opt, config_from_dict({**CONFIG, "bench": True}), backend, callbacks=cb)
     return plugin, Path(opt.save_dir), probe
 
 
@@ -177,6 +177,20 @@ def test_best_pruned_holds_the_final_channels_and_report_matches(run, backend):
     last = torch.load(w / "last.pt")["model"]  # YOLOv5's own last.pt (stripped: the EMA): the final architecture
     assert channel_counts(last) == counts
     assert backend.attempt_load(w / "best_pruned.pt", "cpu")(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8
+
+
+def test_bench_compares_the_pruned_file_with_the_dense_starting_weights(run):
+    """bench: true in schedule mode: the baseline is the dense model of on_train_start (a temporary file), not
+    last.pt (already pruned). Ratios only: the pruned file has far fewer params and GFLOPs."""
+    plugin, save_dir, _ = run
+    [entry] = validate_report(json.loads((save_dir / "prune_report.json").read_text()))
+    ref, pruned = entry.bench
+    assert pruned["name"] == "best_pruned.pt" and ref["name"] != "last.pt"
+    assert ref["reference"].startswith("dense starting weights (snapshot at on_train_start") and ref["file"] is None
+    assert ref["params"] > 1.5 * pruned["params"] and ref["gflops"] > 1.5 * pruned["gflops"]
+    assert ref["onnx_bytes"] > pruned["onnx_bytes"]
+    ch = entry.channels  # the same ratio as the report's own dense-vs-pruned comparison (BatchNorm fused in bench)
+    assert ref["params"] / pruned["params"] == pytest.approx(ch["params_before"] / ch["params_after"], rel=0.1)
 
 
 def test_best_pruned_loads_in_plain_yolov5_in_a_fresh_process(run):

@@ -82,13 +82,16 @@ def test_prune_bad_file_exit_1(tmp_path, capsys):
     (["--prune-amount", "0.3", "--prune-exclude", "nope.*"], "'exclude' pattern 'nope.\\*' matches no Conv2d", 2),
     (["--prune-amount", "0.3", "--data", "{tmp}/missing.yaml"], "missing.yaml: data YAML not found", 2),
     (["--prune-amount", "0.3", "--evolve", "3"], "--evolve", 2),
+    (["--prune-amount", "0.3", "--prune-config", "{sched}"], "sched.yaml: 'schedule.final_amount' is missing", 2),
 ])
 def test_train_rejects_bad_input_before_any_epoch(small_ckpt, synthetic_yaml, tmp_path, capsys, extra, match, code):
     import re
 
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("ammount: 0.3\n")
-    extra = [e.format(cfg=cfg, tmp=tmp_path) for e in extra]
+    sched = tmp_path / "sched.yaml"  # a schedule section without final_amount: an error, not silently one-shot
+    sched.write_text("schedule: {start_epoch: 0, end_epoch: 0}\n")
+    extra = [e.format(cfg=cfg, tmp=tmp_path, sched=sched) for e in extra]
     args = ["train", "--data", str(synthetic_yaml), "--weights", str(small_ckpt), "--img", "64", "--epochs", "1",
             "--device", "cpu", "--project", str(tmp_path / "runs"), *extra]
     rc = main(args)

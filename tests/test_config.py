@@ -53,6 +53,11 @@ def test_nested_prune_key_and_lists_from_strings(tmp_path):
     ({"schedule": {"final_amount": 0.5, "start_epoch": 3, "end_epoch": 1}}, r"'schedule.end_epoch' \(1\) must be >="),
     ({"schedule": {"final_amount": 0.5, "end_epoch": 2}, "finetune": {"epochs": 2}}, r"set only one"),
     ({"finetune": 3}, r"'finetune' must be a mapping"),
+    # a schedule section without its final sparsity is an error, never silently off (amount is not inherited)
+    ({"amount": 0.5, "schedule": {"start_epoch": 1, "end_epoch": 3}},
+     r"'schedule.final_amount' is missing: 'schedule' sets start_epoch, end_epoch"),
+    ({"schedule": {"every": 2}}, r"'schedule.final_amount' is missing: 'schedule' sets every"),
+    ({"schedule": {"final_amount": None, "end_epoch": 3}}, r"'schedule.final_amount' is null .*sets end_epoch"),
 ])
 def test_invalid_values_name_the_key(data, match):
     with pytest.raises(ConfigError, match=match):
@@ -80,3 +85,23 @@ def test_missing_config_file(tmp_path):
 def test_to_dict_round_trips():
     cfg = config_from_dict({"amount": 0.5, "method": "lamp", "export": ["onnx"], "sweep": {"amounts": [0.1, 0.2]}})
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("schedule", [None, {}, {"final_amount": None},
+                                      {"start_epoch": 0, "end_epoch": 0, "final_amount": None, "every": 1}])
+def test_schedule_off_forms(schedule):
+    """Off: no section, an empty one, or final_amount null with the defaults (the documented file's form)."""
+    cfg = config_from_dict({"schedule": schedule})
+    assert cfg.schedule.final_amount is None and config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_schedule_without_final_amount_fails_from_yaml_and_with_flags(tmp_path):
+    f = tmp_path / "sched.yaml"
+    f.write_text("amount: 0.5\nschedule:\n  start_epoch: 2\n  end_epoch: 8\n")
+    for overrides in ({}, {"amount": 0.4}):  # --prune-amount does not make it a schedule target either
+        with pytest.raises(ConfigError, match=rf"{f}: 'schedule.final_amount' is missing"):
+            load_config(f, **overrides)
+    cfg = config_from_dict({"amount": 0.5, "schedule": {"start_epoch": 2, "end_epoch": 8, "final_amount": 0.6}})
+    assert cfg.with_overrides(amount=0.4).schedule.final_amount == 0.6  # round trip of an enabled schedule
+    with pytest.raises(ConfigError, match=r"flags: 'schedule.final_amount' is missing"):
+        cfg.with_overrides(schedule={"end_epoch": 4})

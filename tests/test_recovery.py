@@ -272,7 +272,80 @@ def test_schedule_prunes_along_the_cubic_during_training(backend, tiny_data, tin
     report = json.loads((Path(opt.save_dir) / "prune_report.json").read_text())
     assert report["mode"] == "schedule" and [h["epoch"] for h in report["history"]] == [0, 1, 2]
     validate_report(report)
+    # "before" = epoch 0, the last epoch trained dense (the first step with a target > 0 is epoch 1), not the
+    # pruned candidate validated again
+    assert entry["schedule"]["dense_epoch"] == 0 and entry["metrics_before_source"].startswith("epoch 0 (dense")
+    assert entry["metrics_before"]["mAP50-95"] == pytest.approx(report["history"][0]["mAP50-95"])
     assert backend.attempt_load(w / "best_pruned.pt", "cpu")(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8
+
+
+@pytest.mark.parametrize("start,end,every,first", [(0, 2, 1, 1), (0, 0, 1, 0), (2, 20, 1, 3), (0, 20, 5, 5),
+                                                    (3, 5, 10, 5)])
+def test_first_pruned_epoch_is_the_first_step_with_a_target(start, end, every, first):
+    s = ScheduleOptions(start_epoch=start, end_epoch=end, final_amount=0.5, every=every)
+    assert R.first_pruned_epoch(s) == first
+    assert all(R.schedule_amount(e, s) == 0 for e in range(first)) and R.schedule_amount(first, s) > 0
+
+
+def test_schedule_without_a_dense_epoch_validates_the_dense_starting_weights(backend, tiny_data, tiny_cfg, tmp_path,
+                                                                            monkeypatch):
+    """start_epoch == end_epoch == 0: epoch 0 already trains pruned, so no epoch of the history is dense. The
+    "before" metrics must come from the model as it was at on_train_start, not from the pruned candidate."""
+    import yolo_prune_plugin.pipeline as P
+
+    seen = []
+
+    def spy(model, settings, *a, **k):  # the real validation, recording how sparse the validated model is
+        seen.append(sparsity_stats(model).sparsity)
+        return real(model, settings, *a, **k)
+
+    real = P.evaluate
+    monkeypatch.setattr(P, "evaluate", spy)
+    cfg = config_from_dict({"schedule": {"start_epoch": 0, "end_epoch": 0, "final_amount": 0.5}})
+    opt = _opt(backend, tiny_data, tiny_cfg, tmp_path, "sched0", epochs=1)
+    torch.manual_seed(0)
+    plugin = run_training(opt, cfg, backend)
+    assert plugin.error is None and plugin.ran
+    assert len(seen) == 1 and seen[0] < 0.01, seen  # the dense snapshot was validated (the candidate: 50 % zeros)
+    assert [st["epoch"] for st in plugin.gradual.steps] == [0] and plugin.gradual.dense.dense_epoch == -1
+    report = json.loads((Path(opt.save_dir) / "prune_report.json").read_text())
+    [entry] = validate_report(report)
+    assert entry.metrics_before is not None and entry.sparsity_after["sparsity"] == pytest.approx(0.5, abs=1e-5)
+    assert entry.metrics_before_source.startswith("dense starting weights (snapshot at on_train_start, epoch 0")
+    assert "validated by the plugin" in entry.metrics_before_source and "no dense epoch" in entry.metrics_before_source
+    snap = plugin.gradual.dense.model  # the starting weights: dense, and not the weights training ended with
+    assert sparsity_stats(snap).sparsity < 0.01 and next(snap.parameters()).device.type == "cpu"
+
+
+def test_resumed_schedule_reports_before_as_absent_with_the_reason(backend, tiny_model, tiny_data, tmp_path, caplog):
+    """A run resumed after pruning began has no dense weights: "before" is absent with the reason, and the pipeline
+    never validates the (pruned) source in its place; the bench baseline is the dense architecture from the YAML."""
+    from yolo_prune_plugin import pipeline
+    from yolo_prune_plugin.dense_reference import DenseReference
+    from yolo_prune_plugin.report import format_table
+
+    prune_model(tiny_model, 0.5, log=False)
+    dense = DenseReference(first_pruned=1)
+    dense.capture(tiny_model, start_epoch=2)  # resumed at epoch 2: the weights are already 50 % zeros
+    before = dense.before([{"epoch": 2, "P": 0.1, "R": 0.1, "mAP50": 0.1, "mAP50-95": 0.1}])
+    assert before.metrics is None and before.reference is None and dense.model is None
+    assert before.source.startswith("absent: epoch 0 is the last dense epoch") and "resumed at epoch 2" in before.source
+    last = save_checkpoint(tiny_model, tmp_path / "last.pt")
+    cfg = config_from_dict({"schedule": {"start_epoch": 0, "end_epoch": 1, "final_amount": 0.5}, "bench": True})
+    ctx = pipeline.context_from_opt({"data": str(tiny_data), "imgsz": 64, "batch_size": 2, "device": "cpu",
+                                     "workers": 0}, cfg, backend)
+    ckpt = load_checkpoint(last)
+    with caplog.at_level("WARNING", logger="yolo_prune_plugin"):
+        entry = pipeline.run(last, cfg, ctx, ckpt=ckpt, pruned=ckpt["model"], mode="schedule",
+                             out=tmp_path / "best_pruned.pt", schedule={"dense_stats": None}, before=before.metrics,
+                             before_source=before.source, reference=before.reference)
+    assert entry.metrics_before is None and entry.metrics_after is not None
+    assert entry.metrics_before_source == before.source and "no 'before' metrics: absent" in caplog.text
+    assert "(before: absent: epoch 0" in format_table(entry.to_dict())
+    ref, pruned = entry.bench
+    assert ref["reference"].startswith("dense architecture rebuilt from the checkpoint's model YAML")
+    assert ref["params"] == pruned["params"] and ref["gflops"] == pytest.approx(pruned["gflops"])  # zeros only
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best_pruned.pt", "last.pt"]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -110,6 +110,10 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
     from .recovery import check_recovery
 
     check_recovery(config, opt)
+    if config.structure == "channel" and config.schedule.final_amount is not None:
+        from .channel_schedule import check_channel_schedule
+
+        check_channel_schedule(config, opt)
 
 
 def train(prune: PruneConfig | Mapping[str, Any] | str | Path | None = None, callbacks: Any = None,

@@ -45,6 +45,10 @@ class PrunePlugin:
 
         self.config = config or load_config()
         check_recovery(self.config, opt)  # a mode that cannot run here is an error now, before any epoch
+        if self.config.structure == "channel" and self.config.schedule.final_amount is not None:
+            from .channel_schedule import check_channel_schedule
+
+            check_channel_schedule(self.config, opt)
         self.opt = opt
         self.backend = backend or get_backend()
         self.mode = ("schedule" if self.config.schedule.final_amount is not None else
@@ -167,13 +171,12 @@ class PrunePlugin:
                 cand, model, section, leaks, before_row = self.gradual.result(last, best, epoch)
                 opt = self._resolved_opt = self._options(cand, best)
                 ctx = pipeline.context_from_opt(opt, self.config, backend)
-                before = Metrics.from_results([before_row[k] for k in ("P", "R", "mAP50", "mAP50-95")]) \
-                    if before_row else None
+                dense = self.gradual.dense.before(self.gradual.history)  # never the pruned model's numbers
                 self.entries = [pipeline.run(last, self.config, ctx, ckpt=cand, pruned=model, mode="schedule",
                                              out=pipeline.output_path(best, self.config), schedule=section,
-                                             leaks=leaks, before=before,
+                                             leaks=leaks, before=dense.metrics, reference=dense.reference,
                                              channels=getattr(self.gradual, "channels", None),
-                                             before_source=f"epoch {section['dense_epoch']} (dense, training history)")]
+                                             before_source=dense.source)]
                 self.history = self.gradual.history
             else:
                 files = self.checkpoints(last, best)

@@ -50,7 +50,8 @@ from .adapter import Backend, load_checkpoint, replace_optimizer_params, trainin
 from .config import PruneConfig
 from .errors import ConfigError, PruneError
 from .pruning import check_scope, conv_layers, count_parameters, sparsity_stats
-from .recovery import _scalar, history_row, is_step_epoch, schedule_amount
+from .dense_reference import DenseReference
+from .recovery import _scalar, first_pruned_epoch, history_row, is_step_epoch, schedule_amount
 from .registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .report import atomic_path
 
@@ -135,6 +136,7 @@ class ChannelSchedule:
         self._best: Optional[tuple[int, float]] = None
         self._dense: dict = {}
         self._dense_stats: Optional[dict] = None
+        self.dense = DenseReference(first_pruned_epoch(config.schedule))  # "before" metrics, bench baseline
 
     @property
     def importance(self) -> str:
@@ -151,6 +153,7 @@ class ChannelSchedule:
         self.model, self.optimizer, self.ema = objs.model, objs.optimizer, objs.ema
         self.imgsz = int(objs.imgsz or 640)
         self._epoch = objs.start_epoch
+        self.dense.capture(self.model, objs.start_epoch)
         c = self.config
         m = self.ema.ema
         from .structured import channel_counts, gflops
@@ -276,9 +279,8 @@ class ChannelSchedule:
         if best.is_file():
             bm = load_checkpoint(best, b)["model"]
             yolo_best = round(self._removed(bm), 6)
-        # the last epoch trained at full width: the first step with a target > 0 comes after start_epoch (cubic 0)
-        dense_epoch = (self.steps[0]["epoch"] if self.steps else s.start_epoch) - 1
-        before_row = next((r for r in self.history if r["epoch"] == dense_epoch and "mAP50" in r), None)
+        dense_epoch = self.dense.dense_epoch  # the last epoch trained at full width
+        before_row = self.dense.row(self.history)
         section = {**vars(s), "structure": "channel", "steps": self.steps, "source_epoch": self._best[0],
                    "source_fitness": round(self._best[1], 6), "yolov5_best_removed": yolo_best,
                    "dense_stats": self._dense_stats, "dense_epoch": dense_epoch}

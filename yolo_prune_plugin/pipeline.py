@@ -9,13 +9,16 @@ The callers differ only in where the checkpoint and the settings come from; :fun
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as _dt
 import logging
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional
 
 import torch
 import torch.nn as nn
@@ -23,6 +26,7 @@ import torch.nn as nn
 from ._version import __version__
 from .adapter import Backend, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_equal
+from .dense_reference import ReferenceModel
 from .registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .errors import OutputExistsError, PruneError
 from .evaluation import EvalSettings, Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
@@ -233,14 +237,18 @@ def _evaluate_before(ckpt: Mapping[str, Any], ctx: RunContext) -> Metrics:
 def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optional[Mapping[str, Any]] = None,
         before: Optional[Metrics] = None, before_source: Optional[str] = None, pruned: Optional[nn.Module] = None,
         out: Optional[Path] = None, mode: Optional[str] = None, schedule: Optional[dict] = None,
-        leaks: Optional[dict] = None, channels: Optional[dict] = None) -> ReportEntry:
+        leaks: Optional[dict] = None, channels: Optional[dict] = None,
+        reference: Optional[ReferenceModel] = None) -> ReportEntry:
     """Prune ``source`` (or take the already ``pruned`` model of a schedule run), fine-tune when the config asks,
     write ``out`` (default ``<stem><suffix>.pt`` beside ``source``) atomically, evaluate it as YOLOv5 loads it,
     export it; returns the report entry (also stored under the written file's ``prune`` key).
 
     ``ckpt``: ``source`` already loaded (it is never loaded twice); ``before``: metrics YOLOv5 already computed
     for ``source`` (reused, not recomputed). ``channels``: the channel section of a channel schedule's ``pruned``
-    model (channel counts, params, GFLOPs against the dense model).
+    model (channel counts, params, GFLOPs against the dense model). ``reference``: a schedule run's dense model
+    (its ``source`` is already pruned): validated for the "before" metrics when ``before`` is None and it holds
+    weights, and the ``bench`` baseline; without it a schedule run never validates ``source`` as "before"
+    (``before_source`` then says why they are absent) and benches against the dense YAML architecture.
     """
     source = Path(source).expanduser().resolve()
     out = out or output_path(source, config)
@@ -265,9 +273,17 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
                         metrics_before=before.to_dict() if before else None,
                         metrics_before_source=before_source if before else None)
     if config.evaluate and ctx.settings is not None and before is None:
-        LOGGER.info("Validating %s (before pruning)...", source.name)
-        entry.metrics_before = _evaluate_before(ckpt, ctx).to_dict()
-        entry.metrics_before_source = "validated by the plugin"
+        if mode != "schedule":  # source is the unpruned model
+            LOGGER.info("Validating %s (before pruning)...", source.name)
+            entry.metrics_before = _evaluate_before(ckpt, ctx).to_dict()
+            entry.metrics_before_source = "validated by the plugin"
+        elif reference is not None and reference.weights:  # a schedule's source is pruned: its dense reference
+            LOGGER.info("Validating the %s...", reference.note)
+            entry.metrics_before = _evaluate_before({"model": reference.model}, ctx).to_dict()
+            entry.metrics_before_source = before_source or f"{reference.note}, validated by the plugin"
+        else:
+            entry.metrics_before_source = before_source or "absent: no dense reference of the schedule run"
+            LOGGER.warning("yolo_prune_plugin: no 'before' metrics: %s", entry.metrics_before_source)
 
     reused: Optional[Metrics] = None
     if config.finetune.epochs:
@@ -286,10 +302,37 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
     if config.bench:
         from .bench import bench_files
 
-        LOGGER.info("Timing %s against %s (PyTorch eager and ONNX Runtime, batch 1, %d px)...", out.name,
-                    source.name, ctx.imgsz)
-        entry.bench = bench_files([source, out], imgsz=ctx.imgsz, batch=1, runs=BENCH_RUNS, warmup=5)
+        if mode == "schedule" and reference is None:  # source is pruned: bench the dense architecture
+            from .dense_reference import rebuild_dense
+
+            reference = rebuild_dense(source_model(ckpt), ctx.backend)
+        with _reference_file(reference, ckpt, dtype) as ref:
+            base = ref or source
+            LOGGER.info("Timing %s against %s (PyTorch eager and ONNX Runtime, batch 1, %d px)...", out.name,
+                        reference.note if ref else base.name, ctx.imgsz)
+            entry.bench = bench_files([base, out], imgsz=ctx.imgsz, batch=1, runs=BENCH_RUNS, warmup=5)
+        if ref:
+            entry.bench[0].update(file=None, reference=reference.note)  # the temporary file is gone
+        elif mode == "schedule":
+            entry.bench[0]["reference"] = f"{source.name}, already pruned (no dense reference available)"
     return entry
+
+
+@contextlib.contextmanager
+def _reference_file(reference: Optional[ReferenceModel], ckpt: Mapping[str, Any],
+                    dtype: torch.dtype) -> Iterator[Optional[Path]]:
+    """``reference`` saved as a checkpoint (like ``ckpt``, holding its model) in a temporary folder that is deleted
+    afterwards (nothing is written beside the weights); None when there is no reference."""
+    if reference is None:
+        yield None
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="yolo-prune-dense-"))
+    try:
+        path = tmp / "dense_reference.pt"
+        torch.save(_stripped(ckpt, copy.deepcopy(reference.model), dtype), path)
+        yield path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save(out: Path, ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dtype, entry: ReportEntry,

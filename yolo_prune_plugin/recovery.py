@@ -61,6 +61,7 @@ import yaml
 from .adapter import (Backend, driving_yolov5, get_backend, keep_checkpoint_architecture, load_checkpoint,
                       training_objects)
 from .config import DATA_AWARE_METHODS, PruneConfig, ScheduleOptions
+from .dense_reference import DenseReference
 from .errors import ConfigError, PruneError
 from .pruning import conv_layers, prune_model, sparsity_stats
 from .report import atomic_path
@@ -104,6 +105,13 @@ def schedule_amount(epoch: int, s: ScheduleOptions) -> float:
         return float(s.final_amount)
     step = s.start_epoch + (epoch - s.start_epoch) // s.every * s.every
     return cubic_sparsity(step, s.start_epoch, s.end_epoch, s.final_amount)
+
+
+def first_pruned_epoch(s: ScheduleOptions) -> int:
+    """The first epoch trained pruned: the first step epoch with a target > 0 (``start_epoch``'s cubic value is 0,
+    so it is ``start_epoch + every`` or ``end_epoch``, whichever comes first; ``start_epoch`` when they are equal)."""
+    return next((e for e in range(s.start_epoch, s.end_epoch + 1)
+                 if is_step_epoch(e, s) and schedule_amount(e, s) > 0), s.end_epoch + 1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -454,11 +462,13 @@ class GradualPruning:
         self.candidate: Optional[Path] = None
         self._dense_stats: Optional[dict] = None
         self._saved_leaks = 0
+        self.dense = DenseReference(first_pruned_epoch(config.schedule))  # "before" metrics, bench baseline
 
     def train_start(self) -> None:
         k, c = self.keeper, self.config
         k.capture()
         self._epoch = k.start_epoch
+        self.dense.capture(k.model, k.start_epoch)
         if k.resumed:  # the resumed weights already carry the zeros of the earlier epochs
             k.set_masks(zero_masks(k.model, c.include, c.exclude))
         else:
@@ -550,8 +560,8 @@ class GradualPruning:
         if sum(leaks.values()) or count_masked(masks) < expected:
             raise PruneError(f"schedule: final masks hold {count_masked(masks)} weights (expected {expected}) or "
                              f"pruned weights leaked ({leaks}); best_pruned.pt not written")
-        dense_epoch = s.start_epoch - 1
-        before_row = next((r for r in self.history if r["epoch"] == dense_epoch and "mAP50" in r), None)
+        dense_epoch = self.dense.dense_epoch
+        before_row = self.dense.row(self.history)
         section = {**vars(s), "steps": self.steps, "source_epoch": self._best[0],
                    "source_fitness": round(self._best[1], 6), "masked_weights": count_masked(masks),
                    "expected_zeros": expected, "yolov5_best_sparsity": yolo_best, "dense_stats": self._dense_stats,
@@ -566,7 +576,10 @@ class GradualPruning:
 
 
 def check_recovery(config: PruneConfig, opt: Any = None) -> None:
-    """Checks of the recovery modes that need the run's context (raise :class:`ConfigError` before any epoch)."""
+    """Checks of the recovery modes that need the run's context (raise :class:`ConfigError` before any epoch).
+
+    A channel schedule's own checks are :func:`~yolo_prune_plugin.channel_schedule.check_channel_schedule` (the
+    callers run both; channel_schedule imports this module)."""
     s = config.schedule
     if s.final_amount is not None:
         if config.method in DATA_AWARE_METHODS:
@@ -576,15 +589,11 @@ def check_recovery(config: PruneConfig, opt: Any = None) -> None:
         if epochs is not None and s.end_epoch >= int(epochs):
             raise ConfigError(f"schedule.end_epoch ({s.end_epoch}) must be < --epochs ({epochs}) so the final "
                               "sparsity is reached before training ends")
-        if config.structure == "channel":
-            from .channel_schedule import check_channel_schedule
-
-            check_channel_schedule(config, opt)
     if config.finetune.epochs and int(os.getenv("WORLD_SIZE", 1)) > 1:
         raise ConfigError("finetune: masked fine-tuning runs a second single-process training and cannot run "
                           "under DDP; prune and fine-tune after the DDP run (finetune.epochs: 0 here)")
 
 
 __all__ = ["GradualPruning", "MaskKeeper", "FinetuneResult", "finetune_checkpoint", "cubic_sparsity",
-           "schedule_amount", "is_step_epoch", "zero_masks", "count_leaks", "file_leaks", "count_masked",
-           "check_recovery", "FINETUNE_WARMUP"]
+           "schedule_amount", "is_step_epoch", "first_pruned_epoch", "zero_masks", "count_leaks", "file_leaks",
+           "count_masked", "check_recovery", "FINETUNE_WARMUP"]

@@ -240,6 +240,8 @@ def format_table(entry: dict) -> str:
         elif vb is not None and va is not None and kind == "int" and vb:
             change = f"{100 * (va - vb) / vb:+.1f}%"
         lines.append(f"{name:<{w0}}  {_fmt(vb, kind):>14}  {_fmt(va, kind):>14}  {change:>10}")
+    if not b and entry.get("metrics_before_source"):  # e.g. a resumed schedule run: why "before" is empty
+        lines.append(f"(before: {entry['metrics_before_source']})")
     for label, m in (("before", b), ("after", a)):
         if m.get("nms_timeouts"):
             lines.append(f"! {label}: YOLOv5's NMS hit its time limit in {m['nms_timeouts']} batch(es); "
