@@ -76,7 +76,8 @@ SPLIT_MODELS = {
     "coco128": ("yolov5n.pt", "coco128.yaml", 640, "split"),
     "cornpest": ("yolov5n-cornpest.pt", "cornpest.yaml", 416, "test"),
 }
-LABELS = {"global": "global L1", "layerwise": "YOLOv5 prune() (layerwise)", "lamp": "LAMP", "obs": "obs (default)"}
+LABELS = {"global": "global L1", "layerwise": "YOLOv5 prune() (layerwise)", "lamp": "LAMP",
+          "obs": "obs (default: auto -> obs)"}
 
 
 def _heldout_yaml(shared: Path, name: str, tmp: Path) -> Path:
@@ -181,16 +182,18 @@ def split_benchmark(args, backend) -> int:
                     for a, v in spread.items()))
             if args.contrib:
                 say("\nWhat each change contributed (obs, seed 0, mAP50-95 / retention):")
-                say("| variant | " + " | ".join(f"{100 * a:.0f} %" for a in amounts) + " |")
-                say("|---|" + "---|" * len(amounts))
-                variants = [("obs default (16 images + mirrored, global-L1 per-layer counts)", dict()),
+                contrib_amounts = [float(a) for a in args.contrib_amounts.split(",") if a] or amounts
+                say("| variant | " + " | ".join(f"{100 * a:.0f} %" for a in contrib_amounts) + " |")
+                say("|---|" + "---|" * len(contrib_amounts))
+                variants = [("obs default (32 images + mirrored, <= 256 Hessian rows per column, global-L1 counts)",
+                             dict()),
+                            ("16 calibration images (the former default)", dict(n=16)),
+                            ("all Hessian rows (samples_per_column: 0)", dict(samples_per_column=0)),
                             ("+ BN recalibration on the calibration images (not adopted)", dict(recal=True)),
-                            ("Hessian-saliency per-layer counts (not adopted)", dict(allocation="hessian")),
-                            ("32 calibration images (not adopted)", dict(n=32)),
-                            ("dampening 0.05 instead of 0.01 (not adopted)", dict(damp=0.05))]
+                            ("gradual, steps: 2 (not default: 2x the time)", dict(steps=2))]
                 for label, kw in variants:
                     cells = []
-                    for amount in amounts:
+                    for amount in contrib_amounts:
                         if label.startswith("obs default") and amount in base:
                             m = base[amount]
                         else:
@@ -222,9 +225,10 @@ def split_benchmark(args, backend) -> int:
                     f"of {wname} {val_s:.1f} s -> ratio {end_s / val_s:.2f} (target <= 1.15); obs {obs_s:.1f} s "
                     f"for {n_cal} images (+flip) = {obs_s / n_cal:.2f} s per calibration image")
                 # (2) N-point sweep vs N separate val.run
-                pts = [("global", a) for a in amounts]
+                sweep_amounts = [float(a) for a in args.sweep_amounts.split(",") if a]
+                pts = [("global", a) for a in sweep_amounts]
                 t1 = time.perf_counter()
-                run_sweep(local, data, amounts=",".join(map(str, amounts)), methods="global", imgsz=imgsz,
+                run_sweep(local, data, amounts=",".join(map(str, sweep_amounts)), methods="global", imgsz=imgsz,
                           batch_size=args.batch_size, device=args.device, workers=args.workers, out=tmp / name / "sw",
                           echo=lambda s: None)
                 sweep_s = time.perf_counter() - t1
@@ -256,6 +260,8 @@ def main() -> int:
     ap.add_argument("--seed-amounts", default="", help="--split: amounts for the seed spread (default: all)")
     ap.add_argument("--contrib", action="store_true", help="--split: rows of what each change contributed")
     ap.add_argument("--costs", action="store_true", help="--split: cost ratios (train-end work, sweep)")
+    ap.add_argument("--contrib-amounts", default="", help="--split --contrib: amounts (default: --amounts)")
+    ap.add_argument("--sweep-amounts", default="0.1,0.3,0.5,0.7", help="--split --costs: the sweep's points")
     ap.add_argument("--cost-method", default=PruneConfig().method,
                     help="--split --costs: method of the train-end cost row (default: the config default)")
     args = ap.parse_args()

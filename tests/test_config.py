@@ -38,7 +38,7 @@ def test_nested_prune_key_and_lists_from_strings(tmp_path):
     ({"amount": -0.1}, r"'amount' must satisfy 0 <= amount < 1"),
     ({"amount": "0.3"}, r"'amount' must be a number, got '0.3' \(str\)"),
     ({"amount": True}, r"'amount' must be a number"),
-    ({"method": "magnitude"}, r"'method' must be one of global, layerwise, lamp, obs; got 'magnitude'"),
+    ({"method": "magnitude"}, r"'method' must be one of auto, global, layerwise, lamp, obs; got 'magnitude'"),
     ({"include": 3}, r"'include' must be a list of non-empty strings"),
     ({"checkpoints": ["best", "final"]}, r"'checkpoints' must be one of best, last; got 'final'"),
     ({"evaluate": "yes"}, r"'evaluate' must be true or false"),

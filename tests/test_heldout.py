@@ -201,3 +201,75 @@ def test_allow_overlap_config_key(value, ok):
     else:
         with pytest.raises(ConfigError, match=r"'calibration\.allow_overlap' must be true or false"):
             config_from_dict({"calibration": {"allow_overlap": value}})
+
+
+# ---------------------------------------------------------------------------------------------------
+# method: auto (the default): obs on held-out calibration images, else global
+# ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    from yolo_prune_plugin.synthetic import TINY, make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("auto") / "data", **TINY.dataset_kwargs())  # train/val disjoint
+
+
+def _same_split(data, dest):
+    d = yaml.safe_load(data.read_text())
+    d["train"] = d["val"]
+    out = dest / "same.yaml"
+    out.write_text(yaml.safe_dump(d))
+    return out
+
+
+@pytest.mark.parametrize("method, overlap, allow, expected, why", [
+    ("auto", False, False, "obs", r"auto -> obs: 32 train-split images, none of them in val"),
+    ("auto", True, False, "global", r"auto -> global: no held-out calibration images \(.*same\.yaml: calibration "
+                                    r"split 'train' and evaluation split 'val' share \d+ image"),
+    ("auto", True, True, "obs", r"auto -> obs"),
+    ("global", False, False, "global", r"^$"),
+    ("obs", True, False, "obs", r"^$"),  # an explicit choice is not second-guessed (its loader refuses the overlap)
+])
+def test_auto_resolves_by_calibration_data(tiny_data, tmp_path, method, overlap, allow, expected, why):
+    from yolo_prune_plugin.calibration import resolve_method
+
+    data = _same_split(tiny_data, tmp_path) if overlap else tiny_data
+    got, reason = resolve_method(method, str(data), 32, allow)
+    assert got == expected
+    assert re_search(why, reason)
+
+
+def test_auto_without_data_is_global():
+    from yolo_prune_plugin.calibration import resolve_method
+
+    assert resolve_method("auto", None)[0] == "global"
+    assert "pass --data" in resolve_method("auto", None)[1]
+
+
+@pytest.mark.parametrize("overlap, expected", [(False, "obs"), (True, "global")])
+def test_default_config_prunes_with_auto(small_ckpt, tiny_data, tmp_path, caplog, overlap, expected, one_thread):
+    """The default config, end to end: obs on the synthetic data's disjoint train split, global (with the
+    reason logged and reported) when train and val are the same images; exact sparsity either way."""
+    from yolo_prune_plugin.api import prune
+    from yolo_prune_plugin.config import PruneConfig
+    from yolo_prune_plugin.report import validate_report
+
+    assert PruneConfig().method == "auto"
+    data = _same_split(tiny_data, tmp_path) if overlap else tiny_data
+    with caplog.at_level("INFO", logger="yolo_prune_plugin"):
+        (entry,) = prune(small_ckpt, data=data, imgsz=64, batch_size=4, device="cpu", workers=0, amount=0.5,
+                         report_dir=tmp_path / "rep")
+    assert entry.method == expected
+    assert entry.method_details["auto"].startswith(f"auto -> {expected}")
+    assert f"method auto -> {expected}" in caplog.text
+    assert abs(entry.sparsity_after["sparsity"] - 0.5) < 1e-3
+    if expected == "obs":
+        assert entry.method_details["calibration_images"] >= 1
+    import json
+
+    validate_report(json.loads((tmp_path / "rep" / "prune_report.json").read_text()))
+
+
+def re_search(pattern, text):
+    import re
+
+    return re.search(pattern, text) is not None

@@ -452,3 +452,27 @@ def test_obs_on_cuda(small_yolo, calib):
     assert res.after.zeros == round(0.5 * total)
     assert all(m.weight.is_cuda for _, m in conv_layers(model))
     assert math.isfinite(res.extra["mean_rel_error"])
+
+
+@pytest.mark.parametrize("conv", [nn.Conv2d(4, 8, 3, padding=1), nn.Conv2d(4, 8, 1), nn.Conv2d(4, 8, 3, 2, 1)])
+def test_hessian_row_cap(conv):
+    """samples_per_column caps the im2col rows of a layer's Hessian: a cap above what the batch has is exact, a
+    lower one is a seeded subset of positions (same every call) whose estimate stays close to the full one."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 4, 32, 32)
+    full = methods.layer_hessian(conv, x)
+    cols = conv.weight[0].numel()
+    assert torch.equal(methods.layer_hessian(conv, x, samples_per_column=10_000), full)
+    capped = methods.layer_hessian(conv, x, chunk=4, samples_per_column=32)
+    assert torch.equal(capped, methods.layer_hessian(conv, x, chunk=4, samples_per_column=32))
+    assert not torch.equal(capped, full)
+    assert torch.linalg.norm(capped - full) / torch.linalg.norm(full) < 0.2
+    assert capped.shape == (cols, cols)
+
+
+def test_schedule_steps_use_global_for_auto():
+    from yolo_prune_plugin.config import PruneConfig
+    from yolo_prune_plugin.recovery import schedule_method
+
+    assert schedule_method(PruneConfig()) == "global"
+    assert schedule_method(PruneConfig(method="lamp")) == "lamp"

@@ -128,4 +128,27 @@ def load_calibration_images(data: DataSpec, imgsz: int, n: int = 16, batch_size:
     return out.to(device)
 
 
-__all__ = ["load_calibration_images", "check_disjoint"]
+def resolve_method(method: str, data: DataSpec | None, images: int = 16,
+                   allow_overlap: bool = False) -> tuple[str, str]:
+    """The method a run prunes with, and why (empty when ``method`` is not ``auto``).
+
+    ``auto`` (the config default) becomes ``obs`` when ``data`` has a train split that shares no image with its
+    val split (or ``allow_overlap``), else ``global``: the most accurate method whenever held-out calibration
+    images exist, never calibrating on evaluation images by default. Held-out retention of both is in README.
+    """
+    if method != "auto":
+        return method, ""
+    if data is None:
+        return "global", "auto -> global: no dataset to draw calibration images from (pass --data for obs)"
+    try:
+        _train_split(data)
+        if not allow_overlap:
+            check_disjoint(data)
+    except ConfigError as e:
+        reason = str(e).split(";")[0]
+        return "global", (f"auto -> global: no held-out calibration images ({reason}); set "
+                          "calibration.allow_overlap: true to calibrate anyway, or method: global to silence this")
+    return "obs", f"auto -> obs: {images} train-split images, none of them in val"
+
+
+__all__ = ["load_calibration_images", "check_disjoint", "resolve_method"]

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from ._version import __version__
-from .config import METHODS, PruneConfig, config_from_dict, load_config
+from .config import METHOD_CHOICES, PruneConfig, config_from_dict, load_config
 from .errors import ConfigError, PruneError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -52,7 +52,8 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
     """Flags that override the YAML config (``--prune-amount`` on train, ``--amount`` on prune)."""
     p.add_argument(f"--{prefix}config", metavar="FILE", help="prune YAML config (default: built-in defaults)")
     p.add_argument(f"--{prefix}amount", type=float, metavar="A", help="target fraction of Conv2d weights set to zero")
-    p.add_argument(f"--{prefix}method", metavar="M", help=f"importance method: {', '.join(METHODS)}")
+    p.add_argument(f"--{prefix}method", metavar="M", help=f"importance method: {', '.join(METHOD_CHOICES)} (auto: obs when the data has a train split "
+                   "disjoint from val, else global)")
     p.add_argument(f"--{prefix}structure", metavar="S", help="unstructured (zeros, default) or channel (removes "
                    "whole channels: a smaller, faster model)")
     p.add_argument(f"--{prefix}bench", action="store_true", default=None,

@@ -20,6 +20,10 @@ from .registry import (CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, Channel
 #: Methods selectable by ``method`` (read from the registry); the data-aware ones calibrate on train images.
 METHODS = method_names()
 DATA_AWARE_METHODS = data_aware_names()
+#: ``method: auto`` (the default) prunes with ``obs`` when the run has train-split images disjoint from its val
+#: split to calibrate on, else with ``global`` magnitude (see :func:`yolo_prune_plugin.pipeline.resolve_method`).
+AUTO = "auto"
+METHOD_CHOICES = (AUTO,) + METHODS
 CHECKPOINTS = ("best", "last")
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "prune.yaml"
 
@@ -39,7 +43,7 @@ class ExportOptions:
 class CalibrationOptions:
     """Calibration images for data-aware methods (taken from the training split, never the val split)."""
 
-    images: int = 16
+    images: int = 32  # held-out retention at 50 %: 0.896 with 32, 0.867 with 16 (README)
     batch_size: int = 8
     seed: int = 0
     allow_overlap: bool = False  # accept train images that are also val images (metrics then optimistic)
@@ -95,7 +99,7 @@ class PruneConfig:
     """Everything the plugin needs to prune a checkpoint. Build with :func:`load_config`."""
 
     amount: float = 0.3
-    method: str = "global"
+    method: str = AUTO  # "auto": obs when calibration data is available (train split disjoint from val), else global
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     checkpoints: tuple[str, ...] = ("best",)
@@ -342,7 +346,7 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
         if k == "amount":
             out[k] = _amount(v, k, source)
         elif k == "method":
-            out[k] = _choice(v, k, source, METHODS)
+            out[k] = _choice(v, k, source, METHOD_CHOICES)
         elif k in ("include", "exclude"):
             out[k] = _str_list(v, k, source) if v is not None else ()
         elif k == "checkpoints":
@@ -370,7 +374,7 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
         raise ConfigError(f"{source}: 'schedule' (prune during training) and 'finetune' (prune, then train) are "
                           "alternatives; set only one")
     if cfg.structure == "channel":
-        if cfg.method != "global":
+        if cfg.method not in ("global", AUTO):
             raise ConfigError(f"{source}: 'method: {cfg.method}' ranks single weights (structure: unstructured); "
                               "with 'structure: channel' choose 'channel.importance' "
                               f"({', '.join(CHANNEL_IMPORTANCES)})")
@@ -412,5 +416,5 @@ def config_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 __all__ = ["PruneConfig", "BNRecalibrationOptions", "ChannelOptions", "ExportOptions", "CalibrationOptions", "SweepOptions", "FinetuneOptions", "ScheduleOptions",
-           "METHODS", "DATA_AWARE_METHODS", "CHECKPOINTS", "load_config", "config_from_dict", "config_equal",
+           "METHODS", "METHOD_CHOICES", "AUTO", "DATA_AWARE_METHODS", "CHECKPOINTS", "load_config", "config_from_dict", "config_equal",
            "replace", "DEFAULT_CONFIG_PATH"]

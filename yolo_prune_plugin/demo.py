@@ -48,7 +48,7 @@ def run_demo(folder: str | Path = "runs/yolo-prune-demo", amount: Optional[float
     return 0
 
 
-#: The demo's closing sweep: a few amounts of the default method, seconds on CPU at the demo's image size.
+#: The demo's closing sweep: a few amounts of global magnitude pruning, seconds on CPU at the demo's image size.
 DEMO_SWEEP_AMOUNTS = (0.3, 0.5, 0.7)
 
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ._version import __version__
 from .adapter import Backend, load_checkpoint
-from .config import DATA_AWARE_METHODS, PruneConfig, config_equal
+from .config import AUTO, DATA_AWARE_METHODS, PruneConfig, config_equal
 from .dense_reference import ReferenceModel
 from .registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .errors import OutputExistsError, PruneError
@@ -155,15 +155,22 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
         calibration = None
-        if config.method in DATA_AWARE_METHODS:
+        from .calibration import resolve_method
+
+        method, why = resolve_method(config.method, ctx.settings.data if ctx.settings else None,
+                                     config.calibration.images, config.calibration.allow_overlap)
+        if why:
+            LOGGER.info("yolo_prune_plugin: method %s", why)
+        if method in DATA_AWARE_METHODS:
             from .calibration import load_calibration_images
 
-            data = _calibration_data(ctx, f"method {config.method!r}")
+            data = _calibration_data(ctx, f"method {method!r}")
             calibration = load_calibration_images(data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
                                                   seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
-        result = prune_model(model, config.amount, config.method, config.include, config.exclude,
+        result = prune_model(model, config.amount, method, config.include, config.exclude,
                              calibration=calibration, options=config.obs)
-        done.update(seconds=round(result.seconds, 3), details=result.extra)
+        details = {**result.extra, "auto": why} if why else result.extra
+        done.update(seconds=round(result.seconds, 3), details=details, method=method)
     n = config.bn_recalibration.count(config.structure)
     if n:
         from .calibration import load_calibration_images
@@ -265,7 +272,8 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
         model, seconds, details = pruned.float().to(ctx.device), None, {}
         stats_before = (schedule or {}).get("dense_stats")
     amount = config.schedule.final_amount if mode == "schedule" else config.amount
-    entry = ReportEntry(checkpoint=str(source), output=str(out), mode=mode, method=config.method, amount=amount,
+    method = done.get("method") or ("global" if config.method == AUTO else config.method)  # schedule/channel: no obs
+    entry = ReportEntry(checkpoint=str(source), output=str(out), mode=mode, method=method, amount=amount,
                         device=str(ctx.device), imgsz=ctx.imgsz, prune_seconds=seconds,
                         sparsity_before=stats_before, method_details=details, schedule=schedule, leaks=leaks,
                         structure=config.structure, channels=done.get("channels", channels),
