@@ -31,11 +31,13 @@ Gradual OBS (``steps``: K passes at ``amount * i / K``, each re-calibrated on th
 held-out retention, mean of calibration seeds 0/1/2, 1 torch thread, load ~1-4 on 2 cores): one pass
 gives coco128-split 50 % 0.867, corn-pest test 50 % 0.988, 70 % 0.872; ``steps: 2`` 0.879 / 0.991 / 0.875
 (8 of 9 seed pairs better, ~2x the time); ``steps: 3`` 0.874 / 0.992 / 0.877 (8 of 9, ~3x). The corn-pest
-gains are below the seed spread, so the default stays 1.
+gains are below the seed spread (16 images).
 
 Defaults since issue 11's second round (held-out, seeds 0/1/2): 32 calibration images instead of 16 (coco128-split
-50 %: 0.896 vs 0.867 mean retention, better seed for seed; corn-pest unchanged), Hessians of high-resolution layers
-from at most 256 im2col rows per column (``samples_per_column``: same accuracy, ~20 % less time). Not adopted:
+50 %: 0.896 vs 0.867 mean retention, better seed for seed; corn-pest unchanged), and with them ``steps: 2``
+(coco128-split 50 % 0.903, seed spread +-0.0018 mAP50-95; corn-pest 70 % 0.874 vs 0.870, better seed for seed;
+twice the time); Hessians of high-resolution layers from at most 256 im2col rows per column
+(``samples_per_column``: same accuracy, ~20 % less time). Not adopted:
 padding-free calibration images (filled letterbox or centre crops: 0.863), per-layer counts equalising OBS
 reconstruction error (0.842 / corn-pest 70 % 0.743), distilling the dense model's outputs into the pruned one
 on the calibration images (0.82-0.85).

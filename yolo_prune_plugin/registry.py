@@ -32,7 +32,7 @@ class ObsOptions:
     flip: bool = True  # also calibrate on the horizontally flipped images (twice the data, same images)
     batch_size: int = 8  # images per im2col chunk when accumulating a layer's Hessian (bounds memory)
     samples_per_column: int = 256  # cap on im2col rows per Hessian column (0: all): cheaper high-resolution layers
-    steps: int = 1  # OBS passes reaching the amount gradually (linear ramp); each re-calibrates on the pruned model
+    steps: int = 2  # OBS passes reaching the amount gradually (linear ramp); each re-calibrates on the pruned model
 
 
 @dataclass(frozen=True)
