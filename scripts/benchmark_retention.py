@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from yolo_prune_plugin.adapter import get_backend, load_checkpoint  # noqa: E402
+from yolo_prune_plugin.adapter import driving_yolov5, get_backend, load_checkpoint  # noqa: E402
 from yolo_prune_plugin.config import CalibrationOptions, PruneConfig  # noqa: E402
 from yolo_prune_plugin.evaluation import make_dataloader, make_settings, write_absolute_data_yaml  # noqa: E402
 from yolo_prune_plugin.pruning import prune_model  # noqa: E402
@@ -49,8 +49,10 @@ def time_separate_val(backend, src_ckpt: dict, points, data: Path, imgsz: int, b
         f = tmp / f"{method}_{amount}.pt"
         torch.save({**src_ckpt, "model": model.half(), "ema": None}, f)
         t0 = time.perf_counter()
-        backend.val.run(data=str(data), weights=str(f), imgsz=imgsz, batch_size=batch, device=device,
-                        workers=workers, iou_thres=0.6, project=str(tmp / "val"), name="p", exist_ok=True, plots=False)
+        with driving_yolov5(backend):  # offline font patch etc., as every YOLOv5 call the plugin makes
+            backend.val.run(data=str(data), weights=str(f), imgsz=imgsz, batch_size=batch, device=device,
+                            workers=workers, iou_thres=0.6, project=str(tmp / "val"), name="p", exist_ok=True,
+                            plots=False)
         total += time.perf_counter() - t0
     return total
 
