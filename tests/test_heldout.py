@@ -273,3 +273,19 @@ def re_search(pattern, text):
     import re
 
     return re.search(pattern, text) is not None
+
+
+@pytest.mark.parametrize("overlap, said", [(False, "method auto -> obs"), (True, "method auto -> global")])
+def test_auto_choice_is_said_before_training(backend, tiny_data, tmp_path, caplog, overlap, said):
+    """Fail fast: which method `auto` will use (and why) is logged by the pre-training checks."""
+    from yolo_prune_plugin.api import preflight, train_opt
+    from yolo_prune_plugin.config import PruneConfig
+
+    data = _same_split(tiny_data, tmp_path) if overlap else tiny_data
+    from pathlib import Path
+
+    cfg = str(Path(backend.root) / "models" / "yolov5n.yaml")
+    opt = train_opt([], backend, data=str(data), weights="", cfg=cfg, imgsz=64, epochs=1)
+    with caplog.at_level("INFO", logger="yolo_prune_plugin"), driving_yolov5(backend):
+        preflight(opt, PruneConfig(), backend)
+    assert said in caplog.text

@@ -107,6 +107,12 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
         train_dir = data.get("train")
         if not train_dir:
             raise ConfigError(f"{opt.data}: no 'train' split for calibration images")
+    if config.method == "auto" and config.structure == "unstructured" and config.schedule.final_amount is None:
+        from .calibration import resolve_method
+
+        # said before the first epoch, so a user whose train and val overlap learns it now, not after training
+        LOGGER.info("yolo_prune_plugin: method %s", resolve_method(config.method, data, config.calibration.images,
+                                                                   config.calibration.allow_overlap)[1])
     from .recovery import check_recovery
 
     check_recovery(config, opt)
