@@ -94,3 +94,42 @@ def yolov5n(backend, shared):
     from yolo_prune_plugin.adapter import load_checkpoint
 
     return load_checkpoint(SHARED_WEIGHTS)["model"].float().eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    """The project's synthetic dataset, 4 train / 2 val images at 64 px (3 classes)."""
+    from yolo_prune_plugin import synthetic
+
+    return synthetic.make_dataset(tmp_path_factory.mktemp("syn"), n_train=4, n_val=2, imgsz=64)
+
+
+@pytest.fixture(scope="module")
+def tiny_cfg(backend, tmp_path_factory) -> Path:
+    """YOLOv5n at 1/8 width (real YOLOv5 modules, 3 classes): trains in seconds on CPU."""
+    import yaml
+
+    d = yaml.safe_load((Path(backend.root) / "models" / "yolov5n.yaml").read_text())
+    d.update(nc=3, width_multiple=0.125)
+    p = tmp_path_factory.mktemp("cfg") / "yolov5-tiny.yaml"
+    p.write_text(yaml.safe_dump(d))
+    return p
+
+
+def plain_attempt_load(path: Path, imgsz: int = 64) -> tuple[list[int], list[int]]:
+    """Load ``path`` with YOLOv5's ``attempt_load`` in a fresh interpreter that never imports the plugin (no
+    allow-list: YOLOv5 as users run it), run one forward; returns (output shape, fused Conv2d widths)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; from yolov5.models.experimental import attempt_load\n"
+            f"m = attempt_load({str(path)!r}, device='cpu', fuse=True)\n"
+            "assert 'yolo_prune_plugin' not in sys.modules\n"
+            f"y = m(torch.zeros(1, 3, {imgsz}, {imgsz}))[0]\n"
+            "print(list(y.shape), [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)])\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # what plain YOLOv5 7.0 needs on torch >= 2.6
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    shape, widths = out.stdout.strip().splitlines()[-1].split("] ", 1)
+    return [int(v) for v in shape.strip("[").split(",")], [int(v) for v in widths.strip("[]").split(",")]

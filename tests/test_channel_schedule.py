@@ -9,15 +9,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 
 from yolo_prune_plugin.adapter import replace_optimizer_params, training_objects
 from yolo_prune_plugin.api import run_training, train_opt
@@ -30,26 +26,14 @@ from yolo_prune_plugin.recovery import schedule_amount
 from yolo_prune_plugin.report import validate_report
 from yolo_prune_plugin.structured import channel_counts, channel_prune
 
+from conftest import plain_attempt_load
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEDULE = {"start_epoch": 0, "end_epoch": 2, "every": 1, "final_amount": 0.5}  # steps: 0 (target 0), 1, 2
 CONFIG = {"structure": "channel", "schedule": SCHEDULE, "channel": {"round_to": 4}}
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    from yolo_prune_plugin import synthetic
-
-    return synthetic.make_dataset(tmp_path_factory.mktemp("syn"), n_train=4, n_val=2, imgsz=64)
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg(backend, tmp_path_factory) -> Path:
-    d = yaml.safe_load((Path(backend.root) / "models" / "yolov5n.yaml").read_text())
-    d.update(nc=3, width_multiple=0.125)
-    p = tmp_path_factory.mktemp("cfg") / "yolov5-tiny.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
 
 
 def _opt(backend, data, cfg, project, name, epochs=3, **kw):
@@ -196,18 +180,9 @@ def test_bench_compares_the_pruned_file_with_the_dense_starting_weights(run):
 def test_best_pruned_loads_in_plain_yolov5_in_a_fresh_process(run):
     plugin, save_dir, _ = run
     path = save_dir / "weights" / "best_pruned.pt"
-    code = ("import sys, torch; from yolov5.models.experimental import attempt_load\n"
-            f"m = attempt_load({str(path)!r}, device='cpu', fuse=True)\n"
-            "assert 'yolo_prune_plugin' not in sys.modules\n"
-            "y = m(torch.zeros(1, 3, 64, 64))[0]\n"
-            "print(y.shape[-1], [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)])\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # what plain YOLOv5 7.0 needs on torch >= 2.6
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    n, outs = out.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert int(n) == 8  # 5 + 3 classes
-    assert eval(outs) == [c["after"][0] for c in plugin.entries[0].channels["channels"].values()]
+    shape, widths = plain_attempt_load(path)
+    assert shape[-1] == 8  # 5 + 3 classes
+    assert widths == [c["after"][0] for c in plugin.entries[0].channels["channels"].values()]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def test_allow_overlap_config_key(value, ok):
 # method: auto (the default): obs on held-out calibration images, else global
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory):
+def auto_data(tmp_path_factory):
     from yolo_prune_plugin.synthetic import TINY, make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("auto") / "data", **TINY.dataset_kwargs())  # train/val disjoint
@@ -229,10 +229,10 @@ def _same_split(data, dest):
     ("global", False, False, "global", r"^$"),
     ("obs", True, False, "obs", r"^$"),  # an explicit choice is not second-guessed (its loader refuses the overlap)
 ])
-def test_auto_resolves_by_calibration_data(tiny_data, tmp_path, method, overlap, allow, expected, why):
+def test_auto_resolves_by_calibration_data(auto_data, tmp_path, method, overlap, allow, expected, why):
     from yolo_prune_plugin.calibration import resolve_method
 
-    data = _same_split(tiny_data, tmp_path) if overlap else tiny_data
+    data = _same_split(auto_data, tmp_path) if overlap else auto_data
     got, reason = resolve_method(method, str(data), 32, allow)
     assert got == expected
     assert re_search(why, reason)
@@ -246,7 +246,7 @@ def test_auto_without_data_is_global():
 
 
 @pytest.mark.parametrize("overlap, expected", [(False, "obs"), (True, "global")])
-def test_default_config_prunes_with_auto(small_ckpt, tiny_data, tmp_path, caplog, overlap, expected, one_thread):
+def test_default_config_prunes_with_auto(small_ckpt, auto_data, tmp_path, caplog, overlap, expected, one_thread):
     """The default config, end to end: obs on the synthetic data's disjoint train split, global (with the
     reason logged and reported) when train and val are the same images; exact sparsity either way."""
     from yolo_prune_plugin.api import prune
@@ -254,7 +254,7 @@ def test_default_config_prunes_with_auto(small_ckpt, tiny_data, tmp_path, caplog
     from yolo_prune_plugin.report import validate_report
 
     assert PruneConfig().method == "auto"
-    data = _same_split(tiny_data, tmp_path) if overlap else tiny_data
+    data = _same_split(auto_data, tmp_path) if overlap else auto_data
     with caplog.at_level("INFO", logger="yolo_prune_plugin"):
         (entry,) = prune(small_ckpt, data=data, imgsz=64, batch_size=4, device="cpu", workers=0, amount=0.5,
                          report_dir=tmp_path / "rep")
@@ -276,12 +276,12 @@ def re_search(pattern, text):
 
 
 @pytest.mark.parametrize("overlap, said", [(False, "method auto -> obs"), (True, "method auto -> global")])
-def test_auto_choice_is_said_before_training(backend, tiny_data, tmp_path, caplog, overlap, said):
+def test_auto_choice_is_said_before_training(backend, auto_data, tmp_path, caplog, overlap, said):
     """Fail fast: which method `auto` will use (and why) is logged by the pre-training checks."""
     from yolo_prune_plugin.api import preflight, train_opt
     from yolo_prune_plugin.config import PruneConfig
 
-    data = _same_split(tiny_data, tmp_path) if overlap else tiny_data
+    data = _same_split(auto_data, tmp_path) if overlap else auto_data
     from pathlib import Path
 
     cfg = str(Path(backend.root) / "models" / "yolov5n.yaml")

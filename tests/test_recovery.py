@@ -34,21 +34,6 @@ from conftest import save_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory) -> Path:
-    from yolo_prune_plugin import synthetic
-
-    return synthetic.make_dataset(tmp_path_factory.mktemp("syn"), n_train=4, n_val=2, imgsz=64)
-
-
-@pytest.fixture(scope="module")
-def tiny_cfg(backend, tmp_path_factory) -> Path:
-    """YOLOv5n at half width (real YOLOv5 modules, 3 classes): trains in seconds on CPU."""
-    d = yaml.safe_load((Path(backend.root) / "models" / "yolov5n.yaml").read_text())
-    d.update(nc=3, width_multiple=0.125)
-    p = tmp_path_factory.mktemp("cfg") / "yolov5-tiny.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
 
 
 @pytest.fixture

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +17,7 @@ from yolo_prune_plugin.recalibration import recalibrate_bn  # noqa: E402
 from yolo_prune_plugin.structured import (channel_counts, channel_prune, detect_output_convs,  # noqa: E402
                                           load_calibration_batch)
 
-from conftest import save_checkpoint  # noqa: E402
+from conftest import plain_attempt_load, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -147,18 +144,9 @@ def test_export_of_channel_pruned_file_matches_and_is_smaller(backend, small_ckp
 def test_plain_yolov5_attempt_load_without_the_plugin(pruned_ckpt):
     """A fresh interpreter that never imports the plugin (no allow-list: YOLOv5 as users run it)."""
     path, counts = pruned_ckpt
-    code = ("import sys, torch; from yolov5.models.experimental import attempt_load\n"
-            f"m = attempt_load({str(path)!r}, device='cpu', fuse=True)\n"
-            "assert 'yolo_prune_plugin' not in sys.modules\n"
-            "y = m(torch.zeros(1, 3, 64, 64))[0]\n"
-            "print(y.shape[1], [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)])\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # what plain YOLOv5 7.0 needs on torch >= 2.6
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    n, outs = out.stdout.strip().splitlines()[-1].split(" ", 1)
-    assert int(n) == 252
-    assert eval(outs) == [c[0] for c in counts.values()]  # fused: one conv per conv, same widths
+    shape, widths = plain_attempt_load(path)
+    assert shape[1] == 252
+    assert widths == [c[0] for c in counts.values()]  # fused: one conv per conv, same widths
 
 
 def _opt(backend, data, project):

@@ -38,7 +38,6 @@ from __future__ import annotations
 import copy
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -51,9 +50,8 @@ from .config import PruneConfig
 from .errors import ConfigError, PruneError
 from .pruning import check_scope, conv_layers, count_parameters, sparsity_stats
 from .dense_reference import DenseReference
-from .recovery import _scalar, first_pruned_epoch, history_row, is_step_epoch, schedule_amount
+from .recovery import first_pruned_epoch, history_row, is_step_epoch, offer_candidate, schedule_amount
 from .registry import DATA_AWARE_CHANNEL_IMPORTANCES
-from .report import atomic_path
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -180,15 +178,9 @@ class ChannelSchedule:
         self.history.append(row)
 
     def model_save(self, last: Any, epoch: int, fi: Any) -> None:
-        epoch = int(epoch)
-        if epoch < self.config.schedule.end_epoch:
-            return  # not at the final architecture yet: never a candidate for best_pruned.pt
-        f = _scalar(fi)
-        if self._best is None or f > self._best[1]:
-            cand = Path(last).with_name(".best_pruned_candidate.pt")
-            with atomic_path(cand) as tmp:
-                shutil.copyfile(last, tmp)
-            self.candidate, self._best = cand, (epoch, f)
+        picked = offer_candidate(last, int(epoch), fi, self.config.schedule.end_epoch, self._best)  # final width only
+        if picked:
+            self.candidate, self._best = picked
 
     # -- one step --------------------------------------------------------------------------------------
     def _conv_weights(self, model: nn.Module) -> int:

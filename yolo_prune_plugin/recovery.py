@@ -280,6 +280,21 @@ def _scalar(x: Any) -> float:
         return float(list(x)[0])
 
 
+def offer_candidate(last: Any, epoch: int, fi: Any, end_epoch: int,
+                    best: Optional[tuple[int, float]]) -> Optional[tuple[Path, tuple[int, float]]]:
+    """A schedule's ``best_pruned.pt`` candidate: ``last`` copied aside when ``epoch`` is at the final sparsity
+    (``>= end_epoch``) and its fitness ``fi`` beats ``best``; returns ``(copy, (epoch, fitness))`` or None."""
+    if epoch < end_epoch:
+        return None  # not at the final sparsity yet: never a candidate for best_pruned.pt
+    f = _scalar(fi)
+    if best is not None and f <= best[1]:
+        return None
+    cand = Path(last).with_name(".best_pruned_candidate.pt")
+    with atomic_path(cand) as tmp:
+        shutil.copyfile(last, tmp)
+    return cand, (epoch, f)
+
+
 # ---------------------------------------------------------------------------------------------------
 # fine-tune with YOLOv5's train.main
 # ---------------------------------------------------------------------------------------------------
@@ -520,14 +535,9 @@ class GradualPruning:
             for r in self.history:
                 if r["epoch"] == epoch:
                     r["leaked_saved"] = n
-        if epoch < self.config.schedule.end_epoch:
-            return  # not at the final sparsity yet: never a candidate for best_pruned.pt
-        f = _scalar(fi)
-        if self._best is None or f > self._best[1]:
-            cand = Path(last).with_name(".best_pruned_candidate.pt")
-            with atomic_path(cand) as tmp:
-                shutil.copyfile(last, tmp)
-            self.candidate, self._best = cand, (epoch, f)
+        picked = offer_candidate(last, epoch, fi, self.config.schedule.end_epoch, self._best)
+        if picked:
+            self.candidate, self._best = picked
 
     def result(self, last: Path, best: Path, epoch: int) -> tuple[dict, nn.Module, dict, dict, Optional[dict]]:
         """``(candidate checkpoint, its model, schedule section, leak counts, dense metrics row)`` at train end."""
