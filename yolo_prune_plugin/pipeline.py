@@ -154,16 +154,14 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
                             cost_aware=config.channel.cost_aware)
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
-        calibration = None
-        from .calibration import resolve_method
+        from .calibration import load_calibration_images, resolve_method
 
+        calibration = None
         method, why = resolve_method(config.method, ctx.settings.data if ctx.settings else None,
                                      config.calibration.images, config.calibration.allow_overlap)
         if why:
             LOGGER.info("yolo_prune_plugin: method %s", why)
         if method in DATA_AWARE_METHODS:
-            from .calibration import load_calibration_images
-
             data = _calibration_data(ctx, f"method {method!r}")
             calibration = load_calibration_images(data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
                                                   seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
