@@ -473,8 +473,17 @@ def test_hessian_row_cap(conv):
 
 
 def test_schedule_steps_use_global_for_auto():
-    from yolo_prune_plugin.config import PruneConfig
-    from yolo_prune_plugin.recovery import schedule_method
+    from yolo_prune_plugin.config import PruneConfig, data_free_method
 
-    assert schedule_method(PruneConfig()) == "global"
-    assert schedule_method(PruneConfig(method="lamp")) == "lamp"
+    assert data_free_method(PruneConfig()) == "global"
+    assert data_free_method(PruneConfig(method="lamp")) == "lamp"
+
+
+def test_samples_per_column_from_the_config(small_yolo, calib):
+    """The Hessian row cap is reachable as ``obs: {samples_per_column: N}`` and reported; negative is refused."""
+    for n in (0, 64):
+        obs = config_from_dict({"obs": {"samples_per_column": n}}).obs
+        res = prune_model(copy.deepcopy(small_yolo), 0.5, "obs", calibration=calib, log=False, options=obs)
+        assert obs.samples_per_column == n and res.extra["samples_per_column"] == n
+    with pytest.raises(ConfigError, match=r"'obs.samples_per_column' must be >= 0"):
+        config_from_dict({"obs": {"samples_per_column": -1}})

@@ -24,6 +24,11 @@ DATA_AWARE_METHODS = data_aware_names()
 #: split to calibrate on, else with ``global`` magnitude (see :func:`yolo_prune_plugin.pipeline.resolve_method`).
 AUTO = "auto"
 METHOD_CHOICES = (AUTO,) + METHODS
+
+
+def data_free_method(config: "PruneConfig") -> str:
+    """The method where no calibration happens (schedule steps, channel runs): ``auto`` means ``global``."""
+    return "global" if config.method == AUTO else config.method
 CHECKPOINTS = ("best", "last")
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "prune.yaml"
 
@@ -291,6 +296,8 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 _choice(v, q, where, OBS_ALLOCATIONS)
             elif k in ("blocksize", "batch_size", "steps"):
                 _at_least(v, q, where, 1)
+            elif k == "samples_per_column":
+                _at_least(v, q, where, 0)
             elif k == "damp":
                 _in_range(v, q, where, 0, 1)
         elif cls is ScheduleOptions:
@@ -416,5 +423,5 @@ def config_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
 
 
 __all__ = ["PruneConfig", "BNRecalibrationOptions", "ChannelOptions", "ExportOptions", "CalibrationOptions", "SweepOptions", "FinetuneOptions", "ScheduleOptions",
-           "METHODS", "METHOD_CHOICES", "AUTO", "DATA_AWARE_METHODS", "CHECKPOINTS", "load_config", "config_from_dict", "config_equal",
+           "METHODS", "METHOD_CHOICES", "AUTO", "data_free_method", "DATA_AWARE_METHODS", "CHECKPOINTS", "load_config", "config_from_dict", "config_equal",
            "replace", "DEFAULT_CONFIG_PATH"]

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ._version import __version__
 from .adapter import Backend, load_checkpoint
-from .config import AUTO, DATA_AWARE_METHODS, PruneConfig, config_equal
+from .config import DATA_AWARE_METHODS, PruneConfig, config_equal, data_free_method
 from .dense_reference import ReferenceModel
 from .registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .errors import OutputExistsError, PruneError
@@ -270,7 +270,7 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
         model, seconds, details = pruned.float().to(ctx.device), None, {}
         stats_before = (schedule or {}).get("dense_stats")
     amount = config.schedule.final_amount if mode == "schedule" else config.amount
-    method = done.get("method") or ("global" if config.method == AUTO else config.method)  # schedule/channel: no obs
+    method = done.get("method") or data_free_method(config)  # schedule / channel: nothing calibrated
     entry = ReportEntry(checkpoint=str(source), output=str(out), mode=mode, method=method, amount=amount,
                         device=str(ctx.device), imgsz=ctx.imgsz, prune_seconds=seconds,
                         sparsity_before=stats_before, method_details=details, schedule=schedule, leaks=leaks,

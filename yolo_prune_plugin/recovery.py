@@ -60,7 +60,7 @@ import yaml
 
 from .adapter import (Backend, driving_yolov5, get_backend, keep_checkpoint_architecture, load_checkpoint,
                       training_objects)
-from .config import AUTO, DATA_AWARE_METHODS, PruneConfig, ScheduleOptions
+from .config import DATA_AWARE_METHODS, PruneConfig, ScheduleOptions, data_free_method
 from .dense_reference import DenseReference
 from .errors import ConfigError, PruneError
 from .pruning import conv_layers, prune_model, sparsity_stats
@@ -503,7 +503,7 @@ class GradualPruning:
         if target <= 0:
             return
         before = [id(m.weight) for _, m in conv_layers(k.model, c.include, c.exclude)]
-        res = prune_model(k.model, target, schedule_method(c), c.include, c.exclude, log=False)
+        res = prune_model(k.model, target, data_free_method(c), c.include, c.exclude, log=False)
         if [id(m.weight) for _, m in conv_layers(k.model, c.include, c.exclude)] != before:
             raise PruneError("schedule: pruning replaced the model's weight tensors; the optimizer would lose them")
         k.set_masks(zero_masks(k.model, c.include, c.exclude))
@@ -511,7 +511,7 @@ class GradualPruning:
                            "weights": res.after.weights, "sparsity": round(res.after.sparsity, 6),
                            "masked": count_masked(k.masks), "seconds": round(res.seconds, 3)})
         LOGGER.info("yolo_prune_plugin: epoch %d: pruned to %.2f%% (target %.2f%%, %s, %.2fs)", epoch,
-                    100 * res.after.sparsity, 100 * target, schedule_method(c), res.seconds)
+                    100 * res.after.sparsity, 100 * target, data_free_method(c), res.seconds)
 
     def fit_epoch_end(self, log_vals: Any, epoch: int, fi: Any) -> None:
         if any(r["epoch"] == int(epoch) for r in self.history):
@@ -583,11 +583,6 @@ class GradualPruning:
         self.keeper.remove_hooks()
         if self.candidate is not None and self.candidate.exists():
             self.candidate.unlink()
-
-
-def schedule_method(config: PruneConfig) -> str:
-    """The method of a schedule's steps: ``auto`` means ``global`` there (data-aware methods are refused)."""
-    return "global" if config.method == AUTO else config.method
 
 
 def check_recovery(config: PruneConfig, opt: Any = None) -> None:
