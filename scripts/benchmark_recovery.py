@@ -54,13 +54,12 @@ def main(argv: list[str] | None = None) -> int:
 
         torch.set_num_threads(args.threads)
 
-    from yolo_prune_plugin.adapter import get_backend, load_checkpoint
+    from yolo_prune_plugin.backend.loading import get_backend, load_checkpoint
     from yolo_prune_plugin.api import train_opt
-    from yolo_prune_plugin.evaluation import (NMSTimeoutCounter, evaluate_weights, make_settings,
-                                              write_absolute_data_yaml)
-    from yolo_prune_plugin.pruning import prune_model
+    from yolo_prune_plugin.backend.evaluation import NMSTimeoutCounter, evaluate_weights, make_settings, write_absolute_data_yaml
+    from yolo_prune_plugin.prune.unstructured import prune_model
     from yolo_prune_plugin.pipeline import _stripped
-    from yolo_prune_plugin.recovery import finetune_checkpoint
+    from yolo_prune_plugin.training.finetune import finetune_checkpoint
     import torch
 
     b = get_backend()

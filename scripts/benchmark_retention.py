@@ -32,11 +32,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from yolo_prune_plugin.adapter import driving_yolov5, get_backend, load_checkpoint  # noqa: E402
+from yolo_prune_plugin.backend.patches import driving_yolov5  # noqa: E402
+from yolo_prune_plugin.backend.loading import get_backend, load_checkpoint  # noqa: E402
 from yolo_prune_plugin.config import CalibrationOptions, PruneConfig  # noqa: E402
-from yolo_prune_plugin.evaluation import make_dataloader, make_settings, write_absolute_data_yaml  # noqa: E402
-from yolo_prune_plugin.pruning import prune_model  # noqa: E402
-from yolo_prune_plugin.sweep import sweep_model  # noqa: E402
+from yolo_prune_plugin.backend.evaluation import make_dataloader, make_settings, write_absolute_data_yaml  # noqa: E402
+from yolo_prune_plugin.prune.unstructured import prune_model  # noqa: E402
+from yolo_prune_plugin.tools.sweep import sweep_model  # noqa: E402
 
 
 def time_separate_val(backend, src_ckpt: dict, points, data: Path, imgsz: int, batch: int, device: str,
@@ -83,7 +84,7 @@ LABELS = {"global": "global L1", "layerwise": "YOLOv5 prune() (layerwise)", "lam
 
 
 def _heldout_yaml(shared: Path, name: str, tmp: Path) -> Path:
-    from yolo_prune_plugin.heldout import retarget_data_yaml, split_data_yaml
+    from yolo_prune_plugin.tools.heldout import retarget_data_yaml, split_data_yaml
 
     src = shared / "data" / SPLIT_MODELS[name][1]
     if SPLIT_MODELS[name][3] == "split":  # sorted names: first 64 -> calibration pool, last 64 -> evaluation
@@ -98,10 +99,10 @@ def _row(label, amount, m, dense, seconds, extra=""):
 
 
 def split_benchmark(args, backend) -> int:
-    from yolo_prune_plugin import methods as obs_methods
-    from yolo_prune_plugin.calibration import load_calibration_images
-    from yolo_prune_plugin.evaluation import evaluate, evaluate_weights
-    from yolo_prune_plugin.sweep import CachedBatches, _fused, run_sweep
+    from yolo_prune_plugin.prune import obs as obs_methods
+    from yolo_prune_plugin.prune.calibration import load_calibration_images
+    from yolo_prune_plugin.backend.evaluation import evaluate, evaluate_weights
+    from yolo_prune_plugin.tools.sweep import CachedBatches, _fused, run_sweep
 
     shared = Path(args.shared)
     amounts = [float(a) for a in args.amounts.split(",") if a]
@@ -141,8 +142,8 @@ def split_benchmark(args, backend) -> int:
 
             def point(method, amount, seed=cal_opts.seed, n=cal_opts.images, recal=False, **obs_over):
                 """Prune a copy of the model (obs: ObsOptions defaults unless overridden) and evaluate it."""
-                from yolo_prune_plugin.pruning import apply_masks, conv_layers
-                from yolo_prune_plugin.recalibration import recalibrate_bn
+                from yolo_prune_plugin.prune.unstructured import apply_masks, conv_layers
+                from yolo_prune_plugin.prune.bn_recalibration import recalibrate_bn
 
                 model = copy.deepcopy(src)
                 c = calib(seed, n) if method == "obs" else None
@@ -214,7 +215,7 @@ def split_benchmark(args, backend) -> int:
                 evaluate_weights(local, settings, backend=backend)
                 val_s = time.perf_counter() - t1
                 cfg = PruneConfig(method=args.cost_method, amount=0.5, overwrite=True)
-                from yolo_prune_plugin.evaluation import Metrics
+                from yolo_prune_plugin.backend.evaluation import Metrics
 
                 before = Metrics(dense["P"], dense["R"], dense["mAP50"], dense["mAP50-95"])
                 t1 = time.perf_counter()
@@ -300,7 +301,7 @@ def main() -> int:
         if not args.skip_separate:
             calib = None
             if "obs" in methods:
-                from yolo_prune_plugin.calibration import load_calibration_images
+                from yolo_prune_plugin.prune.calibration import load_calibration_images
 
                 calib = load_calibration_images(settings.data, args.img, n=16, batch_size=8, seed=0,
                                                 device=settings.device, allow_overlap=True)

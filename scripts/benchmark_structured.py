@@ -35,7 +35,7 @@ def split_data(out: Path, n_calib: int) -> tuple[Path, Path]:
     """(held-out yaml: train = first n_calib images, val = the rest; full coco128 yaml with absolute path)."""
     import yaml
 
-    from yolo_prune_plugin.evaluation import write_absolute_data_yaml
+    from yolo_prune_plugin.backend.evaluation import write_absolute_data_yaml
 
     full = write_absolute_data_yaml(SHARED / "data" / "coco128.yaml", out)
     d = yaml.safe_load(full.read_text())
@@ -62,8 +62,8 @@ class Ctx:
     def __init__(self, args: argparse.Namespace) -> None:
         import torch
 
-        from yolo_prune_plugin.adapter import get_backend, load_checkpoint
-        from yolo_prune_plugin.evaluation import NMSTimeoutCounter
+        from yolo_prune_plugin.backend.loading import get_backend, load_checkpoint
+        from yolo_prune_plugin.backend.evaluation import NMSTimeoutCounter
 
         self.args = args
         self.b = get_backend()
@@ -83,14 +83,14 @@ class Ctx:
 
     def calib_images(self):
         if self._calib is None:
-            from yolo_prune_plugin.calibration import load_calibration_images
+            from yolo_prune_plugin.prune.calibration import load_calibration_images
 
             self._calib = load_calibration_images(self.held, self.args.imgsz, n=self.args.calib)
         return self._calib
 
     def calib_labelled(self, n: int = 16):
         if self._calib_lab is None:
-            from yolo_prune_plugin.structured import load_calibration_batch
+            from yolo_prune_plugin.prune.calibration import load_calibration_batch
 
             self._calib_lab = load_calibration_batch(self.held, self.args.imgsz, n=n)
         return self._calib_lab
@@ -104,25 +104,25 @@ class Ctx:
 
     def make(self, kind: str, amount: float, recal: bool, importance: str = "l1", round_to: int = 8,
              max_layer_ratio: float = 0.75, tag: str = "", cost_aware: float = 0.0) -> tuple[Path, dict]:
-        from yolo_prune_plugin.recalibration import recalibrate_bn
+        from yolo_prune_plugin.prune.bn_recalibration import recalibrate_bn
 
         m = self.dense()
         info: dict = {}
         if kind == "unstructured":
-            from yolo_prune_plugin.pruning import prune_model
+            from yolo_prune_plugin.prune.unstructured import prune_model
 
             r = prune_model(m, amount, "global")
             info["sparsity"] = round(r.after.sparsity, 4)
         elif kind == "channel":
-            from yolo_prune_plugin.structured import channel_prune
+            from yolo_prune_plugin.prune.channel import channel_prune
 
             cal = self.calib_labelled() if importance == "taylor" else None
             r = channel_prune(m, amount, importance=importance, round_to=round_to, max_layer_ratio=max_layer_ratio,
                               calibration=cal, imgsz=self.args.imgsz, cost_aware=cost_aware)
             info.update(r.to_dict(per_layer=False))
         if recal == "recon":  # layer-wise least-squares reconstruction against the dense model (320 px)
-            from yolo_prune_plugin.calibration import load_calibration_images
-            from yolo_prune_plugin.structured import reconstruct_layers
+            from yolo_prune_plugin.prune.calibration import load_calibration_images
+            from yolo_prune_plugin.prune.reconstruction import reconstruct_layers
 
             ims = load_calibration_images(self.held, 320, n=self.args.calib)
             info["reconstruction"] = reconstruct_layers(m, self.dense(), ims)
@@ -132,7 +132,7 @@ class Ctx:
         return self.save(m, name), info
 
     def evaluate(self, path: Path, data: Path) -> dict:
-        from yolo_prune_plugin.evaluation import evaluate_weights, make_settings
+        from yolo_prune_plugin.backend.evaluation import evaluate_weights, make_settings
 
         s = make_settings(data, self.args.imgsz, self.args.val_batch, "cpu", workers=self.args.workers, backend=self.b)
         n0 = self.nms.count
@@ -142,7 +142,7 @@ class Ctx:
 
 
 def phase_oneshot(c: Ctx) -> None:
-    from yolo_prune_plugin.bench import bench_files
+    from yolo_prune_plugin.tools.bench import bench_files
 
     res = c.out / "oneshot.json"
     files = {"dense": c.save(c.dense(), "dense")}
@@ -187,10 +187,10 @@ def phase_explore(c: Ctx) -> None:
 
 
 def phase_finetune(c: Ctx) -> None:
-    from yolo_prune_plugin.adapter import keep_checkpoint_architecture
+    from yolo_prune_plugin.backend.training_loop import keep_checkpoint_architecture
     from yolo_prune_plugin.api import train_opt
-    from yolo_prune_plugin.recovery import finetune_checkpoint
-    from yolo_prune_plugin.structured import channel_counts
+    from yolo_prune_plugin.training.finetune import finetune_checkpoint
+    from yolo_prune_plugin.prune.channel import channel_counts
 
     a = c.args
     res = c.out / "finetune.json"
@@ -212,7 +212,7 @@ def phase_finetune(c: Ctx) -> None:
             with keep_checkpoint_architecture(c.b, src) as pruned:
                 before = channel_counts(pruned)
                 ft = finetune_checkpoint(src, base, a.epochs, masks=None, **common)
-            from yolo_prune_plugin.adapter import load_checkpoint
+            from yolo_prune_plugin.backend.loading import load_checkpoint
 
             after = channel_counts(load_checkpoint(ft.best, c.b)["model"])
             assert after == before, "fine-tune changed the channel counts"

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if not weights.is_file() or not data_yaml.is_file():
         print(f"check_gpu: failed: needs {weights} and {data_yaml} (pass --shared)")
         return 1
-    from yolo_prune_plugin.evaluation import write_absolute_data_yaml
+    from yolo_prune_plugin.backend.evaluation import write_absolute_data_yaml
 
     work = Path(tempfile.mkdtemp(prefix="yolo_prune_gpu_"))
     data = write_absolute_data_yaml(data_yaml, work / "data")
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         return f"mAP50-95 {e['metrics_after']['mAP50-95']:.4f}, {e['prune_seconds']:.1f}s"
 
     def half_eval_matches_val() -> str:
-        from yolo_prune_plugin.adapter import get_backend
+        from yolo_prune_plugin.backend.loading import get_backend
 
         b = get_backend()
         out = work / "prune_global" / "yolov5n_pruned.pt"

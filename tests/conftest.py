@@ -28,7 +28,7 @@ def one_thread():
 
 @pytest.fixture(scope="session")
 def backend():
-    from yolo_prune_plugin.adapter import get_backend
+    from yolo_prune_plugin.backend.loading import get_backend
 
     return get_backend()
 
@@ -42,7 +42,7 @@ def shared() -> Path:
 
 def data_yaml(shared: Path, name: str, dest: Path) -> Path:
     """A copy of shared/data/<name>.yaml with an absolute ``path:``."""
-    from yolo_prune_plugin.evaluation import write_absolute_data_yaml
+    from yolo_prune_plugin.backend.evaluation import write_absolute_data_yaml
 
     return write_absolute_data_yaml(shared / "data" / f"{name}.yaml", dest)
 
@@ -91,7 +91,7 @@ def small_ckpt(small_model, tmp_path) -> Path:
 
 @pytest.fixture(scope="session")
 def yolov5n(backend, shared):
-    from yolo_prune_plugin.adapter import load_checkpoint
+    from yolo_prune_plugin.backend.loading import load_checkpoint
 
     return load_checkpoint(SHARED_WEIGHTS)["model"].float().eval()
 
@@ -99,7 +99,7 @@ def yolov5n(backend, shared):
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:
     """The project's synthetic dataset, 4 train / 2 val images at 64 px (3 classes)."""
-    from yolo_prune_plugin import synthetic
+    from yolo_prune_plugin.tools import synthetic
 
     return synthetic.make_dataset(tmp_path_factory.mktemp("syn"), n_train=4, n_val=2, imgsz=64)
 

@@ -1,4 +1,4 @@
-"""adapter.py: safe loading through the allow-list (both class spellings), bad files, compat patches."""
+"""backend/loading.py and backend/patches.py: safe loading through the allow-list (both class spellings), bad files, compat patches."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from yolo_prune_plugin.adapter import TRUST_ENV, allowed_globals, load_checkpoint
+from yolo_prune_plugin.backend.loading import TRUST_ENV, allowed_globals, load_checkpoint
 from yolo_prune_plugin.errors import CheckpointError, UnsafeCheckpointError
 
 from conftest import SHARED_WEIGHTS, save_checkpoint
@@ -146,7 +146,7 @@ def test_compat_patches_apply_inside_and_are_undone(backend, monkeypatch):
     import numpy as np
     from PIL import ImageFont
 
-    from yolo_prune_plugin.adapter import compat_active, compat_patches
+    from yolo_prune_plugin.backend.patches import compat_active, compat_patches
 
     monkeypatch.delattr(np, "trapz", raising=False)  # as on numpy >= 2.4
     before = _patchable_state(backend)
@@ -164,7 +164,7 @@ def test_compat_patches_apply_inside_and_are_undone(backend, monkeypatch):
 
 
 def test_compat_patches_undone_when_block_raises(backend):
-    from yolo_prune_plugin.adapter import compat_active, compat_patches
+    from yolo_prune_plugin.backend.patches import compat_active, compat_patches
 
     before = _patchable_state(backend)
     with pytest.raises(RuntimeError, match="boom"):

@@ -7,9 +7,9 @@ import pytest
 pytest.importorskip("torch_pruning")
 pytest.importorskip("onnxruntime")
 
-from yolo_prune_plugin.bench import bench_files, format_bench_table  # noqa: E402
+from yolo_prune_plugin.tools.bench import bench_files, format_bench_table  # noqa: E402
 from yolo_prune_plugin.errors import CheckpointError, ConfigError  # noqa: E402
-from yolo_prune_plugin.structured import channel_prune  # noqa: E402
+from yolo_prune_plugin.prune.channel import channel_prune  # noqa: E402
 
 from conftest import save_checkpoint  # noqa: E402
 

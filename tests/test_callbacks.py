@@ -145,7 +145,7 @@ def test_user_file_of_same_name_is_not_clobbered(run_dir):
 
 
 def test_sweep_at_train_end(backend, small_model, tmp_path):
-    from yolo_prune_plugin.synthetic import TINY, make_dataset
+    from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
     data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())  # 3 classes, like small_model
     w = tmp_path / "exp" / "weights"
@@ -193,7 +193,7 @@ def test_train_end_loads_each_checkpoint_once(run_dir, monkeypatch):
 
 
 def test_hook_leaves_patched_names_as_they_were(backend, run_dir):
-    """After the hook: numpy, Pillow, YOLOv5's train.*/check_font and sys.path are as before (adapter.PROCESS_WIDE
+    """After the hook: numpy, Pillow, YOLOv5's train.*/check_font and sys.path are as before (backend.patches.PROCESS_WIDE
     lists what stays)."""
     import sys
 

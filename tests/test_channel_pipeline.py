@@ -11,9 +11,9 @@ import torch
 from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.config import config_from_dict
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.pruning import conv_layers
+from yolo_prune_plugin.prune.unstructured import conv_layers
 from yolo_prune_plugin.report import validate_report
-from yolo_prune_plugin.synthetic import TINY, make_dataset
+from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,16 +15,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from yolo_prune_plugin.adapter import replace_optimizer_params, training_objects
+from yolo_prune_plugin.backend.training_loop import replace_optimizer_params, training_objects
 from yolo_prune_plugin.api import run_training, train_opt
 from yolo_prune_plugin.callbacks import register
-from yolo_prune_plugin.channel_schedule import ChannelSchedule, apply_kept_channels
+from yolo_prune_plugin.training.channel_schedule import ChannelSchedule, apply_kept_channels
 from yolo_prune_plugin.config import config_from_dict
 from yolo_prune_plugin.errors import ConfigError, PruneError
-from yolo_prune_plugin.pruning import conv_layers
-from yolo_prune_plugin.recovery import schedule_amount
+from yolo_prune_plugin.prune.unstructured import conv_layers
+from yolo_prune_plugin.training.schedule import schedule_amount
 from yolo_prune_plugin.report import validate_report
-from yolo_prune_plugin.structured import channel_counts, channel_prune
+from yolo_prune_plugin.prune.channel import channel_counts, channel_prune
 
 from conftest import plain_attempt_load
 

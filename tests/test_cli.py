@@ -7,15 +7,15 @@ import json
 import pytest
 import torch
 
-from yolo_prune_plugin.adapter import driving_yolov5
+from yolo_prune_plugin.backend.patches import driving_yolov5
 from yolo_prune_plugin.cli import main
-from yolo_prune_plugin.pruning import conv_layers
+from yolo_prune_plugin.prune.unstructured import conv_layers
 
 
 @pytest.fixture(scope="module")
 def synthetic_yaml(tmp_path_factory):
     """The project's own tiny dataset (3 classes, like ``small_ckpt``): no shared data needed."""
-    from yolo_prune_plugin.synthetic import TINY, make_dataset
+    from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("synthetic"), **TINY.dataset_kwargs())
 
@@ -128,7 +128,7 @@ def test_unknown_export_format_rejected_before_pruning(small_ckpt, capsys):
 
 def test_cli_run_leaves_process_state_as_it_was(backend, small_ckpt, monkeypatch):
     """After a command: numpy, Pillow, YOLOv5's train.*/check_font, sys.path, environment and log handlers are
-    as before (only adapter.PROCESS_WIDE stays)."""
+    as before (only backend.patches.PROCESS_WIDE stays)."""
     import logging
     import os
     import sys

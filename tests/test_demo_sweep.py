@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from yolo_prune_plugin.demo import DEMO_SWEEP_AMOUNTS, demo_sweep
-from yolo_prune_plugin.synthetic import TINY, make_dataset
+from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
 from conftest import save_checkpoint
 

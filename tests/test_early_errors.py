@@ -18,7 +18,7 @@ import torch
 
 from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.synthetic import TINY, make_dataset
+from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
 from conftest import save_checkpoint
 
@@ -127,7 +127,7 @@ def test_api_prune_checks_device_first(small_ckpt, device, match):
 
 @pytest.mark.parametrize("device", ["", "cpu", "CPU"])
 def test_cpu_and_auto_devices_pass(device):
-    from yolo_prune_plugin.checks import check_device
+    from yolo_prune_plugin.backend.checks import check_device
 
     check_device(device)
 
@@ -154,9 +154,9 @@ def test_nc_mismatch_is_one_line_exit_2_before_work(nc5_ckpt, tiny_data, tmp_pat
 
 
 def test_class_name_mismatch_warns_and_single_cls_passes(small_model, tiny_data, tmp_path, caplog, backend):
-    from yolo_prune_plugin.adapter import load_checkpoint
-    from yolo_prune_plugin.checks import check_model_matches_data
-    from yolo_prune_plugin.evaluation import resolve_data
+    from yolo_prune_plugin.backend.loading import load_checkpoint
+    from yolo_prune_plugin.backend.checks import check_model_matches_data
+    from yolo_prune_plugin.backend.evaluation import resolve_data
 
     data = resolve_data(tiny_data)
     small_model.names = {0: "circle", 1: "triangle", 2: "rectangle"}
@@ -172,9 +172,9 @@ def test_class_name_mismatch_warns_and_single_cls_passes(small_model, tiny_data,
 
 
 def test_matching_classes_pass(small_model, tiny_data, tmp_path, backend, caplog):
-    from yolo_prune_plugin.adapter import load_checkpoint
-    from yolo_prune_plugin.checks import check_model_matches_data
-    from yolo_prune_plugin.evaluation import resolve_data
+    from yolo_prune_plugin.backend.loading import load_checkpoint
+    from yolo_prune_plugin.backend.checks import check_model_matches_data
+    from yolo_prune_plugin.backend.evaluation import resolve_data
 
     small_model.names = {0: "circle", 1: "rectangle", 2: "triangle"}
     ck = save_checkpoint(small_model, tmp_path / "ok.pt")
@@ -185,7 +185,7 @@ def test_matching_classes_pass(small_model, tiny_data, tmp_path, backend, caplog
 # -- 4: SIGTERM during evaluation; stale temp files ----------------------------------------------------------
 _SLOW_EVAL = """
     import sys, time
-    from yolo_prune_plugin.adapter import get_backend
+    from yolo_prune_plugin.backend.loading import get_backend
     b = get_backend()
     orig = b.val.run
     calls = []
@@ -273,7 +273,7 @@ def test_quiet_yolov5_restores_filters():
     import logging
     import warnings
 
-    from yolo_prune_plugin.adapter import quiet_yolov5
+    from yolo_prune_plugin.backend.patches import quiet_yolov5
 
     before = list(warnings.filters)
     yl = logging.getLogger("yolov5")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.evaluation import Metrics, NMSTimeoutCounter, resolve_data, write_absolute_data_yaml
+from yolo_prune_plugin.backend.evaluation import Metrics, NMSTimeoutCounter, resolve_data, write_absolute_data_yaml
 
 
 def test_relative_path_is_explained(backend, shared, tmp_path):

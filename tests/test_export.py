@@ -13,8 +13,8 @@ import torch
 from torch.nn.utils import prune
 
 from yolo_prune_plugin.errors import ConfigError, OutputExistsError
-from yolo_prune_plugin.export import (EXTRA_HINT, SUPPORTED_FORMATS, check_export_requirements, export_and_verify,
-                                      verify_artifact)
+from yolo_prune_plugin.backend.export import EXTRA_HINT, check_export_requirements, export_and_verify
+from yolo_prune_plugin.backend.artifacts import SUPPORTED_FORMATS, verify_artifact
 
 IMGSZ = 64  # smallest size with all three Detect grids (stride 32): keeps the file fast
 FORMATS = ["onnx", "torchscript"]
@@ -22,7 +22,7 @@ SUFFIX = {"onnx": ".onnx", "torchscript": ".torchscript"}
 
 
 def l1_prune(model: torch.nn.Module, amount: float = 0.5) -> torch.nn.Module:
-    """Global unstructured L1 pruning of every Conv2d weight, made permanent (independent of pruning.py)."""
+    """Global unstructured L1 pruning of every Conv2d weight, made permanent (independent of prune/unstructured.py)."""
     params = [(m, "weight") for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     prune.global_unstructured(params, pruning_method=prune.L1Unstructured, amount=amount)
     for m, name in params:
@@ -42,7 +42,7 @@ def save_ckpt(model: torch.nn.Module, path: Path) -> Path:
 
 def conv_zeros_in_checkpoint(path: Path) -> tuple[int, int]:
     """(zeros, total) over the Conv2d weights of the checkpoint's model, as saved (unfused)."""
-    from yolo_prune_plugin.adapter import load_checkpoint
+    from yolo_prune_plugin.backend.loading import load_checkpoint
 
     ws = [m.weight for m in load_checkpoint(path)["model"].modules() if isinstance(m, torch.nn.Conv2d)]
     return sum(int((w == 0).sum()) for w in ws), sum(w.numel() for w in ws)
@@ -148,7 +148,7 @@ def test_dense_artifact_fails_against_pruned_model(ckpts, dense_artifacts, fmt):
     assert r.zeros < r.expected_zeros
     assert "zeros did not survive" in r.message
     # positive control: the same artefact against its own (dense) model passes, also from an in-memory model
-    from yolo_prune_plugin.adapter import load_checkpoint
+    from yolo_prune_plugin.backend.loading import load_checkpoint
 
     model = ckpts["dense"] if fmt == "onnx" else load_checkpoint(ckpts["dense"])["model"]  # path or in-memory
     assert verify_artifact(dense_artifacts[fmt], model).ok
@@ -244,7 +244,7 @@ def test_shared_yolov5n_onnx_detects(backend, shared, tmp_path):
     import cv2
     import onnxruntime as ort
 
-    from yolo_prune_plugin.adapter import load_checkpoint
+    from yolo_prune_plugin.backend.loading import load_checkpoint
 
     src = shared / "weights" / "yolov5n.pt"
     model = l1_prune(load_checkpoint(src)["model"].float())

@@ -9,11 +9,12 @@ import time
 import pytest
 import yaml
 
-from yolo_prune_plugin.structured import load_calibration_batch
-from yolo_prune_plugin.adapter import driving_yolov5
-from yolo_prune_plugin.calibration import check_disjoint, load_calibration_images
+from yolo_prune_plugin.prune.calibration import load_calibration_batch
+from yolo_prune_plugin.backend.patches import driving_yolov5
+from yolo_prune_plugin.prune.calibration import check_disjoint, load_calibration_images
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.heldout import image_files, retarget_data_yaml, split_data_yaml
+from yolo_prune_plugin.backend.data import image_files
+from yolo_prune_plugin.tools.heldout import retarget_data_yaml, split_data_yaml
 
 from conftest import data_yaml
 
@@ -95,9 +96,9 @@ def slow_nms(monkeypatch):
 
 @pytest.fixture(scope="module")
 def coco8_eval(backend, shared, tmp_path_factory):
-    from yolo_prune_plugin.adapter import load_checkpoint
-    from yolo_prune_plugin.evaluation import make_settings
-    from yolo_prune_plugin.sweep import _batches
+    from yolo_prune_plugin.backend.loading import load_checkpoint
+    from yolo_prune_plugin.backend.evaluation import make_settings
+    from yolo_prune_plugin.tools.sweep import _batches
 
     settings = make_settings(data_yaml(shared, "coco8", tmp_path_factory.mktemp("d8")), 160, 4, "cpu",
                              workers=0, backend=backend)
@@ -115,8 +116,8 @@ def _yolov5_val(backend, model, settings, batches, tmp_path):
 def test_nms_time_limit_cannot_change_metrics(backend, coco8_eval, tmp_path, caplog, monkeypatch, one_thread):
     import torchvision
 
-    from yolo_prune_plugin.adapter import no_nms_time_limit
-    from yolo_prune_plugin.evaluation import evaluate
+    from yolo_prune_plugin.backend.evaluation import no_nms_time_limit
+    from yolo_prune_plugin.backend.evaluation import evaluate
 
     model, settings, batches = coco8_eval
     normal = evaluate(copy.deepcopy(model), settings, batches, backend)
@@ -144,7 +145,7 @@ def test_nms_time_limit_cannot_change_metrics(backend, coco8_eval, tmp_path, cap
 
 
 def test_no_nms_time_limit_restores_on_error(backend):
-    from yolo_prune_plugin.adapter import no_nms_time_limit
+    from yolo_prune_plugin.backend.evaluation import no_nms_time_limit
 
     orig = backend.val.non_max_suppression
     with pytest.raises(RuntimeError, match="boom"):
@@ -161,7 +162,7 @@ def test_no_nms_time_limit_restores_on_error(backend):
 # ---------------------------------------------------------------------------------------------------
 def test_cornpest_prunes_and_evaluates_end_to_end(shared, tmp_path, backend, one_thread):
     from yolo_prune_plugin import api
-    from yolo_prune_plugin.adapter import load_checkpoint
+    from yolo_prune_plugin.backend.loading import load_checkpoint
 
     weights = shared / "weights" / "yolov5n-cornpest.pt"
     if not weights.is_file():
@@ -208,7 +209,7 @@ def test_allow_overlap_config_key(value, ok):
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def auto_data(tmp_path_factory):
-    from yolo_prune_plugin.synthetic import TINY, make_dataset
+    from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("auto") / "data", **TINY.dataset_kwargs())  # train/val disjoint
 
@@ -230,7 +231,7 @@ def _same_split(data, dest):
     ("obs", True, False, "obs", r"^$"),  # an explicit choice is not second-guessed (its loader refuses the overlap)
 ])
 def test_auto_resolves_by_calibration_data(auto_data, tmp_path, method, overlap, allow, expected, why):
-    from yolo_prune_plugin.calibration import resolve_method
+    from yolo_prune_plugin.prune.calibration import resolve_method
 
     data = _same_split(auto_data, tmp_path) if overlap else auto_data
     got, reason = resolve_method(method, str(data), 32, allow)
@@ -239,7 +240,7 @@ def test_auto_resolves_by_calibration_data(auto_data, tmp_path, method, overlap,
 
 
 def test_auto_without_data_is_global():
-    from yolo_prune_plugin.calibration import resolve_method
+    from yolo_prune_plugin.prune.calibration import resolve_method
 
     assert resolve_method("auto", None)[0] == "global"
     assert "pass --data" in resolve_method("auto", None)[1]

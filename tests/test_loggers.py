@@ -11,8 +11,8 @@ pytest.importorskip("tensorboard")
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
 from yolo_prune_plugin.cli import main  # noqa: E402
-from yolo_prune_plugin.loggers import CSV_NAME, find_yolo_loggers, log_results  # noqa: E402
-from yolo_prune_plugin.synthetic import TINY, make_dataset  # noqa: E402
+from yolo_prune_plugin.tools.loggers import CSV_NAME, find_yolo_loggers, log_results  # noqa: E402
+from yolo_prune_plugin.tools.synthetic import TINY, make_dataset  # noqa: E402
 
 
 def _events(folder):
@@ -78,7 +78,7 @@ def test_trackers_get_the_same_scalars(tmp_path):
         def on_fit_epoch_end(self, *a):
             pass
 
-    from yolo_prune_plugin.adapter import get_backend
+    from yolo_prune_plugin.backend.loading import get_backend
 
     cb = get_backend().Callbacks()
     lg = Loggers()

@@ -12,12 +12,12 @@ import torch
 import torch.nn as nn
 import yaml
 
-from yolo_prune_plugin.adapter import driving_yolov5
-from yolo_prune_plugin import methods
-from yolo_prune_plugin.calibration import load_calibration_images
+from yolo_prune_plugin.backend.patches import driving_yolov5
+from yolo_prune_plugin.prune import allocation as alloc, obs as obs_module
+from yolo_prune_plugin.prune.calibration import load_calibration_images
 from yolo_prune_plugin.config import config_from_dict
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.pruning import conv_layers, lamp_scores, prune_model, sparsity_stats
+from yolo_prune_plugin.prune.unstructured import conv_layers, lamp_scores, prune_model, sparsity_stats
 
 SHARED = Path(os.environ.get("YOLO_PRUNE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 COCO8 = SHARED / "data" / "coco8"
@@ -101,14 +101,14 @@ def test_lamp_scores_hand_checked(weights, expected):
 # ---------------------------------------------------------------------------------------------------
 # per-layer counts
 # ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("allocation", methods.ALLOCATIONS)
+@pytest.mark.parametrize("allocation", alloc.ALLOCATIONS)
 @pytest.mark.parametrize("amount", [0.1, 0.5, 0.93])
 @pytest.mark.parametrize("protect", [(), ("model.24.*",)])
 def test_layer_counts_sum_exactly(small_yolo, allocation, amount, protect):
     layers = conv_layers(small_yolo)
     g = torch.Generator().manual_seed(0)
     scores = [torch.rand(m.weight.shape, generator=g) for _, m in layers] if allocation == "hessian" else None
-    counts = methods.layer_counts(layers, amount, allocation, protect, scores)
+    counts = alloc.layer_counts(layers, amount, allocation, protect, scores)
     sizes = [m.weight.numel() for _, m in layers]
     assert sum(counts) == round(amount * sum(sizes))
     assert all(0 <= c < s for c, s in zip(counts, sizes))
@@ -121,17 +121,17 @@ def test_layer_counts_sum_exactly(small_yolo, allocation, amount, protect):
 def test_layer_counts_rejects_unknown_allocation_and_missing_scores(small_yolo):
     layers = conv_layers(small_yolo)
     with pytest.raises(ConfigError, match="allocation"):
-        methods.layer_counts(layers, 0.5, "owl")
+        alloc.layer_counts(layers, 0.5, "owl")
     with pytest.raises(ConfigError, match="scores"):
-        methods.layer_counts(layers, 0.5, "hessian")
+        alloc.layer_counts(layers, 0.5, "hessian")
     with pytest.raises(ConfigError, match="protect"):
-        methods.layer_counts(layers, 0.5, protect=("model.*",))
+        alloc.layer_counts(layers, 0.5, protect=("model.*",))
 
 
 def test_layer_counts_global_matches_magnitude_threshold(small_yolo):
     layers = conv_layers(small_yolo)
     amount = 0.4
-    counts = methods.layer_counts(layers, amount, "global")
+    counts = alloc.layer_counts(layers, amount, "global")
     w = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
     thr = torch.sort(w).values[round(amount * w.numel()) - 1]
     for (_, m), c in zip(layers, counts):
@@ -183,7 +183,7 @@ def test_sparsegpt_layer_matches_columnwise_reference(blocksize):
     W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(1))
     k_per_block = rows * blocksize // 2
     ref_w, ref_keep = _reference_sparsegpt(W, H, k_per_block, blocksize)
-    new_w, keep = methods.sparsegpt_layer(W, H, k_per_block * (cols // blocksize), blocksize=blocksize)
+    new_w, keep = obs_module.sparsegpt_layer(W, H, k_per_block * (cols // blocksize), blocksize=blocksize)
     assert torch.equal(keep, ref_keep)
     assert torch.allclose(new_w, ref_w, atol=1e-4, rtol=1e-4)
     assert int((~keep).sum()) == k_per_block * (cols // blocksize)
@@ -200,7 +200,7 @@ def test_sparsegpt_layer_exact_count_and_forced(k, mask_block):
     W = torch.randn(rows, cols, generator=torch.Generator().manual_seed(3))
     forced = torch.zeros_like(W, dtype=torch.bool)
     forced[0, :1] = True
-    new_w, keep = methods.sparsegpt_layer(W, H, k, blocksize=16, mask_block=mask_block, forced=forced)
+    new_w, keep = obs_module.sparsegpt_layer(W, H, k, blocksize=16, mask_block=mask_block, forced=forced)
     assert int((~keep).sum()) == k
     assert not keep[forced].any()
     assert torch.equal(new_w == 0, ~keep)
@@ -211,7 +211,7 @@ def test_sparsegpt_layer_survives_singular_hessian():
     X = _correlated_inputs(10, 48, seed=4)  # 10 samples, 48 columns: rank <= 10
     H = X.T @ X
     W = torch.randn(4, 48, generator=torch.Generator().manual_seed(5))
-    new_w, keep = methods.sparsegpt_layer(W, H, 100, damp=0.0)
+    new_w, keep = obs_module.sparsegpt_layer(W, H, 100, damp=0.0)
     assert torch.isfinite(new_w).all() and int((~keep).sum()) == 100
 
 
@@ -256,14 +256,14 @@ def test_obs_matches_layer_by_layer_reference(small_yolo, calib):
     """One forward with pruning pre-hooks == pruning layer by layer, each from a fresh forward of the
     model pruned so far (every layer sees inputs from the pruned layers upstream)."""
     amount = 0.5
-    from yolo_prune_plugin.registry import ObsOptions
+    from yolo_prune_plugin.prune.registry import ObsOptions
 
     fast = copy.deepcopy(small_yolo)  # one pass, full Hessians (the defaults are 2 passes, capped rows)
     prune_model(fast, amount, "obs", calibration=calib, log=False, options=ObsOptions(steps=1, samples_per_column=0))
 
     ref = copy.deepcopy(small_yolo).eval()
     layers = conv_layers(ref)
-    counts = dict(zip([id(m) for _, m in layers], methods.layer_counts(layers, amount)))
+    counts = dict(zip([id(m) for _, m in layers], alloc.layer_counts(layers, amount)))
     images = torch.cat([calib, calib.flip(-1)])  # the default calibrates on mirrored images too
     order: list[nn.Conv2d] = []
     hooks = [m.register_forward_pre_hook(lambda mod, inp: order.append(mod)) for _, m in layers]
@@ -276,7 +276,7 @@ def test_obs_matches_layer_by_layer_reference(small_yolo, calib):
         for conv in order:
             x = _layer_inputs(ref, conv, images)
             W0 = conv.weight.flatten(1)
-            w, _ = methods.sparsegpt_layer(W0, methods.layer_hessian(conv, x), counts[id(conv)], mask_block=0)
+            w, _ = obs_module.sparsegpt_layer(W0, obs_module.layer_hessian(conv, x), counts[id(conv)], mask_block=0)
             conv.weight.copy_(w.view_as(conv.weight))
     for (n, a), (_, b) in zip(conv_layers(fast), layers):
         assert torch.equal(a.weight == 0, b.weight == 0), n
@@ -340,7 +340,7 @@ def test_obs_steps_exact_and_equal_to_successive_passes(small_yolo, calib, amoun
     zeros_before = None
     for i in range(1, steps + 1):
         a = amount if i == steps else amount * i / steps
-        masks, _ = methods.obs_prune(ref, layers, a, calib, steps=1)
+        masks, _ = obs_module.obs_prune(ref, layers, a, calib, steps=1)
         zeros = [m.weight == 0 for _, m in layers]
         assert sum(int(z.sum()) for z in zeros) == round(a * total)
         if zeros_before is not None:  # pruned weights stay pruned
@@ -359,7 +359,7 @@ def test_obs_steps_exact_and_equal_to_successive_passes(small_yolo, calib, amoun
 def test_obs_rejects_bad_steps(small_yolo, calib):
     with pytest.raises(ConfigError, match="steps must be an integer >= 1"):
         model = copy.deepcopy(small_yolo)
-        methods.obs_prune(model, conv_layers(model), 0.3, calib, steps=0)
+        obs_module.obs_prune(model, conv_layers(model), 0.3, calib, steps=0)
 
 
 def test_obs_rejects_bad_calibration(small_yolo):
@@ -377,10 +377,10 @@ def test_obs_output_error_below_magnitude(request, small_yolo, calib, source, la
     inp = _layer_inputs(model, conv, x)
     W = conv.weight.detach().flatten(1)
     k = round(amount * W.numel())
-    X = methods._unfold(conv, inp)
+    X = obs_module._unfold(conv, inp)
     H = X.T @ X / X.shape[0]
 
-    obs_w, keep = methods.sparsegpt_layer(W, H, k)
+    obs_w, keep = obs_module.sparsegpt_layer(W, H, k)
     mag = W.clone().flatten()
     mag[torch.argsort(mag.abs(), stable=True)[:k]] = 0
     mag = mag.view_as(W)
@@ -462,11 +462,11 @@ def test_hessian_row_cap(conv):
     lower one is a seeded subset of positions (same every call) whose estimate stays close to the full one."""
     torch.manual_seed(0)
     x = torch.randn(6, 4, 32, 32)
-    full = methods.layer_hessian(conv, x)
+    full = obs_module.layer_hessian(conv, x)
     cols = conv.weight[0].numel()
-    assert torch.equal(methods.layer_hessian(conv, x, samples_per_column=10_000), full)
-    capped = methods.layer_hessian(conv, x, chunk=4, samples_per_column=32)
-    assert torch.equal(capped, methods.layer_hessian(conv, x, chunk=4, samples_per_column=32))
+    assert torch.equal(obs_module.layer_hessian(conv, x, samples_per_column=10_000), full)
+    capped = obs_module.layer_hessian(conv, x, chunk=4, samples_per_column=32)
+    assert torch.equal(capped, obs_module.layer_hessian(conv, x, chunk=4, samples_per_column=32))
     assert not torch.equal(capped, full)
     assert torch.linalg.norm(capped - full) / torch.linalg.norm(full) < 0.2
     assert capped.shape == (cols, cols)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from yolo_prune_plugin.adapter import load_checkpoint
+from yolo_prune_plugin.backend.loading import load_checkpoint
 from yolo_prune_plugin.errors import UnsafeCheckpointError
 
 from conftest import save_checkpoint

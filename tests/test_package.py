@@ -1,5 +1,5 @@
-"""The package's shape: no import cycle (lazy imports included), large modules say why, YOLOv5 is not imported
-by importing the package, and only the adapter patches YOLOv5."""
+"""The package's shape: folders by job, no import cycle (lazy imports included), no upward import, no module over
+450 lines, YOLOv5 not imported by importing the package, and only ``backend/`` patches YOLOv5."""
 
 from __future__ import annotations
 
@@ -11,22 +11,61 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "yolo_prune_plugin"
-MODULES = sorted(p.stem for p in PKG.glob("*.py"))
+#: dotted module name (below the package) -> file, e.g. "backend.loading" -> .../backend/loading.py
+FILES = {".".join(p.relative_to(PKG).with_suffix("").parts): p for p in sorted(PKG.rglob("*.py"))}
+MODULES = sorted(FILES)
+
+#: the layers, lowest first: a module may import its own layer and the layers below it, never one above.
+#: docs/design.md draws the same order.
+LAYERS = [
+    {"_version", "errors", "utils"},
+    {"backend"},
+    {"prune"},
+    {"config", "report"},
+    {"training"},
+    {"tools"},
+    {"pipeline"},
+    {"callbacks"},
+    {"api"},
+    {"cli", "demo", "__init__"},
+]
+SUBPACKAGES = {"backend", "prune", "training", "tools", "utils"}
+MAX_LINES = 450
+
+
+def _layer(module: str) -> int:
+    head = module.split(".")[0]
+    for i, names in enumerate(LAYERS):
+        if head in names:
+            return i
+    raise AssertionError(f"{module}: no layer in test_package.LAYERS (add the new module or folder there)")
+
+
+def _resolve(module: str, node: ast.ImportFrom) -> list[str]:
+    """Package modules an ``ImportFrom`` in ``module`` names (relative or absolute)."""
+    if node.level:
+        package = list(FILES[module].relative_to(PKG).parent.parts)
+        base = package[:len(package) - (node.level - 1)]
+        target = ".".join(base + ([node.module] if node.module else []))
+    elif (node.module or "").split(".")[0] == "yolo_prune_plugin":
+        target = ".".join(node.module.split(".")[1:])
+    else:
+        return []
+    out = []
+    for a in node.names:  # `from .backend import loading` names a module; `from .backend.loading import x` a name
+        sub = f"{target}.{a.name}" if target else a.name
+        out.append(sub if sub in FILES or f"{sub}.__init__" in FILES else target)
+    return [m if m in FILES else f"{m}.__init__" for m in out if m]
 
 
 def _imports(name: str) -> set[str]:
     """Package modules that ``name`` imports anywhere (module level or inside functions)."""
-    tree = ast.parse((PKG / f"{name}.py").read_text(encoding="utf-8"))
+    tree = ast.parse(FILES[name].read_text(encoding="utf-8"))
     out = set()
     for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                out.add(node.module.split(".")[0])
-            else:
-                out.update(a.name for a in node.names)
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("yolo_prune_plugin."):
-            out.add(node.module.split(".")[1])
-    return {m for m in out if m in MODULES}
+        if isinstance(node, ast.ImportFrom):
+            out.update(_resolve(name, node))
+    return {m for m in out if m in FILES}
 
 
 def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -51,6 +90,13 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def test_the_import_resolver_sees_relative_and_absolute_imports():
+    graph = {m: _imports(m) for m in MODULES}
+    assert "backend.loading" in graph["prune.calibration"]
+    assert "training.finetune" in graph["pipeline"]
+    assert {"backend.loading", "prune.unstructured"} <= graph["tools.sweep"]
+
+
 def test_no_import_cycle():
     graph = {m: _imports(m) - {m} for m in MODULES}
     assert _cycle(graph) is None, f"import cycle: {' -> '.join(_cycle(graph))}"
@@ -60,12 +106,27 @@ def test_cycle_finder_finds_a_cycle():
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
+def test_no_upward_import():
+    upward = [f"{m} (layer {_layer(m)}) imports {i} (layer {_layer(i)})"
+              for m in MODULES for i in sorted(_imports(m)) if _layer(i) > _layer(m)]
+    assert not upward, upward
+
+
+def test_folders_are_the_documented_subpackages():
+    found = {p.parent.name for p in PKG.rglob("__init__.py") if p.parent != PKG}
+    assert found == SUBPACKAGES
+    design = (PKG.parent / "docs" / "design.md").read_text(encoding="utf-8")
+    for sub in sorted(SUBPACKAGES):  # the folder map names every subpackage and every module in it
+        assert f"`{sub}/`" in design, f"docs/design.md does not name {sub}/"
+        for f in sorted((PKG / sub).glob("*.py")):
+            if f.name != "__init__.py":
+                assert f"`{f.name}`" in design, f"docs/design.md's folder map lacks {sub}/{f.name}"
+
+
 @pytest.mark.parametrize("name", MODULES)
-def test_large_modules_say_why(name):
-    text = (PKG / f"{name}.py").read_text(encoding="utf-8")
-    if len(text.splitlines()) > 400:
-        doc = ast.get_docstring(ast.parse(text)) or ""
-        assert "(Over 400 lines:" in doc, f"{name}.py has {len(text.splitlines())} lines and no reason at its top"
+def test_no_module_over_450_lines(name):
+    n = len(FILES[name].read_text(encoding="utf-8").splitlines())
+    assert n <= MAX_LINES, f"{FILES[name].relative_to(PKG.parent)} has {n} lines: split it by job"
 
 
 def test_importing_the_package_does_not_import_yolov5():
@@ -76,20 +137,20 @@ def test_importing_the_package_does_not_import_yolov5():
     assert out.stdout.strip() == "False"
 
 
-def test_only_the_adapter_patches_yolov5():
-    """``setattr`` on modules/classes and ``m.__class__ =`` live in adapter.py alone."""
+def test_only_the_backend_patches_yolov5():
+    """``setattr`` on modules/classes and ``m.__class__ =`` live in ``backend/`` alone."""
     offenders = []
     for name in MODULES:
-        if name == "adapter":
+        if name.startswith("backend."):
             continue
-        tree = ast.parse((PKG / f"{name}.py").read_text(encoding="utf-8"))
+        tree = ast.parse(FILES[name].read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Assign):
                 for t in node.targets:
                     if isinstance(t, ast.Attribute) and t.attr == "__class__":
-                        offenders.append(f"{name}.py:{node.lineno} assigns __class__")
+                        offenders.append(f"{name}:{node.lineno} assigns __class__")
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "setattr" and node.args:
                 target = ast.unparse(node.args[0])
                 if any(s in target for s in ("backend", "train", "general", "torch", "np", "yolo", "sys")):
-                    offenders.append(f"{name}.py:{node.lineno} setattr({target}, ...)")
+                    offenders.append(f"{name}:{node.lineno} setattr({target}, ...)")
     assert not offenders, offenders

@@ -19,8 +19,8 @@ def tty(monkeypatch, capsys):
 
 
 def test_obs_shows_a_bar_per_layer(backend, small_model, tty, one_thread):
-    from yolo_prune_plugin.methods import obs_prune
-    from yolo_prune_plugin.pruning import conv_layers
+    from yolo_prune_plugin.prune.obs import obs_prune
+    from yolo_prune_plugin.prune.unstructured import conv_layers
 
     layers = conv_layers(small_model)
     torch.manual_seed(0)
@@ -31,7 +31,7 @@ def test_obs_shows_a_bar_per_layer(backend, small_model, tty, one_thread):
 
 
 def test_export_verification_shows_a_bar(backend, small_ckpt, tty):
-    from yolo_prune_plugin.export import export_and_verify
+    from yolo_prune_plugin.backend.export import export_and_verify
 
     arts = export_and_verify(small_ckpt, ["torchscript"], imgsz=64)
     err = tty.getvalue()
@@ -39,7 +39,7 @@ def test_export_verification_shows_a_bar(backend, small_ckpt, tty):
 
 
 def test_no_bar_when_not_a_terminal(capsys):
-    from yolo_prune_plugin.loggers import progress
+    from yolo_prune_plugin.utils.progress import progress
 
     assert list(progress(range(3), desc="quiet", total=3)) == [0, 1, 2]
     assert "quiet" not in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""pruning.py on real YOLOv5 models: exact global sparsity, layerwise parity, include/exclude, logging."""
+"""prune/unstructured.py on real YOLOv5 models: exact global sparsity, layerwise parity, include/exclude, logging."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.pruning import (check_scope, conv_layers, lamp_scores, prune_model, sparsity_stats)
+from yolo_prune_plugin.prune.unstructured import check_scope, conv_layers, lamp_scores, prune_model, sparsity_stats
 
 
 def _zeros(model):

@@ -1,4 +1,4 @@
-"""recovery.py: masked fine-tuning after pruning and gradual pruning, inside YOLOv5's real training loop.
+"""training/ (finetune, masks, schedule): masked fine-tuning after pruning and gradual pruning, inside YOLOv5's real training loop.
 
 Real ``train.main`` runs use the synthetic dataset (4 train / 2 val images at 64 px) and a narrow YOLOv5n
 (width 0.125) so that each run takes seconds; their mAP is meaningless, the zeros are what is checked.
@@ -16,13 +16,13 @@ import pytest
 import torch
 import yaml
 
-import yolo_prune_plugin.recovery as R
-from yolo_prune_plugin.adapter import load_checkpoint
+from yolo_prune_plugin.training import finetune as F, masks as M, schedule as S
+from yolo_prune_plugin.backend.loading import load_checkpoint
 from yolo_prune_plugin.api import run_training, train_opt
 from yolo_prune_plugin.callbacks import register
 from yolo_prune_plugin.config import ScheduleOptions, config_from_dict
 from yolo_prune_plugin.errors import ConfigError, PruneError
-from yolo_prune_plugin.pruning import conv_layers, prune_model, sparsity_stats
+from yolo_prune_plugin.prune.unstructured import conv_layers, prune_model, sparsity_stats
 from yolo_prune_plugin.report import validate_report
 
 from conftest import save_checkpoint
@@ -86,12 +86,12 @@ def _cubic(e, start, end, final):  # independent restatement of Zhu & Gupta (201
 ])
 def test_schedule_amount_follows_cubic_steps(start, end, every, final, expected):
     s = ScheduleOptions(start_epoch=start, end_epoch=end, final_amount=final, every=every)
-    got = [R.schedule_amount(e, s) for e in range(len(expected))]
+    got = [S.schedule_amount(e, s) for e in range(len(expected))]
     assert got == pytest.approx(expected, abs=1e-12)
-    steps = [e for e in range(len(expected)) if R.is_step_epoch(e, s)]
+    steps = [e for e in range(len(expected)) if S.is_step_epoch(e, s)]
     assert steps == sorted({*range(start, end + 1, every), end})
     for e in steps:  # at a step the value is the cubic itself
-        assert R.schedule_amount(e, s) == pytest.approx(_cubic(e, start, end, final), abs=1e-12)
+        assert S.schedule_amount(e, s) == pytest.approx(_cubic(e, start, end, final), abs=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -105,7 +105,7 @@ def _loss(model):
 @pytest.mark.parametrize("name,scaler", [("SGD", True), ("Adam", False), ("AdamW", False)])
 def test_mask_keeper_holds_zeros_in_model_ema_and_optimizer_state(backend, tiny_model, name, scaler):
     model = tiny_model.train()
-    keeper = R.MaskKeeper(backend)
+    keeper = M.MaskKeeper(backend)
     optimizer = backend.train.smart_optimizer(model, name, 0.01, 0.9, 5e-4)
     ema = backend.train.ModelEMA(model)
 
@@ -130,10 +130,10 @@ def test_mask_keeper_holds_zeros_in_model_ema_and_optimizer_state(backend, tiny_
 
     step(1)  # a dense step first: momentum / Adam moments are non-zero everywhere
     prune_model(model, 0.5, "global", log=False)
-    keeper.set_masks(R.zero_masks(model))
+    keeper.set_masks(M.zero_masks(model))
     masks = keeper.masks
-    assert R.count_masked(masks) == round(0.5 * sparsity_stats(model).weights)
-    assert R.count_leaks(ema.ema, masks) == 0  # new mask positions zeroed in the EMA ...
+    assert M.count_masked(masks) == round(0.5 * sparsity_stats(model).weights)
+    assert M.count_leaks(ema.ema, masks) == 0  # new mask positions zeroed in the EMA ...
     for _, m in conv_layers(model):  # ... and in the optimizer state
         for v in optimizer.state[m.weight].values():
             if torch.is_tensor(v) and v.shape == m.weight.shape:
@@ -142,14 +142,14 @@ def test_mask_keeper_holds_zeros_in_model_ema_and_optimizer_state(backend, tiny_
     step(2)
     assert keeper.leaks() == {"model": 0, "ema": 0}
     moved = sum(int((m.weight.detach() != snapshot[n])[~masks[n]].sum()) for n, m in conv_layers(model))
-    assert moved > 0.9 * R.count_masked(masks)  # the kept weights really trained
+    assert moved > 0.9 * M.count_masked(masks)  # the kept weights really trained
     saved = copy.deepcopy(ema.ema).half()  # what train.py writes into checkpoints
     _assert_plain_yolov5(saved)
-    assert R.count_leaks(saved, masks) == 0
+    assert M.count_leaks(saved, masks) == 0
 
     keeper.remove_hooks()  # control: without the hooks the same steps do leak
     step(1)
-    assert R.count_leaks(model, masks) > 0
+    assert M.count_leaks(model, masks) > 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -169,16 +169,16 @@ def test_finetune_keeps_every_pruned_position_zero(backend, tiny_data, tiny_cfg,
     """`yolo-prune train --prune-finetune-epochs 1`: train, prune best.pt, then fine-tune after train.main returns."""
     opt = _opt(backend, tiny_data, tiny_cfg, tmp_path, "exp")
     seen = {}
-    real = R.finetune_checkpoint
+    real = F.finetune_checkpoint
 
     def spy(weights, *args, **kwargs):  # the one-shot file and the live training objects, before they go
         seen["oneshot"] = load_checkpoint(weights)["model"].float()
-        seen["masks"] = R.zero_masks(seen["oneshot"])
+        seen["masks"] = M.zero_masks(seen["oneshot"])
         res = real(weights, *args, **kwargs)
-        seen["live"] = (R.count_leaks(res.model, seen["masks"]), R.count_leaks(res.ema_model, seen["masks"]))
+        seen["live"] = (M.count_leaks(res.model, seen["masks"]), M.count_leaks(res.ema_model, seen["masks"]))
         return res
 
-    monkeypatch.setattr(R, "finetune_checkpoint", spy)
+    monkeypatch.setattr(F, "finetune_checkpoint", spy)
     cfg = config_from_dict({"amount": 0.5, "finetune": {"epochs": 1}})
     plugin = run_training(opt, cfg, backend)
     assert plugin.mode == "finetune" and plugin.error is None and plugin.ran
@@ -187,28 +187,28 @@ def test_finetune_keeps_every_pruned_position_zero(backend, tiny_data, tiny_cfg,
     _assert_yolov5_restored(backend)
     masks = seen["masks"]
     total = sparsity_stats(seen["oneshot"]).weights
-    assert R.count_masked(masks) == round(0.5 * total)
+    assert M.count_masked(masks) == round(0.5 * total)
     assert seen["live"] == (0, 0)  # live model and EMA at the end of the fine-tune
 
     ft_run = tmp_path / "exp_finetune"
     for f in ("last.pt", "best.pt"):  # every file the fine-tune run saved
-        assert R.file_leaks(ft_run / "weights" / f, masks) == {"model": 0}
+        assert M.file_leaks(ft_run / "weights" / f, masks) == {"model": 0}
     final = torch.load(w / "best_pruned.pt")  # weights_only: plain YOLOv5 classes only
     assert final["ema"] is None and final["optimizer"] is None
     model = final["model"]
     assert next(model.parameters()).dtype == torch.float16
     _assert_plain_yolov5(model)
-    zeros = R.zero_masks(model)
+    zeros = M.zero_masks(model)
     assert all(torch.equal(zeros[n], masks[n]) for n in masks)  # exactly the one-shot positions, nothing more
     ft_best = load_checkpoint(ft_run / "weights" / "best.pt")["model"]  # it is the fine-tuned model ...
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ft_best.state_dict().values()))
     changed = sum(int((m.weight.float() != seen["oneshot"].get_submodule(n).weight)[~masks[n]].sum())
                   for n, m in conv_layers(model))
-    assert changed > 0.01 * (total - R.count_masked(masks))  # ... not the one-shot one (1 step, fp16 EMA)
+    assert changed > 0.01 * (total - M.count_masked(masks))  # ... not the one-shot one (1 step, fp16 EMA)
 
     info = final["prune"]
     ft = info["finetune"]
-    assert ft["run"] == str(ft_run) and ft["masked_weights"] == R.count_masked(masks)
+    assert ft["run"] == str(ft_run) and ft["masked_weights"] == M.count_masked(masks)
     assert set(info["leaks"].values()) == {0} and {"live_model", "live_ema", "best_pruned.pt"} <= set(info["leaks"])
     assert [h["epoch"] for h in ft["history"]] == [0] and ft["history"][0]["sparsity"] == 0.5
     assert ft["history"][0]["lr"] == pytest.approx([0.001] * 3)  # lr0 0.01 x lr_scale 0.1, warmup replaced
@@ -238,7 +238,7 @@ def test_schedule_prunes_along_the_cubic_during_training(backend, tiny_data, tin
                                                                   for e in (1, 2)]
     assert [st["target"] for st in plugin.gradual.steps] == pytest.approx([0.4375, 0.5])
     for row in plugin.history:  # model and EMA at every epoch end
-        want = round(R.schedule_amount(row["epoch"], sched) * total) / total
+        want = round(S.schedule_amount(row["epoch"], sched) * total) / total
         assert row["sparsity"] == pytest.approx(want, abs=2e-6) and row["ema_sparsity"] == pytest.approx(want, abs=2e-6)
         assert set((row.get("leaked") or {0: 0}).values()) == {0} and row.get("leaked_saved", 0) == 0
 
@@ -268,8 +268,8 @@ def test_schedule_prunes_along_the_cubic_during_training(backend, tiny_data, tin
                                                     (3, 5, 10, 5)])
 def test_first_pruned_epoch_is_the_first_step_with_a_target(start, end, every, first):
     s = ScheduleOptions(start_epoch=start, end_epoch=end, final_amount=0.5, every=every)
-    assert R.first_pruned_epoch(s) == first
-    assert all(R.schedule_amount(e, s) == 0 for e in range(first)) and R.schedule_amount(first, s) > 0
+    assert S.first_pruned_epoch(s) == first
+    assert all(S.schedule_amount(e, s) == 0 for e in range(first)) and S.schedule_amount(first, s) > 0
 
 
 def test_schedule_without_a_dense_epoch_validates_the_dense_starting_weights(backend, tiny_data, tiny_cfg, tmp_path,
@@ -306,7 +306,7 @@ def test_resumed_schedule_reports_before_as_absent_with_the_reason(backend, tiny
     """A run resumed after pruning began has no dense weights: "before" is absent with the reason, and the pipeline
     never validates the (pruned) source in its place; the bench baseline is the dense architecture from the YAML."""
     from yolo_prune_plugin import pipeline
-    from yolo_prune_plugin.dense_reference import DenseReference
+    from yolo_prune_plugin.training.dense_reference import DenseReference
     from yolo_prune_plugin.report import format_table
 
     prune_model(tiny_model, 0.5, log=False)
@@ -351,20 +351,20 @@ def test_register_rejects_unusable_configs(backend, monkeypatch, cfg, env, opt_e
 
 
 def test_cubic_sparsity_edges():
-    assert R.cubic_sparsity(-1, 0, 4, 0.9) == 0.0 and R.cubic_sparsity(9, 0, 4, 0.9) == 0.9
-    assert R.cubic_sparsity(2, 0, 4, 0.8) == pytest.approx(0.8 * (1 - 0.5 ** 3))
-    assert math.isclose(R.cubic_sparsity(4, 4, 4, 0.3), 0.3)
+    assert S.cubic_sparsity(-1, 0, 4, 0.9) == 0.0 and S.cubic_sparsity(9, 0, 4, 0.9) == 0.9
+    assert S.cubic_sparsity(2, 0, 4, 0.8) == pytest.approx(0.8 * (1 - 0.5 ** 3))
+    assert math.isclose(S.cubic_sparsity(4, 4, 4, 0.3), 0.3)
 
 
 def test_leak_is_detected_when_the_hooks_are_missing(backend, tiny_model, tiny_data, tiny_cfg, tmp_path, monkeypatch):
     """Control for the zero-leak counters: without the optimizer hooks, a real fine-tune leaks and is refused."""
     prune_model(tiny_model, 0.5, log=False)
     pruned = save_checkpoint(tiny_model, tmp_path / "pruned.pt")
-    monkeypatch.setattr(R.MaskKeeper, "_pre_step", lambda self, opt, *a: self._restore_lr(opt))  # lr only, no mask
-    monkeypatch.setattr(R.MaskKeeper, "_post_step", lambda self, *a: None)
+    monkeypatch.setattr(M.MaskKeeper, "_pre_step", lambda self, opt, *a: self._restore_lr(opt))  # lr only, no mask
+    monkeypatch.setattr(M.MaskKeeper, "_post_step", lambda self, *a: None)
     with pytest.raises(PruneError, match="became non-zero"):
-        R.finetune_checkpoint(pruned, _opt(backend, tiny_data, tiny_cfg, tmp_path, "base"), 1, project=tmp_path,
+        F.finetune_checkpoint(pruned, _opt(backend, tiny_data, tiny_cfg, tmp_path, "base"), 1, project=tmp_path,
                               name="leaky", backend=backend)
     _assert_yolov5_restored(backend)
-    masks = R.zero_masks(load_checkpoint(pruned)["model"])
-    assert R.file_leaks(tmp_path / "leaky" / "weights" / "last.pt", masks)["model"] > 0
+    masks = M.zero_masks(load_checkpoint(pruned)["model"])
+    assert M.file_leaks(tmp_path / "leaky" / "weights" / "last.pt", masks)["model"] > 0

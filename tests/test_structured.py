@@ -1,4 +1,4 @@
-"""structured.py: Torch-Pruning channel pruning of real YOLOv5 models, and keeping the pruned architecture in training."""
+"""prune/channel.py: Torch-Pruning channel pruning of real YOLOv5 models, and keeping the pruned architecture in training."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import torch
 
 pytest.importorskip("torch_pruning")
 
-from yolo_prune_plugin.adapter import is_channel_pruned, keep_checkpoint_architecture, load_checkpoint  # noqa: E402
+from yolo_prune_plugin.backend.training_loop import is_channel_pruned, keep_checkpoint_architecture  # noqa: E402
+from yolo_prune_plugin.backend.loading import load_checkpoint  # noqa: E402
 from yolo_prune_plugin.errors import ConfigError, PruneError  # noqa: E402
-from yolo_prune_plugin.pruning import conv_layers  # noqa: E402
-from yolo_prune_plugin.recalibration import recalibrate_bn  # noqa: E402
-from yolo_prune_plugin.structured import (channel_counts, channel_prune, detect_output_convs,  # noqa: E402
-                                          load_calibration_batch)
+from yolo_prune_plugin.prune.unstructured import conv_layers  # noqa: E402
+from yolo_prune_plugin.prune.bn_recalibration import recalibrate_bn  # noqa: E402
+from yolo_prune_plugin.prune.channel import channel_counts, channel_prune, detect_output_convs
+from yolo_prune_plugin.prune.calibration import load_calibration_batch
 
 from conftest import plain_attempt_load, save_checkpoint  # noqa: E402
 
@@ -87,7 +88,7 @@ def test_unreachable_amount_is_refused(small_model):
 
 @pytest.fixture(scope="module")
 def syn_data(tmp_path_factory) -> Path:
-    from yolo_prune_plugin import synthetic
+    from yolo_prune_plugin.tools import synthetic
 
     return synthetic.make_dataset(tmp_path_factory.mktemp("syn"), n_train=4, n_val=2, imgsz=64)
 
@@ -105,7 +106,7 @@ def test_taylor_uses_yolov5_loss_on_labelled_train_images(small_model, syn_data)
 
 
 def test_loss_gradients_leave_weights_and_bn_statistics_unchanged(small_model, syn_data):
-    from yolo_prune_plugin.structured import accumulate_loss_gradients
+    from yolo_prune_plugin.prune.calibration import accumulate_loss_gradients
 
     state = {k: v.clone() for k, v in small_model.state_dict().items()}
     loss = accumulate_loss_gradients(small_model, *load_calibration_batch(syn_data, 64, n=4), batch_size=2)
@@ -132,7 +133,7 @@ def pruned_ckpt(small_model, tmp_path) -> tuple[Path, dict]:
 
 
 def test_export_of_channel_pruned_file_matches_and_is_smaller(backend, small_ckpt, pruned_ckpt):
-    from yolo_prune_plugin.export import export_and_verify
+    from yolo_prune_plugin.backend.export import export_and_verify
 
     path, _ = pruned_ckpt
     [rep] = export_and_verify(path, ["onnx"], imgsz=64)
@@ -157,7 +158,7 @@ def _opt(backend, data, project):
 
 
 def test_finetune_keeps_channel_counts_and_yolov5_alone_would_reinit(backend, pruned_ckpt, syn_data, tmp_path):
-    from yolo_prune_plugin.recovery import finetune_checkpoint
+    from yolo_prune_plugin.training.finetune import finetune_checkpoint
 
     path, counts = pruned_ckpt
     base = _opt(backend, syn_data, tmp_path)
@@ -187,7 +188,7 @@ def test_keep_architecture_refuses_other_class_count_and_restores(backend, prune
 
 
 def test_reconstruction_brings_outputs_closer_to_the_dense_model(yolov5n):
-    from yolo_prune_plugin.structured import reconstruct_layers
+    from yolo_prune_plugin.prune.reconstruction import reconstruct_layers
 
     dense = yolov5n
     small_model = copy.deepcopy(yolov5n)
@@ -229,7 +230,7 @@ def test_cost_aware_ranking_keeps_amount_and_removes_more_flops(small_model, amo
 
 
 def test_channel_macs_counts_the_root_and_its_consumers(small_model):
-    from yolo_prune_plugin.structured import _build_groups, channel_macs
+    from yolo_prune_plugin.prune.channel import _build_groups, channel_macs
 
     dg, groups = _build_groups(small_model, detect_output_convs(small_model), 64)
     macs = channel_macs(small_model, groups, dg, 64)

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.sweep import CachedBatches, parse_points, run_sweep
+from yolo_prune_plugin.tools.sweep import CachedBatches, parse_points, run_sweep
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import yaml
 from PIL import Image
 from scipy import ndimage
 
-from yolo_prune_plugin.adapter import driving_yolov5
-from yolo_prune_plugin import synthetic as S
-from yolo_prune_plugin.adapter import get_backend
+from yolo_prune_plugin.backend.patches import driving_yolov5
+from yolo_prune_plugin.tools import synthetic as S
+from yolo_prune_plugin.backend.loading import get_backend
 from yolo_prune_plugin.errors import PruneError
 
 

@@ -50,7 +50,7 @@ SCRIPT = textwrap.dedent('''
 
 @pytest.fixture(scope="module")
 def setup(backend, tmp_path_factory):
-    from yolo_prune_plugin.synthetic import make_dataset
+    from yolo_prune_plugin.tools.synthetic import make_dataset
 
     tmp = tmp_path_factory.mktemp("three_line")
     data = make_dataset(tmp / "data", n_train=4, n_val=2, imgsz=64)

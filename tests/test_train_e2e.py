@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from yolo_prune_plugin.adapter import driving_yolov5
+from yolo_prune_plugin.backend.patches import driving_yolov5
 from yolo_prune_plugin.cli import main
-from yolo_prune_plugin.pruning import sparsity_stats
-from yolo_prune_plugin.synthetic import TINY, make_dataset
+from yolo_prune_plugin.prune.unstructured import sparsity_stats
+from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
 
 @pytest.fixture(scope="module")

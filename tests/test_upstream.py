@@ -41,7 +41,7 @@ def test_prune_with_checkout_from_environment(checkout, small_ckpt):
     """YOLO_PRUNE_YOLOV5_DIR selects the checkout (train/val/models imported top-level); --yolov5-dir is the
     flag for the same (test_train_with_checkout)."""
     code = ("import sys; from yolo_prune_plugin.cli import main; rc = main(sys.argv[1:]); "
-            "from yolo_prune_plugin.adapter import get_backend; b = get_backend(); "
+            "from yolo_prune_plugin.backend.loading import get_backend; b = get_backend(); "
             "print('BACKEND', b.kind, b.train.__name__, b.yolo.__name__); sys.exit(rc)")
     env = {**os.environ, "YOLO_PRUNE_YOLOV5_DIR": str(checkout), "PYTHONPATH": str(ROOT)}
     out = subprocess.run([sys.executable, "-c", code, "prune", "--weights", str(small_ckpt), "--amount", "0.3",

@@ -13,13 +13,14 @@ from typing import Any, Iterator, Mapping, Optional
 import torch
 
 from . import pipeline
-from .adapter import Backend, driving_yolov5, get_backend, load_checkpoint
+from .backend.checks import check_device, check_model_matches_data
+from .backend.evaluation import make_settings, resolve_data
+from .backend.loading import Backend, get_backend, load_checkpoint
+from .backend.patches import driving_yolov5
 from .callbacks import PrunePlugin, register
-from .checks import check_device, check_model_matches_data
 from .config import PruneConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
-from .evaluation import make_settings, resolve_data
-from .pruning import check_scope
+from .prune.unstructured import check_scope
 from .report import ReportEntry
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -70,7 +71,7 @@ def check_model_config(model: Any, config: PruneConfig, source: str) -> None:
     if model is not None:
         check_scope(model, config.include, config.exclude, source=source)
     if config.export:
-        from .export import check_export_requirements
+        from .backend.export import check_export_requirements
 
         check_export_requirements(config.export, simplify=config.export_options.simplify)
 
@@ -83,7 +84,7 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
                           "prune the evolved best.pt afterwards with `yolo-prune prune`")
     if getattr(opt, "resume", False):
         if config.structure == "channel" and config.schedule.final_amount is not None:
-            from .channel_schedule import check_channel_schedule
+            from .training.channel_schedule import check_channel_schedule
 
             check_channel_schedule(config, opt)  # refuses --resume (YOLOv5 would rebuild the dense YAML)
         return  # YOLOv5 restores opt from the run; the hook reads it from the checkpoint
@@ -108,16 +109,16 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
         if not train_dir:
             raise ConfigError(f"{opt.data}: no 'train' split for calibration images")
     if config.method == "auto" and config.structure == "unstructured" and config.schedule.final_amount is None:
-        from .calibration import resolve_method
+        from .prune.calibration import resolve_method
 
         # said before the first epoch, so a user whose train and val overlap learns it now, not after training
         LOGGER.info("yolo_prune_plugin: method %s", resolve_method(config.method, data, config.calibration.images,
                                                                    config.calibration.allow_overlap)[1])
-    from .recovery import check_recovery
+    from .training.finetune import check_recovery
 
     check_recovery(config, opt)
     if config.structure == "channel" and config.schedule.final_amount is not None:
-        from .channel_schedule import check_channel_schedule
+        from .training.channel_schedule import check_channel_schedule
 
         check_channel_schedule(config, opt)
 
@@ -146,8 +147,9 @@ def run_training(opt: argparse.Namespace, config: Optional[PruneConfig], backend
                  callbacks: Any = None) -> PrunePlugin | None:
     """Preflight, :func:`register` and run ``train.main`` with a fresh ``Callbacks`` (never 7.0.14's shared default).
 
-    The same ``register`` as the README's three-line path; YOLOv5 runs inside :func:`~yolo_prune_plugin.adapter.
-    driving_yolov5`, whose patches are undone when ``train.main`` returns or raises.
+    The same ``register`` as the README's three-line path; YOLOv5 runs inside
+    :func:`~yolo_prune_plugin.backend.patches.driving_yolov5`, whose patches are undone when ``train.main``
+    returns or raises.
     """
     callbacks = callbacks if callbacks is not None else backend.Callbacks()
     plugin = None
@@ -169,7 +171,7 @@ def _architecture_of(opt: argparse.Namespace, backend: Backend) -> Any:
     w = str(getattr(opt, "weights", "") or "")
     if getattr(opt, "resume", False) or not w.endswith(".pt") or not Path(w).is_file():
         return nullcontext()
-    from .adapter import is_channel_pruned, keep_checkpoint_architecture
+    from .backend.training_loop import is_channel_pruned, keep_checkpoint_architecture
 
     ckpt = load_checkpoint(w, backend)
     if not is_channel_pruned(ckpt.get("ema") or ckpt["model"], backend):

@@ -1,7 +1,7 @@
 """YOLOv5 ``Callbacks`` integration: one :func:`register` for every mode (rank -1/0 only works).
 
 Thin hooks: one-shot and fine-tune prune at ``on_train_end`` through :func:`yolo_prune_plugin.pipeline.run`;
-schedule mode also drives :class:`~yolo_prune_plugin.recovery.GradualPruning` during training. A failure inside
+schedule mode also drives :class:`~yolo_prune_plugin.training.schedule.GradualPruning` during training. A failure inside
 a hook is logged with the command to retry and recorded on the plugin; it never raises into YOLOv5, so
 ``best.pt``/``last.pt`` and the run's other outputs stay as training left them.
 """
@@ -15,12 +15,13 @@ import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from .adapter import Backend, backend_of_callbacks, driving_yolov5, get_backend, load_checkpoint
+from .backend.evaluation import Metrics
+from .backend.loading import Backend, backend_of_callbacks, get_backend, load_checkpoint
+from .backend.patches import driving_yolov5
 from .config import PruneConfig, load_config
 from .errors import PruneError
-from .evaluation import Metrics
-from .loggers import find_yolo_loggers
 from .report import ReportEntry
+from .tools.loggers import find_yolo_loggers
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 HOOK_NAME = "yolo_prune_plugin"
@@ -41,12 +42,13 @@ class PrunePlugin:
     """The config, the hooks and the outcome of pruning one training run (any mode)."""
 
     def __init__(self, config: Optional[PruneConfig] = None, opt: Any = None, backend: Optional[Backend] = None):
-        from .recovery import GradualPruning, check_recovery
+        from .training.finetune import check_recovery
+        from .training.schedule import GradualPruning
 
         self.config = config or load_config()
         check_recovery(self.config, opt)  # a mode that cannot run here is an error now, before any epoch
         if self.config.structure == "channel" and self.config.schedule.final_amount is not None:
-            from .channel_schedule import check_channel_schedule
+            from .training.channel_schedule import check_channel_schedule
 
             check_channel_schedule(self.config, opt)
         self.opt = opt
@@ -65,7 +67,7 @@ class PrunePlugin:
         self._scoped = False
         self.gradual = None
         if self.mode == "schedule":
-            from .channel_schedule import ChannelSchedule
+            from .training.channel_schedule import ChannelSchedule
 
             self.gradual = (ChannelSchedule if self.config.structure == "channel" else GradualPruning)(self.config,
                                                                                                      self.backend)
@@ -193,7 +195,7 @@ class PrunePlugin:
                         self.history = self.entries[-1].finetune["history"]
             sweep = None
             if self.config.sweep.amounts:
-                from .sweep import run_sweep
+                from .tools.sweep import run_sweep
 
                 sw = run_sweep(files[0], ctx.settings.data, self.config.sweep.amounts, self.config.sweep.methods,
                                out=best.parent.parent / "sweep", config=self.config, settings=ctx.settings,

@@ -174,7 +174,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         with sigterm_as_interrupt(), contextlib.ExitStack() as scope:
             early_checks(ns, rest)  # the user's own paths and device, before torch/YOLOv5 are imported
             if ns.trust_checkpoint:
-                from .adapter import trusted_loading
+                from .backend.loading import trusted_loading
 
                 LOGGER.warning("yolo_prune_plugin: --trust-checkpoint: loading checkpoints WITHOUT the class "
                                "allow-list")
@@ -232,7 +232,7 @@ def early_checks(ns: argparse.Namespace, rest: list[str]) -> None:
     Paths (``--weights``, ``--data``, the config YAML) are checked with the standard library only; the
     device check imports torch but not YOLOv5.
     """
-    from .checks import check_device, check_file_path, check_user_paths
+    from .backend.checks import check_device, check_file_path, check_user_paths
 
     cmd = ns.command
     if cmd == "train":
@@ -257,8 +257,8 @@ def early_checks(ns: argparse.Namespace, rest: list[str]) -> None:
 
 
 def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
-    from .adapter import get_backend
     from .api import run_training, train_opt
+    from .backend.loading import get_backend
 
     config = _config_from_args(ns, "prune-")  # validated before YOLOv5 is even imported
     backend = get_backend(ns.yolov5_dir)
@@ -273,8 +273,8 @@ def _cmd_train(ns: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_prune(ns: argparse.Namespace, rest: list[str]) -> int:
-    from .adapter import get_backend
     from .api import prune
+    from .backend.loading import get_backend
 
     config = _config_from_args(ns, "")
     get_backend(ns.yolov5_dir)
@@ -284,8 +284,8 @@ def _cmd_prune(ns: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
-    from .adapter import get_backend
-    from .export import check_export_requirements, export_and_verify
+    from .backend.export import check_export_requirements, export_and_verify
+    from .backend.loading import get_backend
 
     formats = [f.strip().lower() for f in ns.include.split(",") if f.strip()]
     get_backend(ns.yolov5_dir)
@@ -304,8 +304,9 @@ def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_sweep(ns: argparse.Namespace, rest: list[str]) -> int:
-    from .adapter import driving_yolov5, get_backend
-    from .sweep import run_sweep
+    from .backend.loading import get_backend
+    from .backend.patches import driving_yolov5
+    from .tools.sweep import run_sweep
 
     with driving_yolov5(get_backend(ns.yolov5_dir)):
         run_sweep(ns.weights, ns.data, amounts=ns.amounts, methods=ns.methods, imgsz=ns.imgsz,
@@ -315,8 +316,8 @@ def _cmd_sweep(ns: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_bench(ns: argparse.Namespace, rest: list[str]) -> int:
-    from .adapter import get_backend
-    from .bench import bench_files, format_bench_table
+    from .backend.loading import get_backend
+    from .tools.bench import bench_files, format_bench_table
 
     get_backend(ns.yolov5_dir)
     backends = [x.strip() for x in ns.backends.split(",") if x.strip()]
@@ -324,7 +325,7 @@ def _cmd_bench(ns: argparse.Namespace, rest: list[str]) -> int:
                        warmup=ns.warmup, backends=backends, progress=True, device=ns.device)
     print(format_bench_table(rows))
     if ns.json:
-        from .report import write_json
+        from .utils.files import write_json
 
         write_json({"bench": rows}, Path(ns.json))
     return 0

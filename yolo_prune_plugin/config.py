@@ -1,6 +1,5 @@
 """Typed, frozen configuration: loaded from YAML, overridden by flags, validated before training starts.
 
-(Over 400 lines: every option class and its validation, with the error messages users see, live together.)
 """
 
 from __future__ import annotations
@@ -14,8 +13,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from .errors import ConfigError
-from .registry import (CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions, ObsOptions,
-                       data_aware_names, method_names)
+from .prune.registry import (CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions, ObsOptions,
+                             data_aware_names, method_names)
 
 #: Methods selectable by ``method`` (read from the registry); the data-aware ones calibrate on train images.
 METHODS = method_names()

@@ -6,10 +6,10 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from .adapter import get_backend
 from .api import run_training, train_opt
+from .backend.loading import get_backend
 from .config import load_config
-from .synthetic import DEMO, make_dataset
+from .tools.synthetic import DEMO, make_dataset
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -55,7 +55,7 @@ DEMO_SWEEP_AMOUNTS = (0.3, 0.5, 0.7)
 def demo_sweep(weights: str | Path, data: str | Path, imgsz: int, device: str = "", out: str | Path | None = None,
                amounts: tuple = DEMO_SWEEP_AMOUNTS, backend: Optional[object] = None) -> dict:
     """Sweep the demo's trained model over ``amounts`` (global magnitude), print the table and the plot's path."""
-    from .sweep import run_sweep
+    from .tools.sweep import run_sweep
 
     result = run_sweep(weights, data, amounts=list(amounts), methods="global", imgsz=imgsz, batch_size=32,
                        device=device or "cpu", workers=0, out=out, backend=backend, echo=LOGGER.info)

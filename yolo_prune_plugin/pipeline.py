@@ -24,15 +24,16 @@ import torch
 import torch.nn as nn
 
 from ._version import __version__
-from .adapter import Backend, load_checkpoint
+from .backend.evaluation import EvalSettings, Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
+from .backend.loading import Backend, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_equal, data_free_method
-from .dense_reference import ReferenceModel
-from .registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .errors import OutputExistsError, PruneError
-from .evaluation import EvalSettings, Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
-from .loggers import log_results
-from .pruning import conv_layers, prune_model, sparsity_stats
-from .report import ReportEntry, atomic_path, print_report, write_json
+from .prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
+from .prune.unstructured import conv_layers, prune_model, sparsity_stats
+from .report import ReportEntry, print_report
+from .tools.loggers import log_results
+from .training.dense_reference import ReferenceModel
+from .utils.files import atomic_path, write_json
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 REPORT_NAME = "prune_report.json"
@@ -140,7 +141,8 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
     done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
                                                                               config.exclude)).to_dict(per_layer=False)}
     if config.structure == "channel":
-        from .structured import channel_prune, load_calibration_batch
+        from .prune.calibration import load_calibration_batch
+        from .prune.channel import channel_prune
 
         imp = config.channel.importance
         calibration = None
@@ -154,7 +156,7 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
                             cost_aware=config.channel.cost_aware)
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
-        from .calibration import load_calibration_images, resolve_method
+        from .prune.calibration import load_calibration_images, resolve_method
 
         calibration = None
         method, why = resolve_method(config.method, ctx.settings.data if ctx.settings else None,
@@ -171,8 +173,8 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         done.update(seconds=round(result.seconds, 3), details=details, method=method)
     n = config.bn_recalibration.count(config.structure)
     if n:
-        from .calibration import load_calibration_images
-        from .recalibration import recalibrate_bn
+        from .prune.bn_recalibration import recalibrate_bn
+        from .prune.calibration import load_calibration_images
 
         data = _calibration_data(ctx, "bn_recalibration")
         images = load_calibration_images(data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size,
@@ -193,7 +195,8 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
                    ctx: RunContext) -> tuple[dict, nn.Module, Optional[Metrics]]:
     """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held; the fine-tuned checkpoint,
     its model, and YOLOv5's final validation of it when that equals ours (same weights, same settings)."""
-    from .recovery import count_leaks, count_masked, finetune_checkpoint, zero_masks
+    from .training.finetune import finetune_checkpoint
+    from .training.masks import count_leaks, count_masked, zero_masks
 
     ft_cfg = config.finetune
     run_dir = Path(entry.checkpoint).parent.parent
@@ -299,17 +302,17 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
 
     _save(out, ckpt, model, dtype, entry, config, ctx, evaluate_after=reused is None, reused=reused)
     if config.export:
-        from .export import export_and_verify
+        from .backend.export import export_and_verify
 
         o = config.export_options
         arts = export_and_verify(out, config.export, imgsz=ctx.imgsz, device=ctx.export_device, half=o.half,
                                  dynamic=o.dynamic, simplify=o.simplify, opset=o.opset, atol=o.atol, overwrite=True)
         entry.exports = [a.to_dict() for a in arts]
     if config.bench:
-        from .bench import bench_files
+        from .tools.bench import bench_files
 
         if mode == "schedule" and reference is None:  # source is pruned: bench the dense architecture
-            from .dense_reference import rebuild_dense
+            from .training.dense_reference import rebuild_dense
 
             reference = rebuild_dense(source_model(ckpt), ctx.backend)
         with _reference_file(reference, ckpt, dtype) as ref:

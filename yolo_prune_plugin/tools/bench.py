@@ -20,9 +20,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .adapter import export_patches, get_backend, load_checkpoint
-from .checks import check_device
-from .errors import ConfigError, ExportError
+from ..backend.checks import check_device
+from ..backend.loading import get_backend, load_checkpoint
+from ..backend.patches import export_patches
+from ..errors import ConfigError, ExportError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -61,8 +62,8 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
     synchronised before each time is taken); ONNX Runtime always runs on the CPU. Raises :class:`ConfigError` for
     bad arguments or a missing onnxruntime.
     """
-    from .export import load_export_model
-    from .structured import gflops
+    from ..backend.artifacts import load_export_model
+    from ..prune.channel import gflops
 
     files = [Path(f).expanduser().resolve() for f in files]
     if not files:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
-from .errors import ConfigError
+from ..errors import ConfigError
 from .importance import Layers, l1_scores, lamp_scores
 from .registry import get_method
 
@@ -170,7 +170,7 @@ def apply_masks(layers: Layers, masks: Sequence[torch.Tensor]) -> None:
 
 def _data_aware_masks(model: nn.Module, layers: Layers, amount: float, calibration: Any,
                       options: Any) -> tuple[list[torch.Tensor], dict]:
-    from .methods import obs_prune  # the data-aware importance (imports this module's helpers, never the reverse)
+    from .obs import obs_prune  # the data-aware importance (imports this module's helpers, never the reverse)
 
     return obs_prune(model, layers, amount, calibration, options=options)
 
@@ -186,7 +186,7 @@ def prune_model(model: nn.Module, amount: float, method: str = "global", include
                 options: Any = None) -> PruneResult:
     """Prune the Conv2d weights of ``model`` in place to ``amount`` sparsity.
 
-    ``method`` names a :data:`~yolo_prune_plugin.registry.METHODS` entry: its ``scope`` (``global``: one
+    ``method`` names a :data:`~yolo_prune_plugin.prune.registry.METHODS` entry: its ``scope`` (``global``: one
     threshold over all weights in scope; ``layer``: ``amount`` of each layer, as YOLOv5's
     ``utils.torch_utils.prune``) and its ``importance`` (``l1``, ``lamp``, or the data-aware ``obs``, which
     needs ``calibration`` images and also updates the kept weights; ``options`` are its options dataclass).

@@ -23,13 +23,20 @@ import logging
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional
 
-from .report import atomic_write_text
+from ..utils.files import atomic_write_text
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
+
 CSV_NAME = "prune_results.csv"
+
+
 EVENTS_SUFFIX = ".yolo_prune"
+
+
 METRICS = ("P", "R", "mAP50", "mAP50-95")
+
+
 CSV_FIELDS = ("checkpoint", "output", "method", "amount", "sparsity_before", "sparsity_after",
               *(f"{m}_{s}" for m in METRICS for s in ("before", "after")), "nonzero_before", "nonzero_after")
 
@@ -194,53 +201,3 @@ def log_results(save_dir: str | Path, entries: Iterable[Mapping[str, Any]],
         scalars.update(entry_scalars(e))
     out["trackers"] = send_to_trackers(yolo_loggers, scalars)
     return out
-
-
-#: ``1``: always show progress bars; ``0``: never; unset: on a terminal only.
-PROGRESS_ENV = "YOLO_PRUNE_PROGRESS"
-
-
-def progress(iterable: Optional[Iterable[Any]] = None, desc: str = "", total: Optional[int] = None,
-             disable: Optional[bool] = None) -> Any:
-    """A tqdm bar in YOLOv5's style (its ``TQDM_BAR_FORMAT`` when YOLOv5 is loaded), on stderr.
-
-    ``disable=None`` (default) shows it only on a terminal, as tqdm does, so logs and CI output stay clean;
-    ``YOLO_PRUNE_PROGRESS=1`` always shows it, ``=0`` never. Without tqdm, returns a stand-in with the same
-    ``update``/``close``/iteration API.
-    """
-    import os
-    import sys
-
-    env = os.environ.get(PROGRESS_ENV, "").strip().lower()
-    if disable is None and env in ("0", "1", "true", "false", "yes", "no"):
-        disable = env in ("0", "false", "no")
-
-    fmt = None
-    for name in ("yolov5.utils.general", "utils.general"):
-        fmt = getattr(sys.modules.get(name), "TQDM_BAR_FORMAT", None) or fmt
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoBar(iterable)
-    kwargs: dict[str, Any] = {"desc": desc, "total": total, "disable": disable, "file": sys.stderr,
-                              "leave": False}
-    if fmt:
-        kwargs["bar_format"] = fmt
-    return tqdm(iterable, **kwargs)
-
-
-class _NoBar:
-    def __init__(self, iterable: Optional[Iterable[Any]] = None):
-        self.iterable = iterable
-
-    def __iter__(self):
-        return iter(self.iterable or ())
-
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, s: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

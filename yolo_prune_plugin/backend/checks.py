@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from .errors import CheckpointError, ConfigError
+from ..errors import CheckpointError, ConfigError
 
 # names YOLOv5 downloads from its release assets when not found locally (train/prune accept them as-is)
 RELEASE_WEIGHTS = re.compile(r"^yolov5[nsmlx]6?(-seg|-cls)?\.pt$")

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .errors import PruneError
+from ..errors import PruneError
 
 #: Class names, in label-id order.
 CLASSES: tuple[str, ...] = ("circle", "rectangle", "triangle")
@@ -64,7 +64,7 @@ class Preset:
                         yolov5_root: str | Path | None = None) -> dict[str, Any]:
         """Attributes to set on ``b.train.parse_opt(True)`` to train this preset on CPU, all paths absolute."""
         if yolov5_root is None:
-            from .adapter import get_backend
+            from ..backend.loading import get_backend
 
             yolov5_root = get_backend().root
         root = Path(yolov5_root).resolve()
@@ -216,7 +216,7 @@ def _label_text(boxes: list[Box], s: int) -> str:
 
 def _write_yaml(root: Path) -> Path:
     names = "\n".join(f"  {i}: {n}" for i, n in enumerate(CLASSES))
-    text = (f"# synthetic shapes dataset written by yolo_prune_plugin.synthetic\n"
+    text = (f"# synthetic shapes dataset written by yolo_prune_plugin.tools.synthetic\n"
             f"path: {json.dumps(str(root))}\ntrain: images/train\nval: images/val\n"
             f"nc: {len(CLASSES)}\nnames:\n{names}\n")
     path = root / "data.yaml"

@@ -12,9 +12,11 @@ from pathlib import Path
 from typing import Any, Mapping, Union
 
 import torch
+import torch.nn as nn
 
-from .adapter import driving_yolov5, get_backend
-from .errors import ConfigError
+from ..backend.loading import get_backend
+from ..backend.patches import driving_yolov5
+from ..errors import ConfigError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -42,7 +44,7 @@ def check_disjoint(data: DataSpec, calibration_split: str = "train", evaluation_
     Files are compared by resolved path (folders are listed, ``.txt`` lists read). A missing evaluation
     split is not an overlap.
     """
-    from .heldout import image_files
+    from ..backend.data import image_files
 
     cal, where = _split(data, calibration_split)
     ev, _ = _split(data, evaluation_split)
@@ -57,7 +59,7 @@ def check_disjoint(data: DataSpec, calibration_split: str = "train", evaluation_
         raise ConfigError(
             f"{where}: calibration split '{calibration_split}' and evaluation split '{evaluation_split}' share "
             f"{len(shared)} image file(s) (e.g. {first}); accuracy measured on images the pruner calibrated on "
-            "is optimistic. Use disjoint splits (yolo_prune_plugin.heldout.split_data_yaml writes one) or set "
+            "is optimistic. Use disjoint splits (yolo_prune_plugin.tools.heldout.split_data_yaml writes one) or set "
             "calibration.allow_overlap: true to accept it knowingly")
 
 
@@ -152,3 +154,103 @@ def resolve_method(method: str, data: DataSpec | None, images: int = 16,
 
 
 __all__ = ["load_calibration_images", "check_disjoint", "resolve_method"]
+
+
+# --------------------------------------------------------------------------------------------------
+# calibration data with labels (for Taylor importance)
+# --------------------------------------------------------------------------------------------------
+def load_calibration_batch(data: Any, imgsz: int, n: int = 16, seed: int = 0,
+                           allow_overlap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` train-split images ``(N,3,imgsz,imgsz)`` in [0,1] and their YOLOv5 targets ``(M,6)``.
+
+    Same draw (seeded permutation), letterbox and train/val overlap check (unless ``allow_overlap``) as
+    :func:`calibration.load_calibration_images`; the targets are in the format YOLOv5's ``ComputeLoss`` takes
+    (``image index, class, x, y, w, h`` normalised).
+    """
+    from ..backend.loading import get_backend
+    from .calibration import _train_split, check_disjoint
+
+    if n < 1:
+        raise ConfigError(f"calibration.images must be >= 1, got {n}")
+    if not allow_overlap:
+        check_disjoint(data)
+    train, where = _train_split(data)
+    b = get_backend()
+    dl = importlib.import_module(b.prefix + "utils.dataloaders")
+    imgsz = int(b.general.check_img_size(imgsz, 32))
+    try:
+        ds = dl.LoadImagesAndLabels(train, imgsz, batch_size=1, augment=False, rect=False, stride=32, pad=0.0,
+                                    prefix="calibration: ", workers=0)
+    except Exception as e:  # noqa: BLE001
+        raise ConfigError(f"{where}: train split {train} has no images for calibration "
+                          f"({str(e).splitlines()[0]})") from None
+    if len(ds) == 0:
+        raise ConfigError(f"{where}: train split {train} has no images for calibration")
+    g = torch.Generator().manual_seed(int(seed))
+    order = torch.randperm(len(ds), generator=g)[: min(n, len(ds))].tolist()
+    ims, targets = [], []
+    for j, i in enumerate(order):
+        im, labels = ds[i][0], ds[i][1]
+        ims.append(im.float() / 255.0)
+        labels = labels.clone()
+        labels[:, 0] = j
+        targets.append(labels)
+    return torch.stack(ims), torch.cat(targets) if targets else torch.zeros((0, 6))
+
+
+def _default_hyp() -> dict:
+    import yaml
+
+    from ..backend.loading import get_backend
+
+    path = Path(get_backend().root) / "data" / "hyps" / "hyp.scratch-low.yaml"
+    return dict(yaml.safe_load(path.read_text(encoding="utf-8")))
+
+
+def accumulate_loss_gradients(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                              batch_size: int = 8) -> float:
+    """Fill ``.grad`` of every parameter with the gradient of YOLOv5's own training loss on the batch.
+
+    BatchNorm runs in train mode (as in training) but its running statistics are restored afterwards; no
+    weight changes. Returns the mean loss.
+    """
+    from ..backend.loading import get_backend
+
+    b = get_backend()
+    loss_mod = importlib.import_module(b.prefix + "utils.loss")
+    det = model.model[-1]
+    hyp = dict(getattr(model, "hyp", None) or _default_hyp())
+    nl, nc = int(det.nl), int(det.nc)
+    imgsz = int(images.shape[-1])
+    hyp["box"] = float(hyp["box"]) * 3 / nl  # the scaling train.py applies
+    hyp["cls"] = float(hyp["cls"]) * nc / 80 * 3 / nl
+    hyp["obj"] = float(hyp["obj"]) * (imgsz / 640) ** 2 * 3 / nl
+    old_hyp = getattr(model, "hyp", None)
+    model.hyp = hyp
+    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
+    was_training = model.training
+    p0 = next(model.parameters())
+    total, n = 0.0, 0
+    try:
+        compute_loss = loss_mod.ComputeLoss(model)
+        model.train()
+        for p in model.parameters():
+            p.requires_grad_(True)
+            p.grad = None
+        for i in range(0, len(images), batch_size):
+            x = images[i:i + batch_size].to(p0.device, p0.dtype)
+            t = targets[(targets[:, 0] >= i) & (targets[:, 0] < i + batch_size)].clone()
+            t[:, 0] -= i
+            loss, _ = compute_loss(model(x), t.to(p0.device))
+            loss.backward()
+            total += float(loss.detach())
+            n += 1
+    finally:
+        model.load_state_dict({**model.state_dict(), **buffers})
+        model.train(was_training)
+        if old_hyp is None:
+            del model.hyp
+        else:
+            model.hyp = old_hyp
+    return total / max(n, 1)
+

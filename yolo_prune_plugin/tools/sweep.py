@@ -19,15 +19,15 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from . import __version__
-from .adapter import Backend, get_backend, load_checkpoint
-from .checks import check_device, check_model_matches_data
-from .config import DATA_AWARE_METHODS, PruneConfig, config_from_dict
-from .errors import ConfigError
-from .evaluation import EvalSettings, evaluate, make_dataloader, make_settings
-from .loggers import progress
-from .pruning import check_scope, prune_model
-from .report import atomic_path, atomic_write_text, write_json
+from .. import __version__
+from ..backend.checks import check_device, check_model_matches_data
+from ..backend.evaluation import EvalSettings, evaluate, make_dataloader, make_settings
+from ..backend.loading import Backend, get_backend, load_checkpoint
+from ..config import DATA_AWARE_METHODS, PruneConfig, config_from_dict
+from ..errors import ConfigError
+from ..prune.unstructured import check_scope, prune_model
+from ..utils.files import atomic_path, atomic_write_text, write_json
+from ..utils.progress import progress
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 CSV_FIELDS = ("method", "amount", "sparsity", "P", "R", "mAP50", "mAP50-95", "retention", "prune_s", "eval_s")
@@ -81,7 +81,7 @@ def sweep_model(src: torch.nn.Module, settings: EvalSettings, amounts: Sequence[
     batches = _batches(settings, stride, backend)
     calibration = None
     if any(m in DATA_AWARE_METHODS for m in methods):
-        from .calibration import load_calibration_images
+        from ..prune.calibration import load_calibration_images
 
         c = config.calibration
         calibration = load_calibration_images(settings.data, settings.imgsz, n=c.images, batch_size=c.batch_size,

@@ -1,13 +1,13 @@
 """The dense reference of a schedule run: what its report compares the pruned model with.
 
-In schedule mode (:class:`~yolo_prune_plugin.recovery.GradualPruning`, :class:`~yolo_prune_plugin.channel_schedule.
-ChannelSchedule`) the file the pipeline starts from (``last.pt``) is already pruned, so neither the "before"
-metrics nor the ``bench: true`` baseline may come from it. :class:`DenseReference` (one per schedule, shared by
+In schedule mode (:class:`~yolo_prune_plugin.training.schedule.GradualPruning`,
+:class:`~yolo_prune_plugin.training.channel_schedule.ChannelSchedule`) the file the pipeline starts from
+(``last.pt``) is already pruned, so neither the "before" metrics nor the ``bench: true`` baseline may come from it. :class:`DenseReference` (one per schedule, shared by
 both) holds, in this order of preference:
 
 * **"before" metrics**: YOLOv5's own validation of the last epoch trained dense (unstructured: no zeros yet;
   channel: full width), from the training history; the epoch before the first one a schedule step prunes
-  (:func:`~yolo_prune_plugin.recovery.first_pruned_epoch`; the cubic target of ``start_epoch`` is 0).
+  (:func:`~yolo_prune_plugin.training.schedule.first_pruned_epoch`; the cubic target of ``start_epoch`` is 0).
 * when no such epoch was trained in this process (``start_epoch == end_epoch`` prunes at the first epoch, or a
   resumed run): the plugin's own validation of the **dense starting weights**, a CPU snapshot of YOLOv5's live
   model taken at ``on_train_start`` before any step (:meth:`DenseReference.capture`);
@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import torch.nn as nn
 
-from .evaluation import Metrics
+from ..backend.evaluation import Metrics
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -63,7 +63,7 @@ class DenseBefore:
 class DenseReference:
     """The dense starting weights of a schedule run and the choice of its "before" metrics (see module doc).
 
-    ``first_pruned``: the first epoch that trains pruned (:func:`~yolo_prune_plugin.recovery.first_pruned_epoch`).
+    ``first_pruned``: the first epoch that trains pruned (:func:`~yolo_prune_plugin.training.schedule.first_pruned_epoch`).
     """
 
     def __init__(self, first_pruned: int):

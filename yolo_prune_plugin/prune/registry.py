@@ -3,7 +3,7 @@
 A method is a pair in the manner of Torch-Pruning's ``importance=`` + ``global_pruning=``: ``scope`` is
 ``global`` (one threshold over every Conv2d weight in scope) or ``layer`` (``amount`` of every layer);
 ``importance`` names the score (``l1``, ``lamp``, ``obs``). The implementations are bound to the importance
-names in :mod:`yolo_prune_plugin.pruning`; this module stays free of torch so the config can validate
+names in :mod:`yolo_prune_plugin.prune.unstructured`; this module stays free of torch so the config can validate
 method names and options without importing anything heavy.
 """
 
@@ -16,13 +16,13 @@ __all__ = ["MethodSpec", "ObsOptions", "OBS_ALLOCATIONS", "STRUCTURES", "CHANNEL
            "DATA_AWARE_CHANNEL_IMPORTANCES", "ChannelOptions", "METHODS", "method_names", "data_aware_names", "get_method"]
 
 
-#: per-layer count allocations of ``obs`` (see :func:`yolo_prune_plugin.methods.layer_counts`)
+#: per-layer count allocations of ``obs`` (see :func:`yolo_prune_plugin.prune.allocation.layer_counts`)
 OBS_ALLOCATIONS = ("global", "lamp", "uniform", "hessian")
 
 
 @dataclass(frozen=True)
 class ObsOptions:
-    """Knobs of the ``obs`` importance (defaults: the best measured, see :mod:`yolo_prune_plugin.methods`)."""
+    """Knobs of the ``obs`` importance (defaults: the best measured, see :mod:`yolo_prune_plugin.prune.obs`)."""
 
     blocksize: int = 128  # columns per lazy OBS update block (speed only when mask_block == 0)
     mask_block: Optional[int] = 0  # columns per mask-selection block (0: whole layer; None: = blocksize)

@@ -27,7 +27,7 @@ def recalibrate_bn(model: nn.Module, images: torch.Tensor | Iterable[torch.Tenso
     """Reset and re-estimate the BatchNorm running statistics of ``model`` from ``images`` (in place).
 
     ``images``: a float tensor ``(N, 3, H, W)`` in [0, 1] (e.g. from
-    :func:`yolo_prune_plugin.calibration.load_calibration_images`) or an iterable of such batches.
+    :func:`yolo_prune_plugin.prune.calibration.load_calibration_images`) or an iterable of such batches.
     The model's train/eval mode and every momentum are restored afterwards. Returns a summary dict
     (``layers``, ``images``, ``seconds``).
     """

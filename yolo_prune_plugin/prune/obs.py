@@ -1,7 +1,5 @@
 """Data-aware one-shot pruning: SparseGPT-style layer-wise reconstruction (``method: obs``).
 
-(Over 400 lines: the OBS algorithm, its per-layer allocation and its calibration pass are one method.)
-
 Every Conv2d in scope is treated as a linear layer on its im2col inputs, ``Y = W X`` with ``W`` of shape
 ``(out, in*kh*kw)``. Layers are pruned one at a time in execution order during a single forward pass of
 the calibration images, so each layer's Hessian ``H = X X^T`` is built from the inputs the already-pruned
@@ -42,109 +40,28 @@ padding-free calibration images (filled letterbox or centre crops: 0.863), per-l
 reconstruction error (0.842 / corn-pest 70 % 0.743), distilling the dense model's outputs into the pruned one
 on the calibration images (0.82-0.85).
 
-Entry point: :func:`obs_prune`, bound to the ``obs`` importance by :data:`yolo_prune_plugin.pruning.DATA_AWARE`.
+Entry point: :func:`obs_prune`, bound to the ``obs`` importance by :data:`yolo_prune_plugin.prune.unstructured.DATA_AWARE`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import logging
-import math
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import ConfigError
-from .importance import Layers, l1_scores, lamp_scores
-from .registry import OBS_ALLOCATIONS, ObsOptions
+from ..errors import ConfigError
+from .allocation import _fit_counts, layer_counts
+from .importance import Layers
+from .registry import ObsOptions
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
-ALLOCATIONS = OBS_ALLOCATIONS
 
-
-# ---------------------------------------------------------------------------------------------------
-# per-layer counts
-# ---------------------------------------------------------------------------------------------------
-def _fit_counts(target: Sequence[float], lower: Sequence[int], upper: Sequence[int], total: int) -> list[int]:
-    """Integers within ``[lower, upper]`` summing to ``total``, close to ``target`` (largest remainders)."""
-    n = len(target)
-    counts = [min(max(int(math.floor(t)), lo), up) for t, lo, up in zip(target, lower, upper)]
-    diff = total - sum(counts)
-    # hand out (or take back) one at a time, preferring the largest remainder (smallest when taking)
-    order = sorted(range(n), key=lambda i: target[i] - counts[i], reverse=diff > 0)
-    while diff != 0:
-        moved = False
-        for i in order:
-            if diff > 0 and counts[i] < upper[i]:
-                counts[i] += 1
-                diff -= 1
-                moved = True
-            elif diff < 0 and counts[i] > lower[i]:
-                counts[i] -= 1
-                diff += 1
-                moved = True
-            if diff == 0:
-                break
-        if not moved:
-            raise ValueError("per-layer bounds cannot meet the total")  # only on contradictory bounds
-    return counts
-
-
-def _global_counts(scores: Sequence[torch.Tensor], k: int) -> list[int]:
-    """How many of the ``k`` lowest scores over all tensors fall in each tensor (ties: earlier first)."""
-    if k == 0:
-        return [0] * len(scores)
-    flat = torch.cat([s.detach().flatten().float().cpu() for s in scores])
-    idx = torch.argsort(flat, stable=True)[:k]
-    owner = torch.repeat_interleave(torch.arange(len(scores)), torch.tensor([s.numel() for s in scores]))
-    return torch.bincount(owner[idx], minlength=len(scores)).tolist()
-
-
-def layer_counts(layers: Layers, amount: float, allocation: str = "global", protect: Sequence[str] = (),
-                 scores: Optional[Sequence[torch.Tensor]] = None) -> list[int]:
-    """Weights to zero in each layer; the sum is exactly ``round(amount * total)``.
-
-    ``global``: the counts of one magnitude threshold over all layers; ``lamp``: of one LAMP threshold;
-    ``uniform``: ``amount`` of every layer; ``hessian``: of one threshold over ``scores`` (see
-    :func:`_hessian_scores`). Layers matching ``protect`` get 0 and the others take their share
-    (capped at all-but-one weight per layer). Weights that are already exactly zero always count as pruned.
-    """
-    if allocation not in ALLOCATIONS:
-        raise ConfigError(f"obs allocation must be one of {', '.join(ALLOCATIONS)}; got {allocation!r}")
-    sizes = [m.weight.numel() for _, m in layers]
-    total = sum(sizes)
-    k = int(round(amount * total))
-    zeros = [int((m.weight == 0).sum()) for _, m in layers]
-    prot = [any(fnmatch.fnmatchcase(n, p) for p in protect) for n, _ in layers]
-    free = [i for i in range(len(layers)) if not prot[i]]
-    if not free:
-        raise ConfigError("obs: 'protect' patterns leave no layer to prune")
-    sub = [layers[i] for i in free]
-    if allocation == "uniform":
-        share = k / sum(sizes[i] for i in free)
-        target = [share * sizes[i] for i in free]
-    else:
-        if allocation == "hessian":
-            if scores is None:
-                raise ConfigError("obs: allocation 'hessian' needs per-weight scores")
-            scores = [scores[i] for i in free]
-        else:
-            scores = l1_scores(sub) if allocation == "global" else lamp_scores(sub)
-        target = [float(c) for c in _global_counts(scores, k)]
-    lower = [min(zeros[i], sizes[i] - 1) for i in free]
-    upper = [max(sizes[i] - 1, lower[j]) for j, i in enumerate(free)]
-    if k > sum(upper):
-        raise ConfigError(f"obs: cannot zero {k} weights while leaving one weight in every pruned layer")
-    sub_counts = _fit_counts(target, lower, upper, max(k, sum(lower)))
-    counts = [0] * len(layers)
-    for j, i in enumerate(free):
-        counts[i] = sub_counts[j]
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -361,7 +278,7 @@ def obs_prune(model: nn.Module, layers: Layers, amount: float, calibration: Any,
     string paddings fall back to magnitude within the layer.
 
     ``calibration``: float tensor ``(N, 3, H, W)`` in [0, 1] (see
-    :func:`yolo_prune_plugin.calibration.load_calibration_images`); with ``flip`` (default) the mirrored
+    :func:`yolo_prune_plugin.prune.calibration.load_calibration_images`); with ``flip`` (default) the mirrored
     images are added. Memory is that of one forward pass with batch size 2N. Knobs: :class:`ObsOptions`
     (``options`` or keyword overrides). With ``steps`` K > 1 the amount is reached gradually: K such
     passes at ``amount * i / K`` (i = 1..K), each on the model the previous one pruned and reconstructed
@@ -411,7 +328,7 @@ def _obs_pass(model: nn.Module, layers: Layers, amount: float, x: torch.Tensor,
     masks: dict[int, torch.Tensor] = {}
     report: dict[str, dict] = {}
     fallback: list[str] = []
-    from .loggers import progress
+    from ..utils.progress import progress
 
     bar = progress(desc="obs: pruning layers", total=len(layers))
 
@@ -460,7 +377,3 @@ def _obs_pass(model: nn.Module, layers: Layers, amount: float, x: torch.Tensor,
                 prune_one(m, None)
     bar.close()
     return [masks[id(m)] for _, m in layers], report, fallback
-
-
-__all__ = ["ObsOptions", "obs_prune", "sparsegpt_layer", "layer_hessian", "layer_counts", "supports_obs",
-           "ALLOCATIONS"]

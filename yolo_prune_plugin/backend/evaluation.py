@@ -5,16 +5,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Optional
 
 import torch
 import torch.nn as nn
 
-from .adapter import Backend, driving_yolov5, get_backend, no_nms_time_limit
-from .errors import ConfigError
+from ..errors import ConfigError
+from .loading import Backend, get_backend
+from .patches import driving_yolov5
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -26,7 +29,7 @@ class Metrics:
     map50: float
     map: float  # mAP50-95
     nms_timeouts: int = 0  # batches where YOLOv5's NMS hit its time limit (metrics then undercount)
-    nms_time_limit: str = "active"  # "lifted" when evaluated under adapter.no_nms_time_limit (reproducible)
+    nms_time_limit: str = "active"  # "lifted" when evaluated under no_nms_time_limit (reproducible)
 
     @classmethod
     def from_results(cls, results: Any, nms_timeouts: int = 0) -> "Metrics":
@@ -168,7 +171,7 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
 
     Uses the model-passed path of ``val.run`` that train.py uses for its final validation; outputs YOLOv5's
     validator writes (results.html) go to a temporary folder, never the run folder. YOLOv5's NMS time limit
-    is lifted (:class:`~yolo_prune_plugin.adapter.no_nms_time_limit`), so a busy CPU cannot drop detections;
+    is lifted (:class:`~yolo_prune_plugin.backend.evaluation.no_nms_time_limit`), so a busy CPU cannot drop detections;
     the metrics record ``nms_time_limit: lifted``.
     """
     backend = backend or get_backend()
@@ -202,3 +205,76 @@ def evaluate_weights(weights: str | Path, settings: EvalSettings, dataloader: An
     backend = backend or get_backend()
     model = backend.attempt_load(weights, settings.device)
     return evaluate(model, settings, dataloader, backend)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reproducible evaluation: YOLOv5's NMS time limit, lifted for the plugin's own validation
+# --------------------------------------------------------------------------------------------------
+class _FrozenClock:
+    """Stands in for the ``time`` module inside YOLOv5's NMS: ``time()`` does not advance."""
+
+    def __init__(self, real: ModuleType) -> None:
+        self._real = real
+        self._t = real.time()
+
+    def time(self) -> float:
+        return self._t
+
+    def __getattr__(self, name: str) -> Any:  # everything else is the real module
+        return getattr(self._real, name)
+
+
+def _nms_holders(backend: Backend) -> list[ModuleType]:
+    """Modules through which YOLOv5's validator reaches ``non_max_suppression`` (both spellings, if loaded)."""
+    names = [backend.val.__name__] + [p + "val" for p in ("", "yolov5.")]
+    return [m for m in dict.fromkeys(sys.modules.get(n) for n in names) if m is not None
+            and callable(getattr(m, "non_max_suppression", None))]
+
+
+class no_nms_time_limit:  # noqa: N801 - used like a function: ``with no_nms_time_limit(backend):``
+    """Context manager: YOLOv5's ``non_max_suppression`` never gives up on its time limit while inside.
+
+    YOLOv5's NMS (``utils/general.py``) stops after ``0.5 + 0.05 * batch`` seconds measured with
+    ``time.time()`` and silently drops the remaining images' detections, so on a slow or busy CPU the same
+    model scores differently from run to run. Inside this block the validator's ``non_max_suppression``
+    (``val.non_max_suppression`` under every loaded spelling) is wrapped: during each call the ``time``
+    module seen by the NMS function is replaced by a clock that does not advance, so the limit is never
+    reached. Everything is restored on exit; the NMS code and its results are otherwise YOLOv5's own.
+    Re-entrant (nested blocks leave the outer wrapping in place).
+    """
+
+    status = "lifted"  # what reports record as ``nms_time_limit``
+
+    def __init__(self, backend: Optional[Backend] = None) -> None:
+        self.backend = backend
+        self._undo: list[tuple[ModuleType, Any]] = []
+
+    def __enter__(self) -> "no_nms_time_limit":
+        backend = self.backend or get_backend()
+        for mod in _nms_holders(backend):
+            orig = mod.non_max_suppression
+            if getattr(orig, "_yolo_prune_no_limit", False):
+                continue
+
+            def nms(*args: Any, _orig: Any = orig, **kwargs: Any) -> Any:
+                g = _orig.__globals__
+                real = g.get("time")
+                if real is None or isinstance(real, _FrozenClock):
+                    return _orig(*args, **kwargs)
+                g["time"] = _FrozenClock(real)
+                try:
+                    return _orig(*args, **kwargs)
+                finally:
+                    g["time"] = real
+
+            nms._yolo_prune_no_limit = True  # type: ignore[attr-defined]
+            nms.__wrapped__ = orig  # type: ignore[attr-defined]
+            mod.non_max_suppression = nms
+            self._undo.append((mod, orig))
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for mod, orig in reversed(self._undo):
+            mod.non_max_suppression = orig
+        self._undo.clear()
+

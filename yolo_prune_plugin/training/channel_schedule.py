@@ -1,12 +1,12 @@
 """Channel pruning at the schedule's step epochs inside YOLOv5's own training loop (``structure: channel`` +
 ``schedule:``).
 
-:class:`ChannelSchedule` has the interface of :class:`~yolo_prune_plugin.recovery.GradualPruning` and is driven by
+:class:`ChannelSchedule` has the interface of :class:`~yolo_prune_plugin.training.schedule.GradualPruning` and is driven by
 the same hooks of :class:`~yolo_prune_plugin.callbacks.PrunePlugin`. At the start of every step epoch
-(:func:`~yolo_prune_plugin.recovery.is_step_epoch`) whole output channels are removed with
-:func:`~yolo_prune_plugin.structured.channel_prune` until the fraction of the in-scope Conv2d weights removed,
+(:func:`~yolo_prune_plugin.training.schedule.is_step_epoch`) whole output channels are removed with
+:func:`~yolo_prune_plugin.prune.channel.channel_prune` until the fraction of the in-scope Conv2d weights removed,
 measured against the **dense** model, is the cubic schedule's target for that epoch
-(:func:`~yolo_prune_plugin.recovery.schedule_amount`): steps do not compound, each step removes what is missing.
+(:func:`~yolo_prune_plugin.training.schedule.schedule_amount`): steps do not compound, each step removes what is missing.
 
 What one step does to YOLOv5's training objects (read from ``train()``'s frame at ``on_train_start``):
 
@@ -19,7 +19,7 @@ What one step does to YOLOv5's training objects (read from ``train()``'s frame a
   architecture and the same channels and ``ModelEMA.update`` goes on working. It is tried on a copy first: a
   step that fails (amount not reachable at ``round_to``) changes nothing, the error is reported at train end.
 * **Optimizer.** Torch-Pruning replaces every pruned ``weight``/``bias`` by a new ``nn.Parameter``; YOLOv5's
-  optimizer would keep updating the stale tensors. :func:`~yolo_prune_plugin.adapter.replace_optimizer_params`
+  optimizer would keep updating the stale tensors. :func:`~yolo_prune_plugin.backend.training_loop.replace_optimizer_params`
   swaps each one for its replacement in its own param group (``smart_optimizer``'s bias / decayed
   weight / BatchNorm weight groups) and drops its optimizer state: **momentum (SGD) and Adam moments restart** for the
   changed tensors, unchanged tensors keep theirs. ``requires_grad`` (``--freeze``) is carried over.
@@ -45,13 +45,14 @@ from typing import Any, Mapping, Optional
 import torch
 import torch.nn as nn
 
-from .adapter import Backend, load_checkpoint, replace_optimizer_params, training_objects
-from .config import PruneConfig
-from .errors import ConfigError, PruneError
-from .pruning import check_scope, conv_layers, count_parameters, sparsity_stats
+from ..backend.loading import Backend, load_checkpoint
+from ..backend.training_loop import replace_optimizer_params, training_objects
+from ..config import PruneConfig
+from ..errors import ConfigError, PruneError
+from ..prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
+from ..prune.unstructured import check_scope, conv_layers, count_parameters, sparsity_stats
 from .dense_reference import DenseReference
-from .recovery import first_pruned_epoch, history_row, is_step_epoch, offer_candidate, schedule_amount
-from .registry import DATA_AWARE_CHANNEL_IMPORTANCES
+from .schedule import first_pruned_epoch, history_row, is_step_epoch, offer_candidate, schedule_amount
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -80,7 +81,7 @@ def check_channel_schedule(config: PruneConfig, opt: Any = None) -> None:
 
 def _ignored(model: nn.Module, include: tuple, exclude: tuple) -> list[str]:
     """Conv names whose output channels stay: out of scope, and Detect's outputs (as channel_prune does)."""
-    from .structured import detect_output_convs
+    from ..prune.channel import detect_output_convs
 
     scope = {n for n, _ in check_scope(model, include, exclude)}
     det = set(detect_output_convs(model))
@@ -93,11 +94,11 @@ def apply_kept_channels(model: nn.Module, kept: Mapping[str, list], include: tup
                         trace_imgsz: int = _TRACE_IMGSZ) -> None:
     """Remove from ``model`` (in place) the output channels another copy of the same architecture lost.
 
-    ``kept``: :attr:`~yolo_prune_plugin.structured.ChannelPruneResult.kept` of that copy (conv name -> original
+    ``kept``: :attr:`~yolo_prune_plugin.prune.channel.ChannelPruneResult.kept` of that copy (conv name -> original
     channel indices it kept). Each dependency group whose root conv is in ``kept`` loses the complement, with
     all its couplings (BatchNorm, consumers, residuals, Concat). BatchNorm statistics are untouched (eval mode).
     """
-    from .structured import _apply_plan
+    from ..prune.channel import _apply_plan
 
     mods = dict(model.named_modules())
     plan = {}
@@ -154,7 +155,7 @@ class ChannelSchedule:
         self.dense.capture(self.model, objs.start_epoch)
         c = self.config
         m = self.ema.ema
-        from .structured import channel_counts, gflops
+        from ..prune.channel import channel_counts, gflops
 
         self._dense = {"params": count_parameters(m), "gflops": gflops(m, self.imgsz),
                        "conv_weights": self._conv_weights(m), "channels": channel_counts(m)}
@@ -191,7 +192,7 @@ class ChannelSchedule:
         return 1 - self._conv_weights(model) / self._dense["conv_weights"]
 
     def _step(self, epoch: int) -> None:
-        from .structured import channel_counts, channel_prune
+        from ..prune.channel import channel_counts, channel_prune
 
         c, s = self.config, self.config.schedule
         target = schedule_amount(epoch, s)
@@ -240,7 +241,7 @@ class ChannelSchedule:
                                                                     Optional[dict]]:
         """``(candidate checkpoint, its model, schedule section, leaks (None), dense metrics row)`` at train end;
         sets :attr:`channels` (the report's channels section)."""
-        from .structured import AMOUNT_TOLERANCE, channel_counts, gflops
+        from ..prune.channel import AMOUNT_TOLERANCE, channel_counts, gflops
 
         c, s, b = self.config, self.config.schedule, self.backend
         if self.error is not None:

@@ -1,9 +1,6 @@
 """Structured (channel) pruning of a YOLOv5 model with Torch-Pruning: whole output channels are removed.
 
-(Over 400 lines: group selection, bisection on the amount, Taylor importance with YOLOv5's loss and the
-FLOP count belong to one method.)
-
-Unlike :mod:`yolo_prune_plugin.pruning` (zeros inside dense tensors), the result is a smaller
+Unlike :mod:`yolo_prune_plugin.prune.unstructured` (zeros inside dense tensors), the result is a smaller
 ``DetectionModel``: fewer parameters, fewer FLOPs, a smaller file and lower latency. Torch-Pruning's
 ``DependencyGraph`` finds every coupling (BatchNorm, the consumers' input channels, C3 residual adds,
 ``Concat``), so each *group* of coupled channels is removed together.
@@ -27,29 +24,44 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from .errors import ConfigError, PruneError
-from .pruning import check_scope, conv_layers, count_parameters
+from ..errors import ConfigError, PruneError
+from .calibration import accumulate_loss_gradients
 from .registry import CHANNEL_IMPORTANCES, DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
+from .unstructured import check_scope, conv_layers, count_parameters
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
+
 #: importance criteria; the data-aware ones need ``calibration=(images, targets)``
 IMPORTANCES = CHANNEL_IMPORTANCES
+
+
 DATA_AWARE_IMPORTANCES = DATA_AWARE_CHANNEL_IMPORTANCES
+
+
 #: defaults chosen by measurement (scripts/benchmark_structured.py): Taylor when labelled calibration images are
 #: given (one-shot mAP50-95 at 10 %: 0.177 vs 0.070 for L1, both + BN recalibration), else L1
 DEFAULT_IMPORTANCE = "taylor"
+
+
 FALLBACK_IMPORTANCE = "l1"
+
+
 DEFAULT_ROUND_TO = ChannelOptions.round_to
+
+
 DEFAULT_MAX_LAYER_RATIO = ChannelOptions.max_layer_ratio
+
+
 #: the achieved fraction is within this of ``amount`` (raises otherwise)
 AMOUNT_TOLERANCE = 0.02
+
+
 #: exponent of the FLOP-aware ranking (``channel_prune(cost_aware=)``); 0: plain importance ranking
 DEFAULT_COST_AWARE = ChannelOptions.cost_aware
 
@@ -131,105 +143,6 @@ class ChannelPruneResult:
         return (f"Channel-pruned ({self.importance}, round_to={self.round_to}): {self.achieved:.2%} of "
                 f"{self.conv_weights_before} Conv2d weights removed; params {self.params_before} -> "
                 f"{self.params_after}, GFLOPs {self.gflops_before} -> {self.gflops_after} [{self.seconds:.1f}s]")
-
-
-# --------------------------------------------------------------------------------------------------
-# calibration data with labels (for Taylor importance)
-# --------------------------------------------------------------------------------------------------
-def load_calibration_batch(data: Any, imgsz: int, n: int = 16, seed: int = 0,
-                           allow_overlap: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` train-split images ``(N,3,imgsz,imgsz)`` in [0,1] and their YOLOv5 targets ``(M,6)``.
-
-    Same draw (seeded permutation), letterbox and train/val overlap check (unless ``allow_overlap``) as
-    :func:`calibration.load_calibration_images`; the targets are in the format YOLOv5's ``ComputeLoss`` takes
-    (``image index, class, x, y, w, h`` normalised).
-    """
-    from .adapter import get_backend
-    from .calibration import _train_split, check_disjoint
-
-    if n < 1:
-        raise ConfigError(f"calibration.images must be >= 1, got {n}")
-    if not allow_overlap:
-        check_disjoint(data)
-    train, where = _train_split(data)
-    b = get_backend()
-    dl = importlib.import_module(b.prefix + "utils.dataloaders")
-    imgsz = int(b.general.check_img_size(imgsz, 32))
-    try:
-        ds = dl.LoadImagesAndLabels(train, imgsz, batch_size=1, augment=False, rect=False, stride=32, pad=0.0,
-                                    prefix="calibration: ", workers=0)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{where}: train split {train} has no images for calibration "
-                          f"({str(e).splitlines()[0]})") from None
-    if len(ds) == 0:
-        raise ConfigError(f"{where}: train split {train} has no images for calibration")
-    g = torch.Generator().manual_seed(int(seed))
-    order = torch.randperm(len(ds), generator=g)[: min(n, len(ds))].tolist()
-    ims, targets = [], []
-    for j, i in enumerate(order):
-        im, labels = ds[i][0], ds[i][1]
-        ims.append(im.float() / 255.0)
-        labels = labels.clone()
-        labels[:, 0] = j
-        targets.append(labels)
-    return torch.stack(ims), torch.cat(targets) if targets else torch.zeros((0, 6))
-
-
-def _default_hyp() -> dict:
-    import yaml
-
-    from .adapter import get_backend
-
-    path = Path(get_backend().root) / "data" / "hyps" / "hyp.scratch-low.yaml"
-    return dict(yaml.safe_load(path.read_text(encoding="utf-8")))
-
-
-def accumulate_loss_gradients(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                              batch_size: int = 8) -> float:
-    """Fill ``.grad`` of every parameter with the gradient of YOLOv5's own training loss on the batch.
-
-    BatchNorm runs in train mode (as in training) but its running statistics are restored afterwards; no
-    weight changes. Returns the mean loss.
-    """
-    from .adapter import get_backend
-
-    b = get_backend()
-    loss_mod = importlib.import_module(b.prefix + "utils.loss")
-    det = model.model[-1]
-    hyp = dict(getattr(model, "hyp", None) or _default_hyp())
-    nl, nc = int(det.nl), int(det.nc)
-    imgsz = int(images.shape[-1])
-    hyp["box"] = float(hyp["box"]) * 3 / nl  # the scaling train.py applies
-    hyp["cls"] = float(hyp["cls"]) * nc / 80 * 3 / nl
-    hyp["obj"] = float(hyp["obj"]) * (imgsz / 640) ** 2 * 3 / nl
-    old_hyp = getattr(model, "hyp", None)
-    model.hyp = hyp
-    buffers = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
-    was_training = model.training
-    p0 = next(model.parameters())
-    total, n = 0.0, 0
-    try:
-        compute_loss = loss_mod.ComputeLoss(model)
-        model.train()
-        for p in model.parameters():
-            p.requires_grad_(True)
-            p.grad = None
-        for i in range(0, len(images), batch_size):
-            x = images[i:i + batch_size].to(p0.device, p0.dtype)
-            t = targets[(targets[:, 0] >= i) & (targets[:, 0] < i + batch_size)].clone()
-            t[:, 0] -= i
-            loss, _ = compute_loss(model(x), t.to(p0.device))
-            loss.backward()
-            total += float(loss.detach())
-            n += 1
-    finally:
-        model.load_state_dict({**model.state_dict(), **buffers})
-        model.train(was_training)
-        if old_hyp is None:
-            del model.hyp
-        else:
-            model.hyp = old_hyp
-    return total / max(n, 1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -489,123 +402,9 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     return res
 
 
-class _Stop(Exception):
-    pass
-
-
-def _kept_out_indices(pruned: nn.Module, dense: nn.Module, name: str) -> Optional[torch.Tensor]:
-    """Which of the dense conv's output channels the pruned conv kept (matched through the BN running means)."""
-    pc, dc = dict(pruned.named_modules())[name], dict(dense.named_modules())[name]
-    if pc.out_channels == dc.out_channels:
-        return None
-    bn_name = name.rsplit(".", 1)[0] + ".bn"
-    pb, db = dict(pruned.named_modules()).get(bn_name), dict(dense.named_modules()).get(bn_name)
-    if pb is None or db is None:
-        raise PruneError(f"reconstruction: {name} lost channels but has no BatchNorm to match them by")
-    eq = (pb.running_mean[:, None] == db.running_mean[None, :])
-    idx = eq.float().argmax(1)
-    if not bool(eq.any(1).all()):
-        raise PruneError(f"reconstruction: cannot match the kept channels of {name}")
-    return idx
-
-
-@torch.no_grad()
-def reconstruct_layers(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, *, batch_size: int = 8,
-                       positions: int = 256, damp: float = 0.01, seed: int = 0,
-                       kept: Optional[dict] = None) -> dict:
-    """Re-fit every Conv2d of the channel-pruned model to reproduce the dense model's outputs (in place).
-
-    Layer by layer in model order, each conv's weights (and bias, if any) are the ridge least-squares solution
-    mapping the *pruned* network's input patches (earlier layers already re-fitted) to the *dense* conv's output on
-    the same calibration ``images`` (train split), at ``positions`` random output positions per image. The output
-    before BatchNorm is matched, so the BatchNorm statistics stay valid. ``kept``: :attr:`ChannelPruneResult.kept`
-    (which output channels each conv kept); without it they are matched through the BN running means, which
-    works for trained models only. Returns a summary dict.
-    """
-    import torch.nn.functional as F
-
-    t0 = time.perf_counter()
-    pruned_mods = dict(pruned.named_modules())
-    dense_mods = dict(dense.named_modules())
-    names = [n for n, m in conv_layers(pruned) if m.groups == 1 and n in dense_mods]
-    was = pruned.training, dense.training
-    pruned.eval()
-    dense.eval()
-    g = torch.Generator().manual_seed(seed)
-    batches = list(torch.split(images, max(1, batch_size)))
-    # dense targets at sampled positions, one pass
-    targets: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    picks: dict[str, torch.Tensor] = {}
-
-    def dense_hook(name: str):
-        def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-            hw = out.shape[2] * out.shape[3]
-            if name not in picks:
-                picks[name] = torch.randperm(hw, generator=g)[: min(positions, hw)]
-            targets[name].append(out.flatten(2)[:, :, picks[name]].permute(0, 2, 1).reshape(-1, out.shape[1]))
-        return hook
-
-    hs = [dense_mods[n].register_forward_hook(dense_hook(n)) for n in names]
-    try:
-        for x in batches:
-            dense(x)
-    finally:
-        for h in hs:
-            h.remove()
-    errors = {}
-    for name in names:
-        conv = pruned_mods[name]
-        y = torch.cat(targets.pop(name)).double()
-        keep = (torch.tensor(kept[name]) if kept and name in kept else
-                None if kept is not None else _kept_out_indices(pruned, dense, name))
-        if keep is not None:
-            y = y[:, keep]
-        xs = []
-
-        def grab(mod: nn.Module, inp: Any) -> None:
-            x = inp[0]
-            cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-            xs.append(cols[:, :, picks[name]].permute(0, 2, 1).reshape(-1, cols.shape[1]))
-            raise _Stop
-
-        h = conv.register_forward_pre_hook(grab)
-        try:
-            for x in batches:
-                try:
-                    pruned(x)
-                except _Stop:
-                    pass
-        finally:
-            h.remove()
-        X = torch.cat(xs).double()
-        if conv.bias is not None:
-            X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
-        H = X.T @ X
-        H.diagonal().add_(damp * H.diagonal().mean().clamp_min(1e-12))
-        W = torch.linalg.solve(H, X.T @ y)  # (cols, out)
-        old = conv.weight
-        if conv.bias is not None:
-            conv.bias.copy_(W[-1].to(conv.bias.dtype))
-            W = W[:-1]
-        conv.weight.copy_(W.T.reshape(old.shape).to(old.dtype))
-        errors[name] = round(float(((X @ torch.cat([conv.weight.flatten(1).double().T] + (
-            [conv.bias.double()[None]] if conv.bias is not None else []))) - y).pow(2).mean()
-            / y.pow(2).mean().clamp_min(1e-12)), 5)
-    pruned.train(was[0])
-    dense.train(was[1])
-    return {"layers": len(names), "images": int(len(images)), "positions": positions,
-            "seconds": round(time.perf_counter() - t0, 1),
-            "worst_relative_error": max(errors.values()) if errors else None}
-
-
 def is_structurally_pruned(model: nn.Module) -> bool:
-    """True when some Conv2d has fewer channels than the model's own YAML builds (see adapter.is_channel_pruned)."""
-    from .adapter import get_backend, is_channel_pruned
+    """True when some Conv2d has fewer channels than the model's own YAML builds (see backend.training_loop.is_channel_pruned)."""
+    from ..backend.loading import get_backend
+    from ..backend.training_loop import is_channel_pruned
 
     return is_channel_pruned(model, get_backend())
-
-
-__all__ = ["channel_prune", "ChannelPruneResult", "load_calibration_batch", "accumulate_loss_gradients",
-           "gflops", "channel_counts", "channel_macs", "DEFAULT_COST_AWARE", "reconstruct_layers", "detect_output_convs", "IMPORTANCES",
-           "DEFAULT_IMPORTANCE", "FALLBACK_IMPORTANCE",
-           "DEFAULT_ROUND_TO", "DEFAULT_MAX_LAYER_RATIO"]

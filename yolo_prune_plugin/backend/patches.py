@@ -1,0 +1,284 @@
+"""Process patches that make YOLOv5 7.0.x work on today's torch/numpy/Pillow, each paired with its undo.
+
+Every patch is applied inside a context (:func:`compat_patches`, :func:`driving_yolov5`,
+:func:`export_patches`, :func:`quiet_yolov5`) and undone when it exits, so the plugin leaves the process as
+it found it. Only ``backend/`` patches YOLOv5 (a test checks it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import re
+import sys
+import threading
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+import torch
+import torch.nn as nn
+
+from .loading import Backend, _on_sys_path, respell_trusted
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+
+# --------------------------------------------------------------------------------------------------
+# Patches: each applied for a scope and undone at its end
+# --------------------------------------------------------------------------------------------------
+#: What stays changed for the whole process once the plugin is used (everything else is undone):
+#: the torch.load allow-list (``torch.serialization.add_safe_globals`` has no removal; it only *allows* the
+#: YOLOv5/torch/numpy classes listed by :func:`allowed_globals`, so YOLOv5's own checkpoint loads work), and
+#: the modules YOLOv5 imports (``sys.modules``), including the top-level ``models`` that PyPI yolov5 itself
+#: appends to ``sys.path`` on import.
+PROCESS_WIDE = ("torch.serialization safe globals (allowed_globals)", "sys.modules entries of YOLOv5")
+
+
+class Patch:
+    """Set attributes on objects and put the old values back (attributes that did not exist are deleted)."""
+
+    _MISSING = object()
+
+    def __init__(self) -> None:
+        self._undo: list[tuple[Any, str, Any]] = []
+
+    def set(self, obj: Any, name: str, value: Any) -> None:
+        self._undo.append((obj, name, obj.__dict__.get(name, self._MISSING) if isinstance(obj, type)
+                           else getattr(obj, name, self._MISSING)))
+        setattr(obj, name, value)
+
+    def undo(self) -> None:
+        while self._undo:
+            obj, name, old = self._undo.pop()
+            if old is self._MISSING:
+                try:
+                    delattr(obj, name)
+                except AttributeError:
+                    pass
+            else:
+                setattr(obj, name, old)
+
+
+class _CompatScope:
+    """Reentrant: the patches of :func:`compat_patches` are applied on the first enter, undone on the last exit."""
+
+    def __init__(self) -> None:
+        self.depth = 0
+        self.patch: Optional[Patch] = None
+        self.path: Optional[contextlib.ExitStack] = None
+        self.lock = threading.RLock()
+
+
+_compat = _CompatScope()
+
+
+@contextlib.contextmanager
+def compat_patches(backend: Backend) -> Iterator[None]:
+    """Make YOLOv5 7.0.x run on torch >= 2.6, numpy >= 2.4, Pillow >= 10 and offline machines, for this block.
+
+    numpy's removed ``trapz`` (YOLOv5's AP integration), Pillow's removed ``getsize`` (YOLOv5's plots), the
+    offline font download (``check_font`` under both module spellings), and a checkout's folder on ``sys.path``.
+    Everything is restored when the outermost block ends. Nested blocks share one application.
+    """
+    with _compat.lock:
+        if _compat.depth == 0:
+            p = Patch()
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(_on_sys_path(backend.root if backend.kind == "checkout" else None))
+                _patch_numpy(p)
+                _patch_pillow(p)
+                _patch_font_download(p, backend)
+            except BaseException:
+                p.undo()
+                stack.close()
+                raise
+            _compat.patch, _compat.path = p, stack
+        _compat.depth += 1
+    try:
+        yield
+    finally:
+        with _compat.lock:
+            _compat.depth -= 1
+            if _compat.depth == 0:
+                assert _compat.patch is not None and _compat.path is not None
+                _compat.patch.undo()
+                _compat.path.close()
+                _compat.patch = _compat.path = None
+
+
+@contextlib.contextmanager
+def driving_yolov5(backend: Backend) -> Iterator[None]:
+    """Everything the plugin sets up while it runs YOLOv5's own code (training, validation, export), undone after:
+    the compatibility patches and a quiet log (:func:`quiet_yolov5`)."""
+    with compat_patches(backend), quiet_yolov5():
+        yield
+
+
+def compat_active() -> bool:
+    return _compat.depth > 0
+
+
+def _patch_numpy(p: Patch) -> None:
+    import numpy as np
+
+    if not hasattr(np, "trapz") and hasattr(np, "trapezoid"):  # removed in numpy 2.4; YOLOv5's AP uses it
+        p.set(np, "trapz", np.trapezoid)
+
+
+def _patch_pillow(p: Patch) -> None:
+    """Pillow >= 10 removed ``getsize``; YOLOv5's plotting threads still call it."""
+    from PIL import ImageFont
+
+    def getsize(self: Any, text: str, *args: Any, **kwargs: Any) -> tuple[int, int]:
+        left, top, right, bottom = self.getbbox(text, *args, **kwargs)
+        return int(right), int(bottom)
+
+    for cls in (ImageFont.FreeTypeFont, ImageFont.ImageFont, getattr(ImageFont, "TransposedFont", None)):
+        if cls is not None and not hasattr(cls, "getsize") and hasattr(cls, "getbbox"):
+            p.set(cls, "getsize", getsize)
+
+
+def _patch_font_download(p: Patch, backend: Backend) -> None:
+    """Offline, ``check_dataset`` dies trying to download Arial.ttf: make the font optional.
+
+    Patched under every spelling already imported (a checkout's ``utils.general``, the package's
+    ``yolov5.utils.general``), since YOLOv5's modules may reach either.
+    """
+    from urllib.error import URLError
+
+    for prefix in dict.fromkeys((backend.prefix, "", "yolov5.")):
+        general, plots = sys.modules.get(prefix + "utils.general"), sys.modules.get(prefix + "utils.plots")
+        if general is None:
+            continue
+        original = general.check_font
+
+        def check_font(font: Any = "Arial.ttf", progress: bool = False, _orig: Any = original) -> None:
+            try:
+                _orig(font, progress=progress)
+            except Exception as e:  # noqa: BLE001 - any download failure: plots use PIL's default font
+                LOGGER.debug("font %s unavailable (%s); YOLOv5 plots use PIL's default font", font, e)
+
+        def plots_check_font(font: Any = "Arial.ttf", progress: bool = False, _orig: Any = original) -> None:
+            try:  # plots.check_pil_font falls back to PIL's default font on URLError only
+                _orig(font, progress=progress)
+            except Exception as e:  # noqa: BLE001
+                raise URLError(str(e)) from e
+
+        p.set(general, "check_font", check_font)
+        if plots is not None:
+            p.set(plots, "check_font", plots_check_font)
+
+
+@contextlib.contextmanager
+def export_patches(backend: Backend) -> Iterator[list[str]]:
+    """Scoped patches for YOLOv5's ``export.run``; yields the list its export-failure log lines are collected in.
+
+    torch >= 2.9 makes ``torch.onnx.export`` default to the dynamo exporter (needs ``onnxscript``, ignores
+    YOLOv5's opset/``dynamic_axes`` setup): the TorchScript-based exporter YOLOv5 was written for is selected.
+    Trusted (non-allow-listed) loads of a file pickled under the other spelling are re-spelled
+    (:func:`respell_trusted`) so that YOLOv5's ``isinstance`` checks fuse it and set ``Detect.export``.
+    """
+    exp = backend.export
+    orig_load = exp.attempt_load
+    orig_onnx_export = torch.onnx.export
+    failures: list[str] = []
+
+    def attempt_load(weights: Any, device: Any = None, inplace: bool = True, fuse: bool = True) -> nn.Module:
+        model = orig_load(weights, device=device, inplace=inplace, fuse=False)
+        respell_trusted(model, backend)
+        if fuse and hasattr(model, "fuse") and any(hasattr(m, "bn") and hasattr(m, "conv") for m in model.modules()):
+            model.fuse()
+        return model
+
+    def onnx_export(*args: Any, **kwargs: Any) -> Any:
+        if "dynamo" in inspect.signature(orig_onnx_export).parameters:
+            kwargs.setdefault("dynamo", False)
+        return orig_onnx_export(*args, **kwargs)
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            msg = record.getMessage()
+            if "failure" in msg or "ERROR" in msg:
+                failures.append(" ".join(re.sub(r"\x1b\[[0-9;]*m", "", msg).split()))
+
+    handler = Collect(logging.INFO)
+    yolo_logger = backend.general.LOGGER
+    p = Patch()
+    with _export_lock, compat_patches(backend):
+        p.set(exp, "attempt_load", attempt_load)
+        p.set(torch.onnx, "export", onnx_export)
+        yolo_logger.addHandler(handler)
+        try:
+            yield failures
+        finally:
+            yolo_logger.removeHandler(handler)
+            p.undo()
+
+
+_export_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------------------------------
+# A quiet log while the plugin drives YOLOv5
+# --------------------------------------------------------------------------------------------------
+#: The deprecation warnings YOLOv5 7.0.x's training loop triggers (``torch.cuda.amp.autocast`` every batch,
+#: ``torch.cuda.amp.GradScaler`` once); matched against the start of the message, FutureWarning only.
+AMP_DEPRECATION = re.compile(r"`torch\.cuda\.amp\.(autocast|GradScaler|custom_fwd|custom_bwd)\(args\.\.\.\)` is deprecated")
+
+
+#: YOLOv5's ``check_font`` log line (it tries to download Arial.ttf, which fails offline and is not needed).
+FONT_DOWNLOAD = re.compile(r"Downloading https://ultralytics\.com/assets/\S+\.ttf")
+
+
+_YOLOV5_LOGGER = "yolov5"  # utils.general.LOGGING_NAME, for the package and a checkout alike
+
+
+_quiet_lock = threading.Lock()
+
+
+_quiet_depth = 0
+
+
+_quiet_filter: Optional[tuple] = None
+
+
+class _FontDownloadFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not FONT_DOWNLOAD.match(str(record.getMessage()))
+
+
+_font_filter = _FontDownloadFilter()
+
+
+@contextmanager
+def quiet_yolov5() -> Iterator[None]:
+    """Silence exactly YOLOv5's ``torch.cuda.amp`` FutureWarnings and its Arial.ttf download line, then restore.
+
+    ``warnings.catch_warnings`` swaps the process-wide filter list (not thread-safe: a thread that adds a filter
+    meanwhile loses it), so one filter entry is inserted and later removed by identity; re-entrant (nested or
+    concurrent uses share the entry, the last exit removes it). Every other warning and log line is untouched.
+    """
+    global _quiet_depth, _quiet_filter
+    with _quiet_lock:
+        if _quiet_depth == 0:
+            _quiet_filter = ("ignore", AMP_DEPRECATION, FutureWarning, None, 0)
+            warnings.filters.insert(0, _quiet_filter)
+            warnings._filters_mutated()  # type: ignore[attr-defined]  # invalidate the once-per-location caches
+            logging.getLogger(_YOLOV5_LOGGER).addFilter(_font_filter)
+        _quiet_depth += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_depth -= 1
+            if _quiet_depth == 0:
+                for i, f in enumerate(warnings.filters):
+                    if f is _quiet_filter:
+                        del warnings.filters[i]
+                        break
+                warnings._filters_mutated()  # type: ignore[attr-defined]
+                logging.getLogger(_YOLOV5_LOGGER).removeFilter(_font_filter)
+                _quiet_filter = None

@@ -1,0 +1,148 @@
+"""What the plugin reads from (and swaps in) YOLOv5's running ``train()``.
+
+Callbacks never see the optimizer or the EMA: :func:`training_objects` reads them from ``train()``'s frame;
+:func:`replace_optimizer_params` swaps pruned tensors into the optimizer; :func:`keep_checkpoint_architecture`
+makes YOLOv5 train a channel-pruned architecture instead of rebuilding it from its YAML.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from ..errors import PruneError
+from .loading import Backend, get_backend, is_detection_model, load_checkpoint
+from .patches import Patch
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+
+# --------------------------------------------------------------------------------------------------
+# Training objects: read from YOLOv5's train() frame, nothing patched
+# --------------------------------------------------------------------------------------------------
+@dataclass
+class TrainingObjects:
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: Any  # ModelEMA or None (DDP ranks > 0)
+    start_epoch: int
+    resumed: bool
+    imgsz: Optional[int] = None  # train()'s checked image size
+
+
+def training_objects(backend: Backend) -> TrainingObjects:
+    """The live model, optimizer and EMA of the YOLOv5 ``train()`` whose callback is running now.
+
+    Call from ``on_train_start`` (or later): ``train()`` has built them by then. Read from its frame's locals,
+    so no YOLOv5 name is patched. Raises :class:`PruneError` when not called inside YOLOv5 7.0.x's ``train()``.
+    """
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        while f is not None:
+            if f.f_code.co_name == "train" and "optimizer" in f.f_locals and "ema" in f.f_locals:
+                loc = f.f_locals
+                model = loc["model"]
+                model = getattr(model, "module", model)  # DDP
+                start = int(loc.get("start_epoch", 0))
+                return TrainingObjects(model, loc["optimizer"], loc["ema"], start, bool(loc.get("resume")) or start > 0,
+                                       loc.get("imgsz") if isinstance(loc.get("imgsz"), int) else None)
+            f = f.f_back
+    finally:
+        del frame
+    raise PruneError("could not find YOLOv5's train() objects (model, optimizer, EMA) from the callback; the "
+                     "recovery modes need YOLOv5 7.0.x's train.py")
+
+
+def replace_optimizer_params(optimizer: torch.optim.Optimizer, replaced: Mapping[int, torch.Tensor]) -> int:
+    """Swap stale parameters in YOLOv5's optimizer for the tensors that replaced them; returns how many.
+
+    ``replaced``: ``id(old parameter) -> new parameter`` (Torch-Pruning assigns a new ``nn.Parameter`` to every
+    pruned ``weight``/``bias``). ``smart_optimizer`` builds three param groups (0: biases, 1: Conv weights with
+    weight decay, 2: BatchNorm weights without); each new tensor takes the old one's place in its group, so its lr,
+    momentum and decay stay YOLOv5's. The old tensor's optimizer state (SGD momentum buffer, Adam moments) is
+    dropped: its shape changed, the next step starts it afresh. Other parameters keep their state.
+    """
+    n = 0
+    for group in optimizer.param_groups:
+        params = group["params"]
+        for i, p in enumerate(params):
+            new = replaced.get(id(p))
+            if new is not None:
+                optimizer.state.pop(p, None)
+                params[i] = new
+                n += 1
+    return n
+
+
+# --------------------------------------------------------------------------------------------------
+# Channel-pruned checkpoints in YOLOv5's train.py (structured pruning)
+# --------------------------------------------------------------------------------------------------
+def _conv_shapes(model: nn.Module) -> dict[str, tuple]:
+    det = model.model[-1] if is_detection_model(model) else None
+    skip = {id(m) for m in getattr(det, "m", [])}  # Detect's outputs depend on nc/anchors, not on pruning
+    return {n: tuple(m.weight.shape) for n, m in model.named_modules()
+            if isinstance(m, nn.Conv2d) and id(m) not in skip}
+
+
+def is_channel_pruned(model: nn.Module, backend: Optional[Backend] = None) -> bool:
+    """True when ``model``'s Conv2d shapes differ from what ``Model(model.yaml)`` builds (channels removed).
+
+    A model without a ``yaml`` dict cannot be compared and counts as not pruned.
+    """
+    yaml_cfg = getattr(model, "yaml", None)
+    if not isinstance(yaml_cfg, dict):
+        return False
+    b = backend or get_backend()
+    ylog = b.general.LOGGER
+    level = ylog.level
+    ylog.setLevel(logging.WARNING)  # Model() prints its layer table
+    try:
+        ref = b.yolo.Model(copy.deepcopy(yaml_cfg), ch=3, nc=yaml_cfg.get("nc"))
+    finally:
+        ylog.setLevel(level)
+    return _conv_shapes(ref) != _conv_shapes(model)
+
+
+@contextlib.contextmanager
+def keep_checkpoint_architecture(backend: Backend, weights: str | Path) -> Iterator[nn.Module]:
+    """Make YOLOv5's ``train.py`` train the architecture stored in ``weights`` instead of rebuilding its YAML.
+
+    ``train.py`` builds ``Model(cfg or ckpt['model'].yaml)`` and copies only tensors of equal shape
+    (``intersect_dicts``): a channel-pruned checkpoint would be silently re-initialised at full width. Inside
+    this context ``backend.train.Model`` returns an fp32 copy of the checkpoint's own module (all parameters
+    trainable); ``nc`` must match the checkpoint's and custom ``anchors`` are refused (PruneError). The original
+    ``Model`` is restored on exit, also on exceptions. Yields the checkpoint model (not the copy).
+    """
+    src = load_checkpoint(weights, backend)["model"]
+    det = src.model[-1]
+    wpath = Path(weights)
+
+    def factory(cfg: Any = None, ch: int = 3, nc: Any = None, anchors: Any = None) -> nn.Module:
+        if nc is not None and int(nc) != int(det.nc):
+            raise PruneError(f"{wpath}: channel-pruned checkpoint has {det.nc} classes but the dataset {nc}; a "
+                             "pruned architecture cannot change its class count (prune a model trained on this data)")
+        if anchors:
+            raise PruneError(f"{wpath}: channel-pruned checkpoint keeps its anchors; remove 'anchors' from hyp")
+        if ch != 3:
+            raise PruneError(f"{wpath}: channel-pruned checkpoint takes 3 input channels, not {ch}")
+        m = copy.deepcopy(src).float()
+        for p in m.parameters():
+            p.requires_grad_(True)
+        LOGGER.info("yolo_prune_plugin: training the channel-pruned architecture of %s (not its YAML)", wpath.name)
+        return m
+
+    p = Patch()
+    p.set(backend.train, "Model", factory)
+    try:
+        yield src
+    finally:
+        p.undo()
