@@ -43,3 +43,20 @@ def test_no_bar_when_not_a_terminal(capsys):
 
     assert list(progress(range(3), desc="quiet", total=3)) == [0, 1, 2]
     assert "quiet" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("env,shown", [(None, False), ("0", False), ("1", True)])
+def test_cli_bench_bar_only_on_a_terminal(small_ckpt, capfd, monkeypatch, env, shown):
+    """``yolo-prune bench`` into a pipe or log file: no carriage-return bar lines unless forced on."""
+    from yolo_prune_plugin.cli import main
+
+    if env is None:
+        monkeypatch.delenv("YOLO_PRUNE_PROGRESS", raising=False)
+    else:
+        monkeypatch.setenv("YOLO_PRUNE_PROGRESS", env)
+    assert main(["bench", "--weights", str(small_ckpt), "--img", "64", "--runs", "3", "--warmup", "0",
+                 "--threads", "1", "--backends", "torch"]) == 0
+    out, err = capfd.readouterr()
+    assert "torch med ms" in out
+    assert ("bench" in err and "0/3" in err) is shown, err
+    assert ("\r" in out + err) is shown, err

@@ -24,6 +24,7 @@ from ..backend.checks import check_device
 from ..backend.loading import get_backend, load_checkpoint
 from ..backend.patches import export_patches
 from ..errors import ConfigError, ExportError
+from ..utils.progress import progress as progress_bar
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -132,11 +133,8 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
                 for _ in range(warmup):
                     fn()
         total = runs * sum(len(fns) for fns in runners)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = tqdm(total=total, desc="bench", unit="run", leave=False)
+        # on a terminal only (YOLO_PRUNE_PROGRESS=1/0 forces it), never hundreds of '\r' updates in a pipe or log
+        bar = progress_bar(desc="bench", total=total) if progress else None
         for _ in range(runs):
             for fns, t in zip(runners, times):
                 for k, fn in fns.items():
