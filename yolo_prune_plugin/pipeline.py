@@ -31,6 +31,7 @@ from .errors import OutputExistsError, PruneError
 from .prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .prune.unstructured import conv_layers, prune_model, sparsity_stats
 from .report import ReportEntry, print_report
+from .tools.heldout import calibration_needs, overlap_plan
 from .tools.loggers import log_results
 from .training.dense_reference import ReferenceModel
 from .utils.files import atomic_path, write_json
@@ -56,18 +57,6 @@ class RunContext:
     @property
     def export_device(self) -> str:
         return str(self.device.index or 0) if self.device.type == "cuda" else "cpu"
-
-
-def calibration_needs(config: PruneConfig) -> list[str]:
-    """Why ``config`` needs train-split images (empty: it does not)."""
-    why = []
-    if config.structure == "unstructured" and config.method in DATA_AWARE_METHODS:
-        why.append(f"method {config.method!r}")
-    if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
-        why.append(f"channel.importance {config.channel.importance!r}")
-    if config.bn_recalibration.count(config.structure):
-        why.append(f"bn_recalibration ({config.bn_recalibration.count(config.structure)} images; 0 turns it off)")
-    return why
 
 
 def needs_data(config: PruneConfig) -> bool:
@@ -140,13 +129,15 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
     c = config.calibration
     done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
                                                                               config.exclude)).to_dict(per_layer=False)}
+    plan = overlap_plan(config, ctx.settings.data) if ctx.settings is not None else {}
     if config.structure == "channel":
         from .prune.calibration import load_calibration_batch
         from .prune.channel import channel_prune
 
         imp = config.channel.importance
         calibration = None
-        if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None):
+        if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None
+                                                     and "channel.importance" not in plan):
             data = _calibration_data(ctx, f"channel importance {imp or 'taylor'!r}")
             calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed,
                                                  allow_overlap=c.allow_overlap)
@@ -171,6 +162,8 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
                              calibration=calibration, options=config.obs)
         details = {**result.extra, "auto": why} if why else result.extra
         done.update(seconds=round(result.seconds, 3), details=details, method=method)
+    if plan:
+        done["details"] = {**done["details"], "overlap": plan}
     n = config.bn_recalibration.count(config.structure)
     if n:
         from .prune.bn_recalibration import recalibrate_bn
@@ -178,7 +171,8 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
 
         data = _calibration_data(ctx, "bn_recalibration")
         images = load_calibration_images(data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size,
-                                         seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
+                                         seed=c.seed, device=ctx.device,
+                                         allow_overlap=c.allow_overlap or "bn_recalibration" in plan)
         done["recalibration"] = recalibrate_bn(model, images, config.bn_recalibration.batch_size)
         LOGGER.info("BatchNorm statistics re-estimated on %d train images (%d layers)", len(images),
                     done["recalibration"]["layers"])
