@@ -107,6 +107,7 @@ def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data
     assert (w / "best.pt").exists() and (w / "last.pt").exists() and _sparsity(w / "best.pt") < 0.01
     assert not list(w.glob("*_pruned.pt")) and not list(w.glob(".*.tmp"))
     assert "injected pruning fault" in caplog.text and f"yolo-prune prune --weights {w / 'best.pt'}" in caplog.text
+    assert f"failed: {w / 'best.pt'}: pruning failed (RuntimeError: injected pruning fault)" in caplog.text  # one line
 
 
 def test_train_structure_flag_reaches_the_hook(backend, tiny_data, tmp_path, monkeypatch, small_model):
