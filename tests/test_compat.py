@@ -122,21 +122,3 @@ def test_unexpected_error_outside_the_pipeline_is_one_line(small_ckpt, monkeypat
     assert err.strip().splitlines()[-1] == ("yolo-prune: error: RuntimeError: unforeseen; run with --verbose for the "
                                              "traceback")
 
-
-def test_unexpected_error_in_the_hook_is_one_line_naming_the_file(backend, tiny_data, tmp_path, monkeypatch, caplog,
-                                                                  small_model):
-    """Outside the pipeline (here: reading the run's options) the train-end hook still names the checkpoint."""
-    from yolo_prune_plugin import pipeline
-    from yolo_prune_plugin.cli import main
-
-    from test_train_e2e import _train_args, fake_train_main
-
-    def boom(*args, **kwargs):
-        raise RuntimeError("unforeseen\nsecond line")
-
-    monkeypatch.setattr(pipeline, "context_from_opt", boom)
-    monkeypatch.setattr(backend.train, "main", fake_train_main(small_model))
-    rc = main(_train_args(backend, tiny_data, tmp_path / "runs", "--prune-amount", "0.3"))
-    best = tmp_path / "runs" / "exp" / "weights" / "best.pt"
-    assert rc == 1 and "second line" not in caplog.text
-    assert f"pruning at train end failed: {best}: RuntimeError: unforeseen\n  Your training outputs" in caplog.text
