@@ -122,3 +122,16 @@ def test_unexpected_error_outside_the_pipeline_is_one_line(small_ckpt, monkeypat
     assert err.strip().splitlines()[-1] == ("yolo-prune: error: RuntimeError: unforeseen; run with --verbose for the "
                                              "traceback")
 
+
+
+def test_v6_checkpoint_exports_and_benches(backend, v6_ckpt, tmp_path):
+    """The other load paths: YOLOv5's export.run (its own attempt_load) and the bench's loader."""
+    from yolo_prune_plugin.backend.export import export_and_verify
+    from yolo_prune_plugin.tools.bench import bench_files
+
+    src = tmp_path / "best.pt"
+    src.write_bytes(v6_ckpt[0].read_bytes())
+    [r] = export_and_verify(src, ["torchscript"], imgsz=64)
+    assert r.ok, r.message
+    [row] = bench_files([src], imgsz=64, runs=1, warmup=0, backends=["torch"])
+    assert row["file"] == str(src)
