@@ -92,14 +92,17 @@ def fake_train_main(small_model):
     return main
 
 
+@pytest.mark.parametrize("target, said", [  # inside the pipeline / outside it (reading the run's options)
+    ("prune_model", "{best}: pruning failed (RuntimeError: injected pruning fault)"),
+    ("context_from_opt", "{best}: RuntimeError: injected pruning fault\n  Your training outputs")])
 def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data, tmp_path, monkeypatch, caplog,
-                                                              small_model):
+                                                              small_model, target, said):
     import yolo_prune_plugin.pipeline as pipeline_mod
 
     def boom(*a, **k):
-        raise RuntimeError("injected pruning fault")
+        raise RuntimeError("injected pruning fault\nsecond line")
 
-    monkeypatch.setattr(pipeline_mod, "prune_model", boom)
+    monkeypatch.setattr(pipeline_mod, target, boom)
     monkeypatch.setattr(backend.train, "main", fake_train_main(small_model))
     rc = main(_train_args(backend, tiny_data, tmp_path / "runs", "--prune-amount", "0.3"))
     assert rc == 1
@@ -107,6 +110,7 @@ def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data
     assert (w / "best.pt").exists() and (w / "last.pt").exists() and _sparsity(w / "best.pt") < 0.01
     assert not list(w.glob("*_pruned.pt")) and not list(w.glob(".*.tmp"))
     assert "injected pruning fault" in caplog.text and f"yolo-prune prune --weights {w / 'best.pt'}" in caplog.text
+    assert "failed: " + said.format(best=w / "best.pt") in caplog.text and "second line" not in caplog.text
 
 
 def test_train_structure_flag_reaches_the_hook(backend, tiny_data, tmp_path, monkeypatch, small_model):

@@ -108,6 +108,8 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
         train_dir = data.get("train")
         if not train_dir:
             raise ConfigError(f"{opt.data}: no 'train' split for calibration images")
+    # train and val sharing images: an explicit choice that needs them disjoint fails now, a fallback is said now
+    pipeline.overlap_plan(config, data)
     if config.method == "auto" and config.structure == "unstructured" and config.schedule.final_amount is None:
         from .prune.calibration import resolve_method
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from .backend.evaluation import Metrics
-from .backend.loading import Backend, backend_of_callbacks, get_backend, load_checkpoint
+from .backend.loading import Backend, backend_of_callbacks, first_line, get_backend, load_checkpoint
 from .backend.patches import driving_yolov5
 from .config import PruneConfig, load_config
 from .errors import PruneError
@@ -128,7 +128,7 @@ class PrunePlugin:
 
     def _fail(self, e: BaseException, what: str, retry: bool = True) -> None:
         self.error = e
-        msg = e if isinstance(e, PruneError) else f"{type(e).__name__}: {e}"
+        msg = e if isinstance(e, PruneError) else f"{self._best or 'the run'}: {first_line(e)}"
         if retry:
             LOGGER.error("yolo_prune_plugin: %s failed: %s\n  Your training outputs (best.pt, last.pt, results) are "
                          "untouched. Retry with:\n  %s", what, msg, self.retry_command(self._best))

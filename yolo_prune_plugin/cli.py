@@ -183,6 +183,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except PruneError as e:
         print(f"yolo-prune: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ConfigError) else 1
+    except Exception as e:  # noqa: BLE001 - a bug or an unforeseen YOLOv5 error: one line, the traceback with -v
+        from .backend.loading import first_line
+
+        LOGGER.debug("traceback", exc_info=True)
+        print(f"yolo-prune: error: {first_line(e)}; run with --verbose for the traceback", file=sys.stderr)
+        return 1
     except Terminated:
         print("yolo-prune: terminated (SIGTERM); unfinished outputs were removed", file=sys.stderr)
         return 143

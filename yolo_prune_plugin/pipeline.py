@@ -25,12 +25,13 @@ import torch.nn as nn
 
 from ._version import __version__
 from .backend.evaluation import EvalSettings, Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
-from .backend.loading import Backend, load_checkpoint
+from .backend.loading import Backend, first_line, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_equal, data_free_method
 from .errors import OutputExistsError, PruneError
 from .prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .prune.unstructured import conv_layers, prune_model, sparsity_stats
 from .report import ReportEntry, print_report
+from .tools.heldout import calibration_needs, overlap_plan
 from .tools.loggers import log_results
 from .training.dense_reference import ReferenceModel
 from .utils.files import atomic_path, write_json
@@ -56,18 +57,6 @@ class RunContext:
     @property
     def export_device(self) -> str:
         return str(self.device.index or 0) if self.device.type == "cuda" else "cpu"
-
-
-def calibration_needs(config: PruneConfig) -> list[str]:
-    """Why ``config`` needs train-split images (empty: it does not)."""
-    why = []
-    if config.structure == "unstructured" and config.method in DATA_AWARE_METHODS:
-        why.append(f"method {config.method!r}")
-    if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
-        why.append(f"channel.importance {config.channel.importance!r}")
-    if config.bn_recalibration.count(config.structure):
-        why.append(f"bn_recalibration ({config.bn_recalibration.count(config.structure)} images; 0 turns it off)")
-    return why
 
 
 def needs_data(config: PruneConfig) -> bool:
@@ -140,13 +129,15 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
     c = config.calibration
     done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
                                                                               config.exclude)).to_dict(per_layer=False)}
+    plan = overlap_plan(config, ctx.settings.data) if ctx.settings is not None else {}
     if config.structure == "channel":
         from .prune.calibration import load_calibration_batch
         from .prune.channel import channel_prune
 
         imp = config.channel.importance
         calibration = None
-        if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None):
+        if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None
+                                                     and "channel.importance" not in plan):
             data = _calibration_data(ctx, f"channel importance {imp or 'taylor'!r}")
             calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed,
                                                  allow_overlap=c.allow_overlap)
@@ -171,6 +162,8 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
                              calibration=calibration, options=config.obs)
         details = {**result.extra, "auto": why} if why else result.extra
         done.update(seconds=round(result.seconds, 3), details=details, method=method)
+    if plan:
+        done["details"] = {**done["details"], "overlap": plan}
     n = config.bn_recalibration.count(config.structure)
     if n:
         from .prune.bn_recalibration import recalibrate_bn
@@ -178,7 +171,8 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
 
         data = _calibration_data(ctx, "bn_recalibration")
         images = load_calibration_images(data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size,
-                                         seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
+                                         seed=c.seed, device=ctx.device,
+                                         allow_overlap=c.allow_overlap or "bn_recalibration" in plan)
         done["recalibration"] = recalibrate_bn(model, images, config.bn_recalibration.batch_size)
         LOGGER.info("BatchNorm statistics re-estimated on %d train images (%d layers)", len(images),
                     done["recalibration"]["layers"])
@@ -192,9 +186,10 @@ def _calibration_data(ctx: RunContext, what: str) -> dict:
 
 
 def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: PruneConfig,
-                   ctx: RunContext) -> tuple[dict, nn.Module, Optional[Metrics]]:
-    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held; the fine-tuned checkpoint,
-    its model, and YOLOv5's final validation of it when that equals ours (same weights, same settings)."""
+                   ctx: RunContext) -> tuple[dict, nn.Module]:
+    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held; the fine-tuned checkpoint and
+    its model. YOLOv5's own final validation of the fine-tune run is not reused: it runs with YOLOv5's NMS time
+    limit, and every "after" number the plugin reports comes from its own validation without that limit."""
     from .training.finetune import finetune_checkpoint
     from .training.masks import count_leaks, count_masked, zero_masks
 
@@ -221,9 +216,7 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     if sum(leaks.values()):
         raise PruneError(f"{ft.best}: pruned weights became non-zero during fine-tuning ({leaks}); "
                          f"{out} still holds the one-shot pruned model")
-    same = ft.imgsz == ctx.imgsz and ft.results is not None and ft.best.name == "best.pt"
-    reused = Metrics.from_results(ft.results) if same else None
-    return ckpt, tuned, reused
+    return ckpt, tuned
 
 
 def _channels(model: nn.Module) -> list[tuple[int, int]]:
@@ -257,7 +250,32 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
     (its ``source`` is already pruned): validated for the "before" metrics when ``before`` is None and it holds
     weights, and the ``bench`` baseline; without it a schedule run never validates ``source`` as "before"
     (``before_source`` then says why they are absent) and benches against the dense YAML architecture.
+
+    An unexpected exception becomes one :class:`PruneError` line naming ``source`` (traceback at DEBUG, i.e.
+    ``--verbose``); the atomic writes leave no partial output and no temporary file behind.
     """
+    with _failure_named(Path(source).expanduser()):
+        return _run(source, config, ctx, ckpt=ckpt, before=before, before_source=before_source, pruned=pruned,
+                    out=out, mode=mode, schedule=schedule, leaks=leaks, channels=channels, reference=reference)
+
+
+@contextlib.contextmanager
+def _failure_named(source: Path) -> Iterator[None]:
+    try:
+        yield
+    except PruneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - one line for the user, the traceback for --verbose
+        LOGGER.debug("traceback", exc_info=True)
+        raise PruneError(f"{source}: pruning failed ({first_line(e)}); run with --verbose for the traceback") from e
+
+
+def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optional[Mapping[str, Any]] = None,
+         before: Optional[Metrics] = None, before_source: Optional[str] = None, pruned: Optional[nn.Module] = None,
+         out: Optional[Path] = None, mode: Optional[str] = None, schedule: Optional[dict] = None,
+         leaks: Optional[dict] = None, channels: Optional[dict] = None,
+         reference: Optional[ReferenceModel] = None) -> ReportEntry:
+    """:func:`run` without the failure wrapper."""
     source = Path(source).expanduser().resolve()
     out = out or output_path(source, config)
     check_output_free(out, config, ctx.backend)
@@ -294,13 +312,12 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
             entry.metrics_before_source = before_source or "absent: no dense reference of the schedule run"
             LOGGER.warning("yolo_prune_plugin: no 'before' metrics: %s", entry.metrics_before_source)
 
-    reused: Optional[Metrics] = None
     if config.finetune.epochs:
-        _save(out, ckpt, model, dtype, entry, config, ctx, evaluate_after=True)
+        _save(out, ckpt, model, dtype, entry, config, ctx)
         entry.metrics_oneshot, entry.metrics_after = entry.metrics_after, None
-        ckpt, model, reused = finetune_stage(out, model.float(), entry, config, ctx)
+        ckpt, model = finetune_stage(out, model.float(), entry, config, ctx)
 
-    _save(out, ckpt, model, dtype, entry, config, ctx, evaluate_after=reused is None, reused=reused)
+    _save(out, ckpt, model, dtype, entry, config, ctx)
     if config.export:
         from .backend.export import export_and_verify
 
@@ -345,7 +362,7 @@ def _reference_file(reference: Optional[ReferenceModel], ckpt: Mapping[str, Any]
 
 
 def _save(out: Path, ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dtype, entry: ReportEntry,
-          config: PruneConfig, ctx: RunContext, evaluate_after: bool, reused: Optional[Metrics] = None) -> None:
+          config: PruneConfig, ctx: RunContext) -> None:
     """Write ``out`` atomically; evaluate the written file (loaded exactly as YOLOv5 loads it) before it is
     renamed into place, so a failure or an interrupt leaves no half-finished output."""
     new = _stripped(ckpt, model, dtype)
@@ -353,12 +370,10 @@ def _save(out: Path, ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dty
     entry.sparsity_after = sparsity_stats(saved, conv_layers(saved, config.include, config.exclude)).to_dict()
     entry.sparsity_all_conv = sparsity_stats(saved).to_dict(per_layer=False)
     stamp = {"version": __version__, "config": config.to_dict(), "date": _dt.datetime.now().isoformat(timespec="seconds")}
-    if reused is not None:
-        entry.metrics_after = reused.to_dict()
     with atomic_path(out) as tmp:
         new["prune"] = {**stamp, **entry.to_dict()}
         torch.save(new, tmp)
-        if config.evaluate and ctx.settings is not None and evaluate_after:
+        if config.evaluate and ctx.settings is not None:
             LOGGER.info("Validating %s (after %s)...", out.name,
                         "fine-tuning" if entry.finetune else "pruning")
             entry.metrics_after = evaluate_weights(tmp, ctx.settings, backend=ctx.backend).to_dict()

@@ -87,10 +87,11 @@ def resolve_data(data: str | Path | dict, backend: Optional[Backend] = None) -> 
     _check_data_yaml(p, backend)
     try:
         with driving_yolov5(backend):  # check_dataset downloads a font: optional offline
-            return backend.general.check_dataset(str(p.resolve()), autodownload=False)
+            data = backend.general.check_dataset(str(p.resolve()), autodownload=False)
     except Exception as e:  # noqa: BLE001 - YOLOv5 raises bare Exception/AssertionError for missing splits
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{p}: not a usable YOLOv5 dataset ({msg})") from None
+    return {**data, "yaml_file": str(p.resolve())}  # messages about the data name the file
 
 
 def _check_data_yaml(p: Path, backend: Backend) -> None:

@@ -59,8 +59,11 @@ class Backend:
         return self.callbacks.Callbacks
 
     def attempt_load(self, weights: str | Path, device: Any = None, fuse: bool = True) -> nn.Module:
-        """YOLOv5's own ``attempt_load`` (takes ``ema`` before ``model``)."""
-        return self.experimental.attempt_load(str(Path(weights).resolve()), device=device, fuse=fuse)
+        """YOLOv5's own ``attempt_load`` (takes ``ema`` before ``model``), with :func:`repair_compat` applied: PyPI
+        yolov5 7.0.14's own repairs compare with ``models.yolo.Detect``, a class the loaded modules are not."""
+        model = self.experimental.attempt_load(str(Path(weights).resolve()), device=device, fuse=fuse)
+        repair_compat(model)
+        return model
 
 
 _backend: Optional[Backend] = None
@@ -264,12 +267,53 @@ def load_checkpoint(path: str | Path, backend: Optional[Backend] = None) -> dict
                 "--trust-checkpoint") from None
         raise CheckpointError(f"{p}: corrupted, truncated or not a torch checkpoint ({_weights_only_reason(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
-        raise CheckpointError(f"{p}: corrupted, truncated or not a torch checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{p}: corrupted, truncated or not a torch checkpoint ({first_line(e)})") from None
     validate_checkpoint(ckpt, p)
+    for key in ("model", "ema"):
+        if isinstance(ckpt.get(key), nn.Module):
+            repair_compat(ckpt[key])
     return ckpt
 
 
-def _first_line(e: BaseException) -> str:
+#: Activations whose ``inplace`` attribute files pickled before torch 1.7 lack (YOLOv5's ``attempt_load`` list).
+_INPLACE_MODULES = (nn.Hardswish, nn.LeakyReLU, nn.ReLU, nn.ReLU6, nn.SiLU)
+
+
+def repair_compat(model: nn.Module) -> int:
+    """Apply YOLOv5 7.0's ``attempt_load`` compatibility repairs to a loaded model in place; returns how many
+    modules changed.
+
+    The repairs: a v6.0-v6.2 ``Detect.anchor_grid`` tensor (v7 expects a list, ``Detect._make_grid`` fails on
+    the tensor) becomes v7's list of ``nl`` empty grids; a missing ``inplace`` (files of torch < 1.7) is added
+    to activations, ``Detect`` and the model; a missing ``Upsample.recompute_scale_factor`` (torch < 1.11) is
+    ``None``; a missing model ``stride`` is 32 and a list of ``names`` becomes a dict. Unlike ``attempt_load``
+    an ``inplace`` the module already has is kept (``attempt_load`` forces True, which is for inference only).
+    """
+    changed = 0
+    if not hasattr(model, "stride"):
+        model.stride = torch.tensor([32.0])
+        changed += 1
+    if isinstance(getattr(model, "names", None), (list, tuple)):
+        model.names = dict(enumerate(model.names))
+        changed += 1
+    for m in model.modules():
+        fixed = False
+        head = type(m).__name__ in {"Detect", "Segment"}
+        if (head or m is model or isinstance(m, _INPLACE_MODULES)) and not hasattr(m, "inplace"):
+            m.inplace = True
+            fixed = True
+        if head and not isinstance(m.anchor_grid, list):
+            delattr(m, "anchor_grid")
+            m.anchor_grid = [torch.empty(0) for _ in range(int(m.nl))]
+            fixed = True
+        if isinstance(m, nn.Upsample) and not hasattr(m, "recompute_scale_factor"):
+            m.recompute_scale_factor = None
+            fixed = True
+        changed += fixed
+    return changed
+
+
+def first_line(e: BaseException) -> str:
     s = str(e).strip().splitlines()
     return f"{type(e).__name__}: {s[0]}" if s else type(e).__name__
 
@@ -284,7 +328,7 @@ def _weights_only_reason(e: BaseException) -> str:
     lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
     useful = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Check the documentation",
                                                        "(1)", "(2)", "In PyTorch", "Please file an issue"))]
-    return (useful[0] if useful else _first_line(e))[:200]
+    return (useful[0] if useful else first_line(e))[:200]
 
 
 def validate_checkpoint(ckpt: Any, path: Path | str) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.nn as nn
 
-from .loading import Backend, _on_sys_path, respell_trusted
+from .loading import Backend, _on_sys_path, repair_compat, respell_trusted
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -189,6 +189,7 @@ def export_patches(backend: Backend) -> Iterator[list[str]]:
     def attempt_load(weights: Any, device: Any = None, inplace: bool = True, fuse: bool = True) -> nn.Module:
         model = orig_load(weights, device=device, inplace=inplace, fuse=False)
         respell_trusted(model, backend)
+        repair_compat(model)  # PyPI yolov5's own repair compares classes of the other spelling: a no-op there
         if fuse and hasattr(model, "fuse") and any(hasattr(m, "bn") and hasattr(m, "conv") for m in model.modules()):
             model.fuse()
         return model

@@ -63,6 +63,16 @@ def check_disjoint(data: DataSpec, calibration_split: str = "train", evaluation_
             "calibration.allow_overlap: true to accept it knowingly")
 
 
+def find_overlap(data: DataSpec) -> str:
+    """Why ``data``'s calibration (train) and evaluation (val) images overlap, in one line; empty when they are
+    disjoint (or when that cannot be told: a missing split, an unreadable entry)."""
+    try:
+        check_disjoint(data)
+    except ConfigError as e:
+        return str(e).split(";")[0]
+    return ""
+
+
 def _train_split(data: DataSpec) -> tuple[Any, str]:
     """The (absolute) train split of ``data`` and a name for messages."""
     b = get_backend()
@@ -144,16 +154,17 @@ def resolve_method(method: str, data: DataSpec | None, images: int = 16,
         return "global", "auto -> global: no dataset to draw calibration images from (pass --data for obs)"
     try:
         _train_split(data)
-        if not allow_overlap:
-            check_disjoint(data)
     except ConfigError as e:
         reason = str(e).split(";")[0]
+    else:
+        reason = "" if allow_overlap else find_overlap(data)
+    if reason:
         return "global", (f"auto -> global: no held-out calibration images ({reason}); set "
                           "calibration.allow_overlap: true to calibrate anyway, or method: global to silence this")
     return "obs", f"auto -> obs: {images} train-split images, none of them in val"
 
 
-__all__ = ["load_calibration_images", "check_disjoint", "resolve_method"]
+__all__ = ["load_calibration_images", "check_disjoint", "find_overlap", "resolve_method"]
 
 
 # --------------------------------------------------------------------------------------------------

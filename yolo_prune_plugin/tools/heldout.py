@@ -8,17 +8,23 @@ Accuracy of a data-aware pruner is only meaningful on images it never saw. Two w
   written as text files of absolute paths beside an absolute data YAML.
 * :func:`retarget_data_yaml` - a dataset that already has a held-out split (e.g. corn-pest ``test``):
   ``val:`` is pointed at that split, ``train:`` stays the calibration source.
+
+When they overlap anyway (coco128 as shipped, many users' YAMLs), :func:`overlap_plan` decides what each
+data-aware step of a config does (docs/overlap.md).
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from ..backend.data import image_files
+from ..config import DATA_AWARE_METHODS, PruneConfig
 from ..errors import ConfigError
+from ..prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -81,3 +87,55 @@ def retarget_data_yaml(src: str | Path, dest_dir: str | Path, evaluation: str = 
     f = dest / f"{src.stem}-{evaluation}.yaml"
     f.write_text(yaml.safe_dump(out, sort_keys=False), encoding="utf-8")
     return f
+
+
+def calibration_needs(config: PruneConfig) -> list[str]:
+    """Why ``config`` needs train-split images (empty: it does not)."""
+    why = []
+    if config.structure == "unstructured" and config.method in DATA_AWARE_METHODS:
+        why.append(f"method {config.method!r}")
+    if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
+        why.append(f"channel.importance {config.channel.importance!r}")
+    if config.bn_recalibration.count(config.structure):
+        why.append(f"bn_recalibration ({config.bn_recalibration.count(config.structure)} images; 0 turns it off)")
+    return why
+
+
+def overlap_plan(config: PruneConfig, data: Any) -> dict[str, str]:
+    """What the data-aware steps of ``config`` do because ``data``'s train (calibration) and val (evaluation) images
+    overlap (docs/overlap.md), logged: ``{"overlap": why, step: what it does instead}``; empty when they are
+    disjoint, with ``calibration.allow_overlap``, in schedule mode or without data-aware steps.
+
+    BatchNorm recalibration runs anyway (its statistics are what training computed on those images); the default
+    channel importance falls back from Taylor to L1, as ``method: auto`` falls back from obs to global. An explicit
+    choice that fits the evaluation images (``method: obs``, ``channel.importance: taylor``, a sweep with a
+    data-aware method) raises :class:`ConfigError` naming the key and the fix.
+    """
+    from ..prune.calibration import find_overlap
+
+    sweep = [m for m in config.sweep.methods if m in DATA_AWARE_METHODS] if config.sweep.amounts else []
+    if (data is None or config.calibration.allow_overlap or config.schedule.final_amount is not None
+            or not (calibration_needs(config) or sweep)):
+        return {}
+    why = find_overlap(data)
+    if not why:
+        return {}
+    explicit = ([f"method: {config.method}"] if config.structure == "unstructured" and config.method in
+                DATA_AWARE_METHODS else [])
+    if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
+        explicit.append(f"channel.importance: {config.channel.importance}")
+    explicit += [f"sweep.methods: {m}" for m in sweep]
+    if explicit:
+        raise ConfigError(f"{explicit[0]} fits the pruned model to its calibration images, and {why}: set "
+                          "calibration.allow_overlap: true or use a data YAML with disjoint train and val splits")
+    plan = {"overlap": why}
+    if config.structure == "channel" and config.channel.importance is None:
+        plan["channel.importance"] = ("l1 instead of taylor: Taylor ranking fits the labels of the images the "
+                                      "result is measured on (set calibration.allow_overlap: true to use it)")
+    if config.bn_recalibration.count(config.structure):
+        plan["bn_recalibration"] = ("on the train images anyway: BatchNorm statistics from them are what training "
+                                    "itself computed (no label is read, no weight is fitted)")
+    for step, what in plan.items():
+        if step != "overlap":
+            LOGGER.warning("yolo_prune_plugin: %s: %s (%s)", step, what, why)
+    return plan

@@ -1,0 +1,94 @@
+"""A data YAML whose train and val are the same images (coco128 as shipped, many users' YAMLs) through
+``yolo-prune train --prune-*``: each data-aware step does what docs/overlap.md says, decided and said before the
+first epoch, and stored in the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from yolo_prune_plugin.cli import main
+
+from test_heldout import _same_split
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def same_yaml(tiny_data, tmp_path_factory):
+    """The tiny synthetic data set with ``train:`` = ``val:`` (every calibration image is an evaluation image)."""
+    return _same_split(tiny_data, tmp_path_factory.mktemp("overlap"))
+
+
+@pytest.fixture
+def train_spy(backend, monkeypatch, caplog):
+    """YOLOv5's real ``train.main``, recording the plugin's log as it was when training started."""
+    seen: list[str] = []
+    real = backend.train.main
+
+    def spy(*args, **kwargs):
+        seen.append(caplog.text)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(backend.train, "main", spy)
+    return seen
+
+
+def _train(data, cfg, project, *prune_flags):
+    return main(["train", "--data", str(data), "--cfg", str(cfg), "--weights", "", "--img", "64", "--epochs", "1",
+                 "--batch-size", "4", "--workers", "0", "--device", "cpu", "--noplots", "--noautoanchor",
+                 "--project", str(project), "--name", "exp", *prune_flags])
+
+
+def _entry(project):
+    return json.loads((project / "exp" / "prune_report.json").read_text())["results"][0]
+
+
+@pytest.mark.parametrize("flags, config, steps", [
+    # channel defaults: Taylor ranking falls back to L1, BatchNorm statistics recalibrated anyway
+    (["--prune-structure", "channel"], None, {"channel.importance": "l1 instead of taylor",
+                                              "bn_recalibration": "on the train images anyway"}),
+    # unstructured with BatchNorm recalibration asked for: recalibrated anyway
+    (["--prune-method", "global"], "bn_recalibration: {images: 4}", {"bn_recalibration": "on the train images anyway"}),
+    # the user accepted the overlap: Taylor ranking on it, nothing falls back
+    (["--prune-structure", "channel"], "calibration: {allow_overlap: true}", {}),
+])
+def test_overlapping_splits_prune_at_train_end(same_yaml, tiny_cfg, tmp_path, caplog, train_spy, flags, config,
+                                                steps):
+    extra = ["--prune-amount", "0.3", *flags]
+    if config:
+        (tmp_path / "prune.yaml").write_text(config + "\n")
+        extra += ["--prune-config", str(tmp_path / "prune.yaml")]
+    with caplog.at_level("INFO", logger="yolo_prune_plugin"):
+        rc = _train(same_yaml, tiny_cfg, tmp_path / "runs", *extra)
+    assert rc == 0 and len(train_spy) == 1
+    entry = _entry(tmp_path / "runs")
+    assert entry["recalibration"] is not None and entry["metrics_after"] is not None
+    overlap = entry["method_details"].get("overlap", {})
+    assert sorted(overlap) == (sorted([*steps, "overlap"]) if steps else [])
+    for step, what in steps.items():
+        assert overlap[step].startswith(what)
+        assert f"{step}: {what}" in train_spy[0]  # said before the first epoch
+    if steps:
+        assert "share 2 image file(s)" in overlap["overlap"] and str(same_yaml) in overlap["overlap"]
+    if "--prune-structure" in flags:
+        assert entry["channels"]["importance"] == ("l1" if steps else "taylor")
+
+
+@pytest.mark.parametrize("flags, config, key", [
+    (["--prune-method", "obs"], None, "method: obs"),
+    (["--prune-structure", "channel"], "channel: {importance: taylor}", "channel.importance: taylor"),
+    (["--prune-method", "global"], "sweep: {amounts: [0.2], methods: [global, obs]}", "sweep.methods: obs"),
+])
+def test_explicit_data_aware_choice_is_refused_before_training(same_yaml, tiny_cfg, tmp_path, capsys, train_spy,
+                                                               flags, config, key):
+    extra = list(flags)
+    if config:
+        (tmp_path / "prune.yaml").write_text(config + "\n")
+        extra += ["--prune-config", str(tmp_path / "prune.yaml")]
+    rc = _train(same_yaml, tiny_cfg, tmp_path / "runs", *extra)
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("yolo-prune:")]
+    assert rc == 2 and train_spy == []  # no epoch ran
+    assert len(err) == 1 and err[0].startswith(f"yolo-prune: error: {key} fits the pruned model")
+    assert "calibration.allow_overlap: true" in err[0] and "disjoint train and val splits" in err[0]
