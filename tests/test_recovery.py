@@ -11,6 +11,7 @@ import gc
 import importlib
 import json
 import math
+import sys
 import weakref
 from pathlib import Path
 
@@ -382,3 +383,29 @@ def test_leak_is_detected_when_the_hooks_are_missing(backend, tiny_model, tiny_d
     _assert_yolov5_restored(backend)
     masks = M.zero_masks(load_checkpoint(pruned)["model"])
     assert M.file_leaks(tmp_path / "leaky" / "weights" / "last.pt", masks)["model"] > 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_finetune_options_ignore_the_host_process_argv(backend, tiny_model, tiny_data, tiny_cfg, tmp_path,
+                                                        monkeypatch):
+    """A user script run with ``-h`` or its own flags: YOLOv5's train options come from the run, not sys.argv."""
+    pruned = save_checkpoint(tiny_model, tmp_path / "pruned.pt")
+    base = _opt(backend, tiny_data, tiny_cfg, tmp_path, "base")
+    seen = {}
+
+    def main(opt, callbacks=None):  # YOLOv5's train.main, stopped before it trains: the options it would get
+        seen["opt"] = opt
+        raise _Stop
+
+    monkeypatch.setattr(backend.train, "main", main)
+    monkeypatch.setattr(sys, "argv", ["script.py", "-h", "--foo", "--epochs", "99"])
+    with pytest.raises(_Stop):
+        F.finetune_checkpoint(pruned, base, 2, lr_scale=0.5, masks=None, project=tmp_path, name="ft", backend=backend)
+    opt = seen["opt"]
+    assert opt.epochs == 2 and opt.data == base.data and opt.weights == str(pruned.resolve())
+    assert sys.argv == ["script.py", "-h", "--foo", "--epochs", "99"]  # left as the host had it
+    with pytest.raises(ConfigError, match="unknown YOLOv5 train option 'foo'"):  # the api's helper: the same one
+        train_opt([], backend, foo=1)

@@ -5,10 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 import torch
 
@@ -17,6 +16,7 @@ from .backend.checks import check_device, check_model_matches_data
 from .backend.evaluation import make_settings, resolve_data
 from .backend.loading import Backend, get_backend, load_checkpoint
 from .backend.patches import driving_yolov5
+from .backend.training_loop import train_opt
 from .callbacks import PrunePlugin, register
 from .config import PruneConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
@@ -29,28 +29,6 @@ LOGGER = logging.getLogger("yolo_prune_plugin")
 _RELEASE_WEIGHTS = re.compile(r"^yolov5[nsmlx]6?(-seg|-cls)?\.pt$")
 
 __all__ = ["train", "prune", "register", "PrunePlugin", "preflight", "train_opt"]
-
-
-@contextmanager
-def _argv(args: list[str]) -> Iterator[None]:
-    saved = sys.argv
-    sys.argv = ["train.py", *args]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def train_opt(args: Optional[list[str]] = None, backend: Optional[Backend] = None, **kwargs: Any) -> argparse.Namespace:
-    """YOLOv5's train options from command-line ``args`` (strict: unknown flags are an error) and ``kwargs``."""
-    backend = backend or get_backend()
-    with _argv(list(args or [])):
-        opt = backend.train.parse_opt(False)
-    for k, v in kwargs.items():
-        if not hasattr(opt, k):
-            raise ConfigError(f"train: unknown YOLOv5 train option {k!r}")
-        setattr(opt, k, v)
-    return opt
 
 
 def _resolve_weights(weights: str) -> str:
