@@ -115,6 +115,35 @@ def test_loss_gradients_leave_weights_and_bn_statistics_unchanged(small_model, s
     assert small_model.model[0].conv.weight.grad is not None and small_model.model[0].conv.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("own_hyp", [False, True])
+def test_loss_gains_are_scaled_once(backend, small_model, syn_data, monkeypatch, own_hyp):
+    """train.py scales box/cls/obj by nl, nc/80 and (imgsz/640)^2 and saves that hyp with the model: a
+    checkpoint's ``model.hyp`` is used as it is; only the default hyp file is scaled (here nc=3, 64 px)."""
+    import importlib
+
+    from yolo_prune_plugin.prune.calibration import accumulate_loss_gradients
+
+    loss_mod = importlib.import_module(backend.prefix + "utils.loss")
+    seen = []
+
+    class Spy(loss_mod.ComputeLoss):
+        def __init__(self, model, *a, **k):
+            super().__init__(model, *a, **k)
+            seen.append({k: self.hyp[k] for k in ("box", "cls", "obj")})
+
+    monkeypatch.setattr(loss_mod, "ComputeLoss", Spy)
+    nl, nc, imgsz = 3, 3, 64
+    assert (small_model.model[-1].nl, small_model.model[-1].nc) == (nl, nc)
+    trained = {"box": 0.05 * 3 / nl, "cls": 0.5 * nc / 80 * 3 / nl, "obj": 1.0 * (imgsz / 640) ** 2 * 3 / nl}
+    if own_hyp:  # as train.py left it in the checkpoint (already scaled), with the other keys of the hyp file
+        from yolo_prune_plugin.prune.calibration import _default_hyp
+
+        small_model.hyp = {**_default_hyp(), **trained}
+    accumulate_loss_gradients(small_model, *load_calibration_batch(syn_data, imgsz, n=2))
+    assert seen == [pytest.approx(trained)]
+    assert (small_model.hyp["cls"] == trained["cls"]) if own_hyp else not hasattr(small_model, "hyp")
+
+
 def test_bn_recalibration_changes_running_stats_never_conv_weights(small_model):
     channel_prune(small_model, 0.3, imgsz=64, log=False)
     convs = {n: m.weight.clone() for n, m in conv_layers(small_model)}
