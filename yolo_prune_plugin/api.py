@@ -9,11 +9,9 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-import torch
-
 from . import pipeline
 from .backend.checks import check_device, check_model_matches_data
-from .backend.evaluation import make_settings, resolve_data
+from .backend.evaluation import backend_select_device, make_settings, resolve_data
 from .backend.loading import Backend, get_backend, load_checkpoint
 from .backend.patches import driving_yolov5
 from .backend.training_loop import train_opt
@@ -183,7 +181,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
     if cfg.finetune.epochs or cfg.schedule.final_amount is not None:
         raise ConfigError("finetune/schedule need a training run: use `yolo-prune train` (or register() + "
                           "train.main); `yolo-prune prune` prunes one-shot")
-    dev = settings.device if settings is not None else torch.device(device or "cpu")
+    dev = settings.device if settings is not None else backend_select_device(backend, device)  # YOLOv5's names
     ctx = pipeline.RunContext(backend, dev, imgsz, settings)
     with driving_yolov5(backend):
         entry = pipeline.run(weights, cfg, ctx, ckpt=ckpt)
