@@ -106,7 +106,7 @@ def test_failure_at_train_end_is_logged_and_leaves_outputs(run_dir, monkeypatch,
         monkeypatch.setattr(pipeline_mod, "make_settings", lambda *a, **k: _FakeSettings())
     with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
         plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)  # must not raise into YOLOv5
-    assert isinstance(plugin.error, RuntimeError)
+    assert isinstance(plugin.error.__cause__ or plugin.error, RuntimeError)  # inside pipeline.run: a PruneError
     retry = run_dir / "prune_retry.yaml"  # the one new file: the resolved config the retry command names
     assert {k: v for k, v in _snapshot(run_dir).items() if k != retry.relative_to(run_dir)} == before
     assert "injected fault" in caplog.text
@@ -154,7 +154,7 @@ def test_retry_after_a_failed_channel_run_is_exact(run_dir, monkeypatch, caplog)
     plugin = PrunePlugin(cfg, opt={"data": "x.yaml", "imgsz": 64, "device": "cpu", "batch_size": 8, "workers": 0})
     with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
         plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
-    assert isinstance(plugin.error, RuntimeError)
+    assert isinstance(plugin.error.__cause__ or plugin.error, RuntimeError)
     retries = _retries(caplog.text)
     assert [ns.weights for ns, _ in retries] == [str(w / "best.pt"), str(w / "last.pt")]  # checkpoints: best, last
     for ns, retried in retries:
