@@ -133,3 +133,28 @@ def plain_attempt_load(path: Path, imgsz: int = 64) -> tuple[list[int], list[int
     assert out.returncode == 0, out.stderr[-2000:]
     shape, widths = out.stdout.strip().splitlines()[-1].split("] ", 1)
     return [int(v) for v in shape.strip("[").split(",")], [int(v) for v in widths.strip("[]").split(",")]
+
+
+def assert_dense_slices(pruned: torch.nn.Module, dense: torch.nn.Module, kept: dict) -> int:
+    """Each Conv2d of the channel-pruned ``pruned`` holds ``dense``'s weights of the output channels it kept
+    (``kept``: conv name -> original indices, absent = all) at an ordered subset of the dense input channels:
+    the pruned model is a slice of the dense one, not a model re-initialised at the smaller widths. Compared in
+    ``pruned``'s dtype; returns how many convs lost channels."""
+    dense_mods = dict(dense.named_modules())
+    narrowed = 0
+    for name, m in pruned.named_modules():
+        if not isinstance(m, torch.nn.Conv2d):
+            continue
+        d = dense_mods[name]
+        rows = kept.get(name, list(range(d.out_channels)))
+        assert len(rows) == m.out_channels, f"{name}: {m.out_channels} channels, {len(rows)} kept"
+        want, got = d.weight.detach()[rows].to(m.weight.dtype), m.weight.detach()
+        j = 0  # greedy in order: the kept input channels keep their order (random weights: columns are unique)
+        for c in range(want.shape[1]):
+            if j < got.shape[1] and torch.equal(got[:, j], want[:, c]):
+                j += 1
+        assert j == got.shape[1], f"{name}: input channel {j} holds no dense input channel's weights"
+        if m.bias is not None:
+            assert torch.equal(m.bias.detach(), d.bias.detach()[rows].to(m.bias.dtype)), name
+        narrowed += (m.out_channels, m.in_channels) != (d.out_channels, d.in_channels)
+    return narrowed

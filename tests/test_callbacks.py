@@ -10,7 +10,7 @@ import torch
 
 import yolo_prune_plugin.pipeline as pipeline_mod
 from yolo_prune_plugin.callbacks import PrunePlugin, register
-from yolo_prune_plugin.config import config_from_dict
+from yolo_prune_plugin.config import config_from_dict, load_config
 from yolo_prune_plugin.report import ReportEntry, validate_report
 
 from conftest import save_checkpoint
@@ -107,9 +107,87 @@ def test_failure_at_train_end_is_logged_and_leaves_outputs(run_dir, monkeypatch,
     with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
         plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)  # must not raise into YOLOv5
     assert isinstance(plugin.error.__cause__ or plugin.error, RuntimeError)  # inside pipeline.run: a PruneError
-    assert _snapshot(run_dir) == before  # nothing written, nothing half-written, nothing changed
+    retry = run_dir / "prune_retry.yaml"  # the one new file: the resolved config the retry command names
+    assert {k: v for k, v in _snapshot(run_dir).items() if k != retry.relative_to(run_dir)} == before
     assert "injected fault" in caplog.text
-    assert f"yolo-prune prune --weights {w / 'best.pt'} --data x.yaml --img 64 --amount 0.4" in caplog.text
+    [(ns, retried)] = _retries(caplog.text)
+    assert retried == cfg and ns.config == str(retry) and ns.weights == str(w / "best.pt")
+    assert (ns.data, ns.imgsz, ns.device, ns.batch_size) == ("x.yaml", 64, "cpu", 4)
+
+
+def _retries(log: str) -> list:
+    """Each ``yolo-prune prune`` line logged after "Retry with:", parsed by the CLI's parser: (args, config)."""
+    import shlex
+
+    from yolo_prune_plugin.cli import _config_from_args, build_parser
+
+    lines = log.split("Retry with:\n", 1)[1].splitlines()
+    out = []
+    for line in lines:
+        if not line.strip().startswith("yolo-prune prune "):
+            break
+        argv = shlex.split(line.strip())
+        ns, rest = build_parser().parse_known_args(argv[1:])
+        assert not rest, rest
+        out.append((ns, _config_from_args(ns, "")))
+    return out
+
+
+CHANNEL = {"amount": 0.4, "structure": "channel", "evaluate": False, "include": ["model.*"], "exclude": ["model.2*"],
+           "channel": {"importance": "l1", "round_to": 4, "max_layer_ratio": 0.5, "cost_aware": 0.5},
+           "bn_recalibration": {"images": 4, "batch_size": 2},
+           "calibration": {"images": 8, "batch_size": 2, "seed": 3, "allow_overlap": True},
+           "obs": {"damp": 0.05, "flip": False}, "export": ["onnx"], "export_options": {"opset": 12},
+           "checkpoints": ["best", "last"]}
+
+
+def test_retry_after_a_failed_channel_run_is_exact(run_dir, monkeypatch, caplog):
+    """The retry command names a config file that gives back the run's config, every nested option included."""
+    w = run_dir / "weights"
+
+    def boom(*a, **k):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(pipeline_mod, "prune_stage", boom)
+    monkeypatch.setattr(pipeline_mod, "make_settings", lambda *a, **k: _FakeSettings())  # BN recalibration: data
+    cfg = config_from_dict(CHANNEL)
+    plugin = PrunePlugin(cfg, opt={"data": "x.yaml", "imgsz": 64, "device": "cpu", "batch_size": 8, "workers": 0})
+    with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
+        plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    assert isinstance(plugin.error.__cause__ or plugin.error, RuntimeError)
+    retries = _retries(caplog.text)
+    assert [ns.weights for ns, _ in retries] == [str(w / "best.pt"), str(w / "last.pt")]  # checkpoints: best, last
+    for ns, retried in retries:
+        assert retried == cfg and retried.structure == "channel"
+        assert (ns.data, ns.imgsz, ns.device, ns.batch_size, ns.workers) == ("x.yaml", 64, "cpu", 16, 0)
+    # a user's file of the retry name is never replaced; a second failure reuses the file of the same config
+    (run_dir / "prune_retry.yaml").write_text("my: own file\n")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
+        plugin.on_train_end(w / "last.pt", w / "best.pt", 0, None)
+    [ns, _] = [ns for ns, _ in _retries(caplog.text)]
+    assert ns.config == str(run_dir / "prune_retry_2.yaml") and load_config(ns.config) == cfg
+    assert (run_dir / "prune_retry.yaml").read_text() == "my: own file\n"
+
+
+@pytest.mark.parametrize("extra,note", [({"finetune": {"epochs": 3, "lr_scale": 0.5}}, "--prune-finetune-epochs 3"),
+                                        ({"schedule": {"end_epoch": 2, "final_amount": 0.6}}, "gradual pruning")])
+def test_retry_of_a_recovery_mode_prunes_one_shot_and_says_how_to_redo_it(run_dir, extra, note):
+    """`yolo-prune prune` prunes one-shot: the retry's config leaves the fine-tune/schedule out (prune would refuse
+    it), everything else as the run had it, and the line says how to redo the rest."""
+    w = run_dir / "weights"
+    cfg = config_from_dict({**CHANNEL, **extra})
+    plugin = PrunePlugin(cfg, opt={"data": "x.yaml", "imgsz": 64, "device": "cpu", "batch_size": 8})
+    text = plugin.retry_command(w / "best.pt")
+    ns, retried = _retries("Retry with:\n" + text)[0]
+    assert retried.finetune.epochs == 0 and retried.schedule.final_amount is None
+    want = cfg.to_dict()
+    want.update(finetune={**want["finetune"], "epochs": 0}, schedule=retried.to_dict()["schedule"],
+                amount=cfg.schedule.final_amount or cfg.amount)
+    assert retried.to_dict() == want
+    assert note in text.splitlines()[-1]
+    if "finetune" in extra:  # train again with that very file and the fine-tune's epochs
+        assert f"--prune-config {ns.config} --prune-finetune-epochs 3" in text.splitlines()[-1]
 
 
 class _FakeSettings:

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from yolo_prune_plugin.prune import channel as channel_mod
 from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.config import config_from_dict
 from yolo_prune_plugin.errors import ConfigError
@@ -33,7 +34,8 @@ def _conv_weights(model):
 
 @pytest.fixture(scope="module")
 def pruned(backend, tiny_data, tmp_path_factory):
-    """`yolo-prune prune --structure channel` on a 3-class YOLOv5n with the synthetic data."""
+    """`yolo-prune prune --structure channel` on a 3-class YOLOv5n with the synthetic data: (source, pruned file,
+    dense model, the channels each conv kept)."""
     from conftest import save_checkpoint
 
     torch.manual_seed(0)
@@ -41,19 +43,32 @@ def pruned(backend, tiny_data, tmp_path_factory):
     model.names = {0: "circle", 1: "rectangle", 2: "triangle"}
     folder = tmp_path_factory.mktemp("channel")
     ckpt = save_checkpoint(model, folder / "best.pt")
-    rc = main(["prune", "--weights", str(ckpt), "--data", str(tiny_data), "--img", "64", "--amount", "0.4",
-               "--structure", "channel", "--device", "cpu", "--workers", "0", "--batch-size", "4"])
-    assert rc == 0
-    return ckpt, folder / "best_pruned.pt", model
+    results = []
+
+    def spy(*a, **k):  # the real channel pruning; its result says which channels each conv kept
+        results.append(real(*a, **k))
+        return results[-1]
+
+    real = channel_mod.channel_prune
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(channel_mod, "channel_prune", spy)
+        rc = main(["prune", "--weights", str(ckpt), "--data", str(tiny_data), "--img", "64", "--amount", "0.4",
+                   "--structure", "channel", "--device", "cpu", "--workers", "0", "--batch-size", "4"])
+    assert rc == 0 and len(results) == 1
+    return ckpt, folder / "best_pruned.pt", model, results[0].kept
 
 
 def test_cli_channel_prune_writes_a_smaller_model_and_report(backend, pruned):
-    src, out, dense = pruned
+    from conftest import assert_dense_slices
+
+    src, out, dense, kept = pruned
     report = json.loads((src.parent / "prune_report.json").read_text())
     entry = validate_report(report)[0]
     assert entry.structure == "channel" and entry.channels["structure"] == "channel"
     small = torch.load(out)["model"].float()
     removed = 1 - _conv_weights(small) / _conv_weights(dense)
+    # every kept channel holds the dense file's weights (BN recalibration changes BatchNorm statistics only)
+    assert assert_dense_slices(torch.load(out)["model"], torch.load(src)["model"], kept) > 0
     assert abs(removed - 0.4) <= 0.02 and abs(entry.channels["achieved"] - removed) < 1e-6
     assert entry.channels["params_after"] < entry.channels["params_before"]
     assert entry.channels["gflops_after"] < entry.channels["gflops_before"]
@@ -66,7 +81,7 @@ def test_cli_channel_prune_writes_a_smaller_model_and_report(backend, pruned):
 
 
 def test_train_with_channel_pruned_weights_trains_that_architecture(backend, pruned, tiny_data, tmp_path):
-    _, out, _ = pruned
+    _, out, _, _ = pruned
     want = _channels(torch.load(out)["model"])
     o = TINY.train_overrides(tiny_data, tmp_path / "runs", "exp", yolov5_root=backend.root)
     rc = main(["train", "--data", o["data"], "--weights", str(out), "--img", "64", "--epochs", "1",
@@ -82,7 +97,7 @@ def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_
     from conftest import save_checkpoint
     from yolo_prune_plugin.api import train_opt
 
-    _, _, dense = pruned
+    _, _, dense, _ = pruned
     run = tmp_path / "exp" / "weights"
     run.mkdir(parents=True)
     o = TINY.train_overrides(tiny_data, tmp_path, "exp", yolov5_root=backend.root)

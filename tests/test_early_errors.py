@@ -125,11 +125,16 @@ def test_api_prune_checks_device_first(small_ckpt, device, match):
     assert not small_ckpt.with_name("best_pruned.pt").exists()
 
 
-@pytest.mark.parametrize("device", ["", "cpu", "CPU"])
-def test_cpu_and_auto_devices_pass(device):
+@needs_no_cuda
+@pytest.mark.parametrize("device", ["", "cpu", "CPU", " cpu"])
+def test_cpu_and_auto_devices_pass(small_ckpt, device):
+    """Accepted by the early check, and then really used: the file is pruned on the CPU."""
+    from yolo_prune_plugin.api import prune
     from yolo_prune_plugin.backend.checks import check_device
 
     check_device(device)
+    [entry] = prune(small_ckpt, None, amount=0.3, device=device)
+    assert entry.device == "cpu" and small_ckpt.with_name("best_pruned.pt").is_file()
 
 
 # -- 3: model classes vs data YAML ------------------------------------------------------------------------

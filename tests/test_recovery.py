@@ -7,9 +7,12 @@ Real ``train.main`` runs use the synthetic dataset (4 train / 2 val images at 64
 from __future__ import annotations
 
 import copy
+import gc
 import importlib
 import json
 import math
+import sys
+import weakref
 from pathlib import Path
 
 import pytest
@@ -280,6 +283,7 @@ def test_schedule_without_a_dense_epoch_validates_the_dense_starting_weights(bac
     """start_epoch == end_epoch == 0: epoch 0 already trains pruned, so no epoch of the history is dense. The
     "before" metrics must come from the model as it was at on_train_start, not from the pruned candidate."""
     import yolo_prune_plugin.pipeline as P
+    from yolo_prune_plugin.training.dense_reference import DenseReference
 
     seen = []
 
@@ -289,6 +293,15 @@ def test_schedule_without_a_dense_epoch_validates_the_dense_starting_weights(bac
 
     real = P.evaluate
     monkeypatch.setattr(P, "evaluate", spy)
+    snaps = []
+    real_capture = DenseReference.capture
+
+    def capture(self, model, start_epoch):  # the real snapshot, seen (weakly) from here
+        real_capture(self, model, start_epoch)
+        snaps.append((weakref.ref(self.model), sparsity_stats(self.model).sparsity,
+                      next(self.model.parameters()).device.type))
+
+    monkeypatch.setattr(DenseReference, "capture", capture)
     cfg = config_from_dict({"schedule": {"start_epoch": 0, "end_epoch": 0, "final_amount": 0.5}})
     opt = _opt(backend, tiny_data, tiny_cfg, tmp_path, "sched0", epochs=1)
     torch.manual_seed(0)
@@ -301,8 +314,10 @@ def test_schedule_without_a_dense_epoch_validates_the_dense_starting_weights(bac
     assert entry.metrics_before is not None and entry.sparsity_after["sparsity"] == pytest.approx(0.5, abs=1e-5)
     assert entry.metrics_before_source.startswith("dense starting weights (snapshot at on_train_start, epoch 0")
     assert "validated by the plugin" in entry.metrics_before_source and "no dense epoch" in entry.metrics_before_source
-    snap = plugin.gradual.dense.model  # the starting weights: dense, and not the weights training ended with
-    assert sparsity_stats(snap).sparsity < 0.01 and next(snap.parameters()).device.type == "cpu"
+    [(snap, sparsity, device)] = snaps  # the starting weights: dense, on the CPU, not the weights training ended with
+    assert sparsity < 0.01 and device == "cpu"
+    gc.collect()
+    assert plugin.gradual.dense.model is None and snap() is None  # released: the plugin keeps no model copy
 
 
 def test_resumed_schedule_reports_before_as_absent_with_the_reason(backend, tiny_model, tiny_data, tmp_path, caplog):
@@ -371,3 +386,29 @@ def test_leak_is_detected_when_the_hooks_are_missing(backend, tiny_model, tiny_d
     _assert_yolov5_restored(backend)
     masks = M.zero_masks(load_checkpoint(pruned)["model"])
     assert M.file_leaks(tmp_path / "leaky" / "weights" / "last.pt", masks)["model"] > 0
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_finetune_options_ignore_the_host_process_argv(backend, tiny_model, tiny_data, tiny_cfg, tmp_path,
+                                                        monkeypatch):
+    """A user script run with ``-h`` or its own flags: YOLOv5's train options come from the run, not sys.argv."""
+    pruned = save_checkpoint(tiny_model, tmp_path / "pruned.pt")
+    base = _opt(backend, tiny_data, tiny_cfg, tmp_path, "base")
+    seen = {}
+
+    def main(opt, callbacks=None):  # YOLOv5's train.main, stopped before it trains: the options it would get
+        seen["opt"] = opt
+        raise _Stop
+
+    monkeypatch.setattr(backend.train, "main", main)
+    monkeypatch.setattr(sys, "argv", ["script.py", "-h", "--foo", "--epochs", "99"])
+    with pytest.raises(_Stop):
+        F.finetune_checkpoint(pruned, base, 2, lr_scale=0.5, masks=None, project=tmp_path, name="ft", backend=backend)
+    opt = seen["opt"]
+    assert opt.epochs == 2 and opt.data == base.data and opt.weights == str(pruned.resolve())
+    assert sys.argv == ["script.py", "-h", "--foo", "--epochs", "99"]  # left as the host had it
+    with pytest.raises(ConfigError, match="unknown YOLOv5 train option 'foo'"):  # the api's helper: the same one
+        train_opt([], backend, foo=1)

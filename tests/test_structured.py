@@ -18,7 +18,7 @@ from yolo_prune_plugin.prune.bn_recalibration import recalibrate_bn  # noqa: E40
 from yolo_prune_plugin.prune.channel import channel_counts, channel_prune, detect_output_convs
 from yolo_prune_plugin.prune.calibration import load_calibration_batch
 
-from conftest import plain_attempt_load, save_checkpoint  # noqa: E402
+from conftest import assert_dense_slices, plain_attempt_load, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -42,8 +42,10 @@ def _check_structure(before: dict, model: torch.nn.Module, round_to: int, scope:
                                                        (0.2, "bn", 4), (0.4, "lamp", 8)])
 def test_amount_is_met_and_structure_is_valid(small_model, amount, importance, round_to):
     before = channel_counts(small_model)
+    dense = copy.deepcopy(small_model)
     res = channel_prune(small_model, amount, importance=importance, round_to=round_to, imgsz=64, log=False)
     assert abs(res.achieved - amount) <= 0.02
+    assert assert_dense_slices(small_model, dense, res.kept) > 0  # the dense weights, sliced; not re-initialised
     weights_now = sum(m.weight.numel() for _, m in conv_layers(small_model))
     assert weights_now == res.conv_weights_after  # no include/exclude: every Conv2d is in scope
     assert res.params_after < res.params_before and res.gflops_after < res.gflops_before
@@ -51,6 +53,19 @@ def test_amount_is_met_and_structure_is_valid(small_model, amount, importance, r
     y = small_model.eval()(torch.zeros(1, 3, 64, 64))[0]
     assert y.shape == (1, 252, 8)  # 3 anchors x (8x8 + 4x4 + 2x2) x (5 + 3 classes): the head is intact
     assert is_channel_pruned(small_model)
+
+
+def test_slice_check_catches_a_model_reinitialised_at_the_pruned_widths(small_model):
+    """Control for assert_dense_slices: the right widths with fresh weights are not a pruned dense model."""
+    dense = copy.deepcopy(small_model)
+    res = channel_prune(small_model, 0.3, imgsz=64, log=False)
+    torch.manual_seed(1)
+    widths = dict(dense.named_modules())
+    for n, m in small_model.named_modules():  # fresh weights wherever the widths changed
+        if isinstance(m, torch.nn.Conv2d) and m.weight.shape != widths[n].weight.shape:
+            m.reset_parameters()
+    with pytest.raises(AssertionError, match="holds no dense input channel"):
+        assert_dense_slices(small_model, dense, res.kept)
 
 
 def test_real_yolov5n_amount_and_gflops(yolov5n):
@@ -100,6 +115,7 @@ def test_taylor_uses_yolov5_loss_on_labelled_train_images(small_model, syn_data)
     ref = copy.deepcopy(small_model)
     res = channel_prune(small_model, 0.3, importance="taylor", calibration=(images, targets), imgsz=64, log=False)
     assert res.extra["calibration_loss"] > 0 and abs(res.achieved - 0.3) <= 0.02
+    assert assert_dense_slices(small_model, ref, res.kept) > 0
     assert all(p.grad is None for p in small_model.parameters())
     channel_prune(ref, 0.3, importance="l1", imgsz=64, log=False)
     assert channel_counts(ref) != channel_counts(small_model)  # the data changed the ranking
@@ -113,6 +129,35 @@ def test_loss_gradients_leave_weights_and_bn_statistics_unchanged(small_model, s
     assert loss > 0 and not small_model.training and not hasattr(small_model, "hyp")
     assert all(torch.equal(v, state[k]) for k, v in small_model.state_dict().items())
     assert small_model.model[0].conv.weight.grad is not None and small_model.model[0].conv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("own_hyp", [False, True])
+def test_loss_gains_are_scaled_once(backend, small_model, syn_data, monkeypatch, own_hyp):
+    """train.py scales box/cls/obj by nl, nc/80 and (imgsz/640)^2 and saves that hyp with the model: a
+    checkpoint's ``model.hyp`` is used as it is; only the default hyp file is scaled (here nc=3, 64 px)."""
+    import importlib
+
+    from yolo_prune_plugin.prune.calibration import accumulate_loss_gradients
+
+    loss_mod = importlib.import_module(backend.prefix + "utils.loss")
+    seen = []
+
+    class Spy(loss_mod.ComputeLoss):
+        def __init__(self, model, *a, **k):
+            super().__init__(model, *a, **k)
+            seen.append({k: self.hyp[k] for k in ("box", "cls", "obj")})
+
+    monkeypatch.setattr(loss_mod, "ComputeLoss", Spy)
+    nl, nc, imgsz = 3, 3, 64
+    assert (small_model.model[-1].nl, small_model.model[-1].nc) == (nl, nc)
+    trained = {"box": 0.05 * 3 / nl, "cls": 0.5 * nc / 80 * 3 / nl, "obj": 1.0 * (imgsz / 640) ** 2 * 3 / nl}
+    if own_hyp:  # as train.py left it in the checkpoint (already scaled), with the other keys of the hyp file
+        from yolo_prune_plugin.prune.calibration import _default_hyp
+
+        small_model.hyp = {**_default_hyp(), **trained}
+    accumulate_loss_gradients(small_model, *load_calibration_batch(syn_data, imgsz, n=2))
+    assert seen == [pytest.approx(trained)]
+    assert (small_model.hyp["cls"] == trained["cls"]) if own_hyp else not hasattr(small_model, "hyp")
 
 
 def test_bn_recalibration_changes_running_stats_never_conv_weights(small_model):

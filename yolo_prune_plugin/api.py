@@ -5,18 +5,16 @@ from __future__ import annotations
 import argparse
 import logging
 import re
-import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
-
-import torch
+from typing import Any, Mapping, Optional
 
 from . import pipeline
 from .backend.checks import check_device, check_model_matches_data
-from .backend.evaluation import make_settings, resolve_data
+from .backend.evaluation import backend_select_device, make_settings, resolve_data
 from .backend.loading import Backend, get_backend, load_checkpoint
 from .backend.patches import driving_yolov5
+from .backend.training_loop import train_opt
 from .callbacks import PrunePlugin, register
 from .config import PruneConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
@@ -29,28 +27,6 @@ LOGGER = logging.getLogger("yolo_prune_plugin")
 _RELEASE_WEIGHTS = re.compile(r"^yolov5[nsmlx]6?(-seg|-cls)?\.pt$")
 
 __all__ = ["train", "prune", "register", "PrunePlugin", "preflight", "train_opt"]
-
-
-@contextmanager
-def _argv(args: list[str]) -> Iterator[None]:
-    saved = sys.argv
-    sys.argv = ["train.py", *args]
-    try:
-        yield
-    finally:
-        sys.argv = saved
-
-
-def train_opt(args: Optional[list[str]] = None, backend: Optional[Backend] = None, **kwargs: Any) -> argparse.Namespace:
-    """YOLOv5's train options from command-line ``args`` (strict: unknown flags are an error) and ``kwargs``."""
-    backend = backend or get_backend()
-    with _argv(list(args or [])):
-        opt = backend.train.parse_opt(False)
-    for k, v in kwargs.items():
-        if not hasattr(opt, k):
-            raise ConfigError(f"train: unknown YOLOv5 train option {k!r}")
-        setattr(opt, k, v)
-    return opt
 
 
 def _resolve_weights(weights: str) -> str:
@@ -207,7 +183,7 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
     if cfg.finetune.epochs or cfg.schedule.final_amount is not None:
         raise ConfigError("finetune/schedule need a training run: use `yolo-prune train` (or register() + "
                           "train.main); `yolo-prune prune` prunes one-shot")
-    dev = settings.device if settings is not None else torch.device(device or "cpu")
+    dev = settings.device if settings is not None else backend_select_device(backend, device)  # YOLOv5's names
     ctx = pipeline.RunContext(backend, dev, imgsz, settings)
     with driving_yolov5(backend):
         entry = pipeline.run(weights, cfg, ctx, ckpt=ckpt)

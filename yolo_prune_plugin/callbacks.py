@@ -12,16 +12,21 @@ import contextlib
 import logging
 import os
 import shlex
+import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Optional
+
+import yaml
 
 from .backend.evaluation import Metrics
 from .backend.loading import Backend, backend_of_callbacks, first_line, get_backend, load_checkpoint
 from .backend.patches import driving_yolov5
-from .config import PruneConfig, load_config
+from .config import PruneConfig, ScheduleOptions, load_config
 from .errors import PruneError
 from .report import ReportEntry
 from .tools.loggers import find_yolo_loggers
+from .utils.files import atomic_write_text
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 HOOK_NAME = "yolo_prune_plugin"
@@ -61,8 +66,8 @@ class PrunePlugin:
         self.error: Optional[BaseException] = None
         self.ran = False
         self.callbacks: Any = None  # set by register(): YOLOv5's Loggers (trackers) are found on it
-        self._resolved_opt: dict = {}
-        self._best: Any = None  # best.pt of the run being pruned (for the retry command)  # training options as the hook found them (for the retry command)
+        self._resolved_opt: dict = {}  # training options as the hook found them (for the retry command)
+        self._best: Any = None  # best.pt of the run being pruned (for the retry command)
         self._scope = contextlib.ExitStack()  # the compat patches while YOLOv5 trains (3-line path)
         self._scoped = False
         self.gradual = None
@@ -129,9 +134,13 @@ class PrunePlugin:
     def _fail(self, e: BaseException, what: str, retry: bool = True) -> None:
         self.error = e
         msg = e if isinstance(e, PruneError) else f"{self._best or 'the run'}: {first_line(e)}"
-        if retry:
+        if retry and self._best is not None:
+            try:
+                cmd = self.retry_command(self._best)
+            except Exception as r:  # noqa: BLE001 - the original error is what matters
+                cmd = f"yolo-prune prune --weights {shlex.quote(str(self._best))} ... (retry config not written: {r})"
             LOGGER.error("yolo_prune_plugin: %s failed: %s\n  Your training outputs (best.pt, last.pt, results) are "
-                         "untouched. Retry with:\n  %s", what, msg, self.retry_command(self._best))
+                         "untouched. Retry with:\n  %s", what, msg, cmd)
         else:
             LOGGER.error("yolo_prune_plugin: %s failed: %s", what, msg)
         if not isinstance(e, PruneError):
@@ -209,23 +218,76 @@ class PrunePlugin:
         return self.entries
 
     def retry_command(self, best: Any) -> str:
+        """``yolo-prune prune`` line(s) that redo this run's pruning exactly: the resolved config is written as
+        YAML beside the run (:func:`write_retry_config`) and passed with ``--config``, with the run's data, image
+        size, device and validation batch. ``yolo-prune prune`` prunes one-shot: a fine-tune or a schedule is
+        left out of that file, and the line says how to redo it."""
+        from .pipeline import val_batch_size
+
         opt = self._resolved_opt
         if not opt and self.opt is not None:
             opt = dict(self.opt) if isinstance(self.opt, dict) else dict(vars(self.opt))
-        c = self.config
-        parts = ["yolo-prune", "prune", "--weights", str(best)]
-        if opt.get("data"):
-            parts += ["--data", str(opt["data"])]
-        if opt.get("imgsz"):
-            parts += ["--img", str(opt["imgsz"])]
-        parts += ["--amount", str(c.amount), "--method", c.method]
-        if c.include:
-            parts += ["--include", ",".join(c.include)]
-        if c.exclude:
-            parts += ["--exclude", ",".join(c.exclude)]
-        if c.export:
-            parts += ["--export", ",".join(c.export)]
-        return " ".join(shlex.quote(p) for p in parts)
+        c, note = self.config, ""
+        if c.finetune.epochs:
+            c = replace(c, finetune=replace(c.finetune, epochs=0))
+            note = (f"(`yolo-prune prune` does not fine-tune: to redo the {self.config.finetune.epochs}-epoch "
+                    f"fine-tune too, train again with --prune-config {{cfg}} --prune-finetune-epochs "
+                    f"{self.config.finetune.epochs})")
+        elif c.schedule.final_amount is not None:
+            c = replace(c, amount=c.schedule.final_amount, schedule=ScheduleOptions())
+            note = ("(this prunes best.pt once at the schedule's final amount; gradual pruning needs a training "
+                    "run: train again with the same --prune-config / --prune-* options)")
+        best = Path(best)
+        cfg = write_retry_config(c, best.parent.parent if best.parent.name == "weights" else best.parent)
+        last = best.with_name("last.pt")
+        files = [best] if self.mode == "schedule" else [best if n == "best" else last for n in c.checkpoints]
+        lines = []
+        for f in files:
+            parts = ["yolo-prune", "prune", "--config", str(cfg), "--weights", str(f)]
+            if opt.get("data"):
+                parts += ["--data", str(opt["data"]), "--batch-size", str(val_batch_size(opt))]
+            for flag, key in (("--img", "imgsz"), ("--device", "device"), ("--workers", "workers")):
+                if opt.get(key) not in (None, ""):
+                    parts += [flag, str(opt[key])]
+            if opt.get("single_cls"):
+                parts.append("--single-cls")
+            if self.backend.kind == "checkout":
+                parts += ["--yolov5-dir", str(self.backend.root)]
+            lines.append(" ".join(shlex.quote(p) for p in parts))
+        if note:
+            lines.append(note.format(cfg=shlex.quote(str(cfg))))
+        return "\n  ".join(lines)
+
+
+RETRY_CONFIG = "prune_retry.yaml"
+
+
+def write_retry_config(config: PruneConfig, folder: Path) -> Path:
+    """``config`` (every key) as YAML in ``folder`` that :func:`load_config` reads back equal; written atomically.
+
+    An existing file is reused when it holds the same config and never replaced otherwise (the next free name
+    ``prune_retry_2.yaml``, ...). Falls back to the temporary folder when ``folder`` is not writable.
+    """
+    text = ("# yolo_prune_plugin: the resolved prune config of this run, for `yolo-prune prune --config`\n" +
+            yaml.safe_dump(config.to_dict(), sort_keys=False))
+    for i in range(1, 100):
+        path = folder / (RETRY_CONFIG if i == 1 else f"prune_retry_{i}.yaml")
+        if path.exists():
+            try:
+                if load_config(path) == config:
+                    return path
+            except PruneError:
+                pass
+            continue
+        try:
+            atomic_write_text(text, path)
+        except OSError:
+            break
+        return path
+    fd, tmp = tempfile.mkstemp(prefix="prune_retry_", suffix=".yaml")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    return Path(tmp)
 
 
 def register(callbacks: Any, config: Optional[PruneConfig] = None, opt: Any = None, **overrides: Any) -> PrunePlugin:

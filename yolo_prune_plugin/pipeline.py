@@ -63,17 +63,20 @@ def needs_data(config: PruneConfig) -> bool:
     return bool(config.evaluate or calibration_needs(config) or config.sweep.amounts)
 
 
+def val_batch_size(opt: Mapping[str, Any]) -> int:
+    """train.py's batch size for its final validation: twice the per-process training batch."""
+    return max(int(opt.get("batch_size", 16)) // int(os.getenv("WORLD_SIZE", 1)) * 2, 1)
+
+
 def context_from_opt(opt: Mapping[str, Any], config: PruneConfig, backend: Backend) -> RunContext:
     """The context of a training run from its options (train.py's device and final-validation batch size)."""
-    world = int(os.getenv("WORLD_SIZE", 1))
     local_rank = int(os.getenv("LOCAL_RANK", -1))
     device = (torch.device("cuda", local_rank) if local_rank != -1 else
               backend_select_device(backend, opt.get("device", ""), 0))
     imgsz = int(opt.get("imgsz", 640))
     settings = None
     if needs_data(config):
-        batch = max(int(opt.get("batch_size", 16)) // world * 2, 1)  # train.py's val batch size
-        settings = make_settings(opt["data"], imgsz, batch, device, bool(opt.get("single_cls", False)),
+        settings = make_settings(opt["data"], imgsz, val_batch_size(opt), device, bool(opt.get("single_cls", False)),
                                  int(opt.get("workers", 8)), backend)
     return RunContext(backend, device, imgsz, settings, dict(opt))
 

@@ -136,10 +136,7 @@ def format_table(entry: dict) -> str:
     for art in entry.get("exports") or []:
         rows.append((f"{art['format']} bytes (gzip)", None, art.get("gzip_bytes"), "int"))
     w0 = max(len(r[0]) for r in rows)
-    title = (f"{Path(entry['checkpoint']).name} -> {Path(entry['output']).name}  "
-             f"(method={entry['method'] if entry.get('structure', 'unstructured') == 'unstructured' else 'channel'}, "
-             f"amount={entry['amount']}, mode={entry.get('mode', 'oneshot')})")
-    lines = [title, f"{'':<{w0}}  {'before':>14}  {'after':>14}  {'change':>10}"]
+    lines = [_title(entry), f"{'':<{w0}}  {'before':>14}  {'after':>14}  {'change':>10}"]
     for name, vb, va, kind in rows:
         change = ""
         if vb is not None and va is not None and kind != "int":
@@ -148,7 +145,8 @@ def format_table(entry: dict) -> str:
         elif vb is not None and va is not None and kind == "int" and vb:
             change = f"{100 * (va - vb) / vb:+.1f}%"
         lines.append(f"{name:<{w0}}  {_fmt(vb, kind):>14}  {_fmt(va, kind):>14}  {change:>10}")
-    if not b and entry.get("metrics_before_source"):  # e.g. a resumed schedule run: why "before" is empty
+    schedule = entry.get("mode") == "schedule"  # "before" is the dense model, not the (pruned) source file
+    if (not b or schedule) and entry.get("metrics_before_source"):  # e.g. a resumed schedule run: why it is empty
         lines.append(f"(before: {entry['metrics_before_source']})")
     for label, m in (("before", b), ("after", a)):
         if m.get("nms_timeouts"):
@@ -164,6 +162,18 @@ def format_table(entry: dict) -> str:
         if not art.get("ok"):
             lines.append(f"! {art['format']} export FAILED verification: {art.get('message')}")
     return "\n".join(lines)
+
+
+def _title(entry: Mapping[str, Any]) -> str:
+    """``best.pt -> best_pruned.pt  (structure=channel, importance=taylor, amount=0.3, mode=oneshot)``; a schedule
+    run's "before" is the dense model (its source file is already pruned)."""
+    mode = entry.get("mode", "oneshot")
+    before = "dense model" if mode == "schedule" else Path(entry["checkpoint"]).name
+    if entry.get("structure", "unstructured") == "channel":
+        how = f"structure=channel, importance={(entry.get('channels') or {}).get('importance', '?')}"
+    else:
+        how = f"method={entry['method']}"
+    return f"{before} -> {Path(entry['output']).name}  ({how}, amount={entry['amount']}, mode={mode})"
 
 
 def print_report(entries: list[dict], echo: Optional[Callable[[str], None]] = None) -> str:

@@ -7,22 +7,54 @@ makes YOLOv5 train a channel-pruned architecture instead of rebuilding it from i
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import inspect
 import logging
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
-from ..errors import PruneError
+from ..errors import ConfigError, PruneError
 from .loading import Backend, get_backend, is_detection_model, load_checkpoint
 from .patches import Patch
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
+
+
+# --------------------------------------------------------------------------------------------------
+# YOLOv5's train options, never from the host process's command line
+# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _argv(args: Sequence[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = ["train.py", *args]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def train_opt(args: Optional[Sequence[str]] = None, backend: Optional[Backend] = None,
+              **kwargs: Any) -> argparse.Namespace:
+    """YOLOv5's train options from command-line ``args`` (strict: unknown flags are an error) and ``kwargs``.
+
+    ``train.parse_opt`` reads ``sys.argv``: it is set to ``args`` alone while it parses, so the host process's own
+    flags (a user script run with ``-h``) never reach it.
+    """
+    backend = backend or get_backend()
+    with _argv(list(args or [])):
+        opt = backend.train.parse_opt(False)
+    for k, v in kwargs.items():
+        if not hasattr(opt, k):
+            raise ConfigError(f"train: unknown YOLOv5 train option {k!r}")
+        setattr(opt, k, v)
+    return opt
 
 
 # --------------------------------------------------------------------------------------------------

@@ -218,25 +218,29 @@ def _default_hyp() -> dict:
     return dict(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
+def _scaled_hyp(hyp: dict, det: nn.Module, imgsz: int) -> dict:
+    """The loss gains of a hyp file scaled as train.py scales them (layers, classes, image size)."""
+    nl, nc = int(det.nl), int(det.nc)
+    return {**hyp, "box": float(hyp["box"]) * 3 / nl, "cls": float(hyp["cls"]) * nc / 80 * 3 / nl,
+            "obj": float(hyp["obj"]) * (imgsz / 640) ** 2 * 3 / nl}
+
+
 def accumulate_loss_gradients(model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                               batch_size: int = 8) -> float:
     """Fill ``.grad`` of every parameter with the gradient of YOLOv5's own training loss on the batch.
 
     BatchNorm runs in train mode (as in training) but its running statistics are restored afterwards; no
-    weight changes. Returns the mean loss.
+    weight changes. The loss gains are the model's own ``hyp`` (train.py saved it already scaled), else the
+    default hyp file's, scaled once for this model's layers and classes and the images' size. Returns the mean
+    loss.
     """
     from ..backend.loading import get_backend
 
     b = get_backend()
     loss_mod = importlib.import_module(b.prefix + "utils.loss")
-    det = model.model[-1]
-    hyp = dict(getattr(model, "hyp", None) or _default_hyp())
-    nl, nc = int(det.nl), int(det.nc)
-    imgsz = int(images.shape[-1])
-    hyp["box"] = float(hyp["box"]) * 3 / nl  # the scaling train.py applies
-    hyp["cls"] = float(hyp["cls"]) * nc / 80 * 3 / nl
-    hyp["obj"] = float(hyp["obj"]) * (imgsz / 640) ** 2 * 3 / nl
     old_hyp = getattr(model, "hyp", None)
+    # train.py scales the gains and stores that hyp with the model: a trained checkpoint's is used as it is
+    hyp = dict(old_hyp) if old_hyp else _scaled_hyp(_default_hyp(), model.model[-1], int(images.shape[-1]))
     model.hyp = hyp
     buffers = {k: v.clone() for k, v in model.state_dict().items() if "running_" in k or "num_batches" in k}
     was_training = model.training

@@ -280,6 +280,7 @@ class ChannelSchedule:
         return cand, model, section, None, before_row
 
     def close(self) -> None:
-        """Remove the candidate file (also after a crash)."""
+        """Remove the dense snapshot and the candidate file (also after a crash)."""
+        self.dense.release()
         if self.candidate is not None and self.candidate.exists():
             self.candidate.unlink()

@@ -91,6 +91,11 @@ class DenseReference:
             p.requires_grad_(False)
         self.model, self.reason = snap, None
 
+    def release(self) -> None:
+        """Drop the snapshot (a full model copy) once the pipeline is done with it."""
+        if self.model is not None:
+            self.model, self.reason = None, "released after train end"
+
     def row(self, history: Sequence[dict]) -> Optional[dict]:
         """YOLOv5's validation of :attr:`dense_epoch` in ``history`` (None when that epoch did not run here)."""
         return next((r for r in history if r.get("epoch") == self.dense_epoch and "mAP50" in r), None)

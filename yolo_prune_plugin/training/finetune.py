@@ -31,7 +31,7 @@ import yaml
 
 from ..backend.loading import Backend, get_backend
 from ..backend.patches import driving_yolov5
-from ..backend.training_loop import keep_checkpoint_architecture
+from ..backend.training_loop import keep_checkpoint_architecture, train_opt
 from ..config import DATA_AWARE_METHODS, PruneConfig
 from ..errors import ConfigError, PruneError
 from ..prune.unstructured import conv_layers, sparsity_stats
@@ -127,7 +127,7 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     if epochs < 1:
         raise ConfigError(f"finetune.epochs must be >= 1, got {epochs}")
     hyp = finetune_hyp(load_hyp(base.get("hyp"), b), lr_scale, warmup)
-    opt = b.train.parse_opt(True)
+    opt = train_opt([], b)  # YOLOv5's defaults, never the host process's sys.argv
     for k, v in base.items():
         if k not in _NOT_INHERITED and hasattr(opt, k):
             setattr(opt, k, v)

@@ -228,7 +228,8 @@ class GradualPruning:
         return cand, model, section, leaks, before_row
 
     def close(self) -> None:
-        """Remove the optimizer hooks and the candidate file (also after a crash)."""
+        """Remove the optimizer hooks, the dense snapshot and the candidate file (also after a crash)."""
         self.keeper.remove_hooks()
+        self.dense.release()
         if self.candidate is not None and self.candidate.exists():
             self.candidate.unlink()
