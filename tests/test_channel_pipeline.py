@@ -108,6 +108,8 @@ def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_
     ({"structure": "rows"}, "'structure' must be one of unstructured, channel"),
     ({"channel": {"round_to": 0}}, "'channel.round_to' must be >= 1"),
     ({"channel": {"cost_aware": -1}}, "'channel.cost_aware' must be in \\[0, 4\\]"),
+    ({"channel": {"round_share": 0}}, "'channel.round_share' must be in \\(0, 1\\]"),
+    ({"channel": {"round_share": 1.5}}, "'channel.round_share' must be in \\(0, 1\\]"),
 ])
 def test_bad_channel_configs(cfg, match):
     with pytest.raises(ConfigError, match=match):

@@ -285,6 +285,9 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
             elif k == "cost_aware":
                 out[k] = _in_range(v, q, where, 0, 4, lo_closed=True, hi_closed=True,
                                    note=" (an exponent; 0 = plain ranking)")
+            elif k == "round_share":
+                out[k] = _in_range(v, q, where, 0, 1, hi_closed=True,
+                                   note=" (largest rounding step as a share of a layer's width)")
             else:
                 out[k] = _in_range(v, q, where, 0, 1)
         elif cls is BNRecalibrationOptions:

@@ -153,7 +153,7 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
                             include=config.include, exclude=config.exclude, calibration=calibration,
                             max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz,
-                            cost_aware=config.channel.cost_aware)
+                            cost_aware=config.channel.cost_aware, round_share=config.channel.round_share)
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
         from .prune.calibration import load_calibration_images, resolve_method

@@ -8,7 +8,8 @@ Unlike :mod:`yolo_prune_plugin.prune.unstructured` (zeros inside dense tensors),
 Selection is done here, not by Torch-Pruning's pruner, for three reasons: the target ``amount`` is the
 fraction of **Conv2d weights** in scope removed (not a channel ratio), it is met by bisection on a global
 importance threshold; channel counts are rounded to the *nearest* multiple of ``round_to`` (Torch-Pruning
-rounds the kept count *down*, which can leave 0 channels); and a per-layer floor (``max_layer_ratio``) keeps
+rounds the kept count *down*, which can leave 0 channels), or of a smaller divisor of it on narrow layers so
+that one rounding step never moves more than ``round_share`` of a layer (:func:`round_step`); and a per-layer floor (``max_layer_ratio``) keeps
 every group alive.
 
 Importance (``importance=``): ``l1``/``l2`` (group magnitude, Torch-Pruning's ``GroupMagnitudeImportance``),
@@ -56,6 +57,9 @@ DEFAULT_ROUND_TO = ChannelOptions.round_to
 
 
 DEFAULT_MAX_LAYER_RATIO = ChannelOptions.max_layer_ratio
+
+
+DEFAULT_ROUND_SHARE = ChannelOptions.round_share
 
 
 #: the achieved fraction is within this of ``amount`` (raises otherwise)
@@ -232,20 +236,32 @@ def channel_macs(model: nn.Module, groups: list, dg: Any, imgsz: int) -> dict[st
     return cost
 
 
-def _keep_count(n: int, n_prune: int, round_to: int, floor: int) -> int:
-    """Channels kept: nearest multiple of ``round_to``, at least ``floor`` (itself rounded up), at most ``n``."""
-    kept = n - n_prune
+def round_step(n: int, round_to: int, round_share: float = DEFAULT_ROUND_SHARE) -> int:
+    """The rounding step of a group of ``n`` channels: the largest divisor of ``round_to`` that is at most
+    ``round_share * n`` (at least 1), so one rounding step never moves more than that share of a narrow layer
+    (a 16-channel stem with ``round_to=8``, ``round_share=0.125`` rounds to multiples of 2, not 8)."""
     r = max(1, int(round_to))
+    cap = max(1.0, float(round_share) * n)
+    return max(d for d in range(1, r + 1) if r % d == 0 and d <= cap)
+
+
+def _keep_count(n: int, n_prune: int, round_to: int, floor: int, round_share: float = 1.0) -> int:
+    """Channels kept: nearest multiple of the group's :func:`round_step`, at least ``floor`` (itself rounded up),
+    at most ``n``."""
+    kept = n - n_prune
+    r = round_step(n, round_to, round_share)
     kept = int(round(kept / r)) * r
     floor = max(r, int(math.ceil(floor / r)) * r)
     return int(min(n, max(kept, floor)))
 
 
-def _plan(scores: dict[str, torch.Tensor], k: int, round_to: int, max_layer_ratio: float) -> dict:
+def _plan(scores: dict[str, torch.Tensor], k: int, round_to: int, max_layer_ratio: float,
+          round_share: float = 1.0) -> dict:
     """Channel indices to remove per group root when the ``k`` globally lowest-ranked channels go.
 
     Ranking is by normalised importance over all groups (ties broken by position, so equal scores, e.g. an
-    untrained model's BatchNorm scales, still give every ``k`` its own plan); each group's count is then rounded.
+    untrained model's BatchNorm scales, still give every ``k`` its own plan); each group's count is then rounded
+    (:func:`_keep_count`).
     """
     names = list(scores)
     flat = torch.cat([scores[n] for n in names])
@@ -256,7 +272,7 @@ def _plan(scores: dict[str, torch.Tensor], k: int, round_to: int, max_layer_rati
     for name, n_prune in zip(names, counts):
         s = scores[name]
         n = len(s)
-        kept = _keep_count(n, n_prune, round_to, math.ceil(n * (1 - max_layer_ratio)))
+        kept = _keep_count(n, n_prune, round_to, math.ceil(n * (1 - max_layer_ratio)), round_share)
         if kept < n:
             plan[name] = torch.sort(s, stable=True).indices[: n - kept].tolist()
     return plan
@@ -275,14 +291,16 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
                   round_to: int = DEFAULT_ROUND_TO, include: Sequence[str] = (), exclude: Sequence[str] = (),
                   calibration: Any = None, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                   imgsz: int = 640, trace_imgsz: int = 64, tolerance: float = AMOUNT_TOLERANCE,
-                  cost_aware: float = DEFAULT_COST_AWARE, log: bool = True) -> ChannelPruneResult:
+                  cost_aware: float = DEFAULT_COST_AWARE, round_share: float = DEFAULT_ROUND_SHARE,
+                  log: bool = True) -> ChannelPruneResult:
     """Remove whole output channels of ``model`` (a YOLOv5 ``DetectionModel``, in place) with Torch-Pruning.
 
     ``amount``: fraction of the Conv2d weights in scope to remove (input channels removed from a consumer
     count too), met within ``tolerance`` by bisection of one global importance threshold (ranking across all
     layers; each group's scores normalised by their mean, Torch-Pruning's default). ``include``/``exclude``:
     fnmatch patterns as in :func:`pruning.conv_layers`; only convs in scope lose *output* channels. Detect's
-    output convs never do. ``round_to``: kept channel counts are multiples of it (nearest, never 0).
+    output convs never do. ``round_to``: kept channel counts are multiples of it (nearest, never 0), or of its
+    largest divisor that is at most ``round_share`` of the group's width (:func:`round_step`).
     ``max_layer_ratio``: at most this fraction of a group's channels is removed. ``calibration``: for
     ``importance="taylor"``, ``(images, targets)`` from :func:`load_calibration_batch`. ``importance=None``:
     Taylor when ``calibration`` is given, else L1. ``cost_aware``: exponent ``alpha`` of a FLOP-aware ranking,
@@ -303,6 +321,9 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
         raise ConfigError(f"round_to: expected an integer >= 1, got {round_to!r}")
     if not (isinstance(cost_aware, (int, float)) and not isinstance(cost_aware, bool) and 0.0 <= cost_aware <= 4.0):
         raise ConfigError(f"cost_aware: expected a number in [0, 4] (exponent of the FLOP cost), got {cost_aware!r}")
+    if not (isinstance(round_share, (int, float)) and not isinstance(round_share, bool) and 0.0 < round_share <= 1.0):
+        raise ConfigError(f"round_share: expected a number in (0, 1] (largest rounding step as a share of a layer's "
+                          f"width), got {round_share!r}")
     if not (0.0 < max_layer_ratio <= 1.0):
         raise ConfigError(f"max_layer_ratio: expected a number in (0, 1], got {max_layer_ratio!r}")
     det = getattr(model, "model", None)
@@ -350,7 +371,7 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     total = sum(len(v) for v in scores.values())
 
     def trial(k: int) -> tuple[float, dict]:
-        plan = _plan(scores, k, round_to, max_layer_ratio)
+        plan = _plan(scores, k, round_to, max_layer_ratio, round_share)
         m = copy.deepcopy(model)
         _apply_plan(m, plan, ignored_names, trace_imgsz)
         return 1 - _weights(m, scope) / w_before, plan
@@ -392,7 +413,7 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     res = ChannelPruneResult(importance, float(amount), 1 - w_after / w_before, round_to, params_before,
                              count_parameters(model), gflops_before, gflops(model, imgsz), w_before, w_after,
                              channels_before, channel_counts(model), q, time.perf_counter() - t0,
-                             {"max_layer_ratio": max_layer_ratio, "cost_aware": float(cost_aware), "groups": len(scores),
+                             {"max_layer_ratio": max_layer_ratio, "round_share": float(round_share), "cost_aware": float(cost_aware), "groups": len(scores),
                               "groups_pruned": len(plan)}, kept)
     if loss is not None:
         res.extra["calibration_loss"] = round(loss, 4)

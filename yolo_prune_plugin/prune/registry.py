@@ -69,7 +69,8 @@ class ChannelOptions:
     """Options of ``structure: channel`` (defaults chosen by scripts/benchmark_structured.py)."""
 
     importance: Optional[str] = None  # None: taylor when the run has data (train split with labels), else l1
-    round_to: int = 8  # kept channel counts are multiples of it (nearest, never 0)
+    round_to: int = 8  # kept channel counts are multiples of it (nearest, never 0) ...
+    round_share: float = 0.125  # ... or of its largest divisor <= this share of the layer's width (narrow layers)
     max_layer_ratio: float = 0.75  # at most this fraction of a layer group's channels is removed
     cost_aware: float = 0.0  # > 0: rank by importance / (MACs per channel)^alpha (faster, less accurate one-shot)
 
