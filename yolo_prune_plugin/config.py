@@ -13,8 +13,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from .errors import ConfigError
-from .prune.registry import (CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions, ObsOptions,
-                             data_aware_names, method_names)
+from .prune.registry import (CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions,
+                             ObsOptions, data_aware_names, method_names)
 
 #: Methods selectable by ``method`` (read from the registry); the data-aware ones calibrate on train images.
 METHODS = method_names()
@@ -280,6 +280,8 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
         elif cls is ChannelOptions:
             if k == "importance":
                 out[k] = None if v is None else _choice(v, q, where, CHANNEL_IMPORTANCES)
+            elif k == "allocation":
+                out[k] = _choice(v, q, where, CHANNEL_ALLOCATIONS)
             elif k == "round_to":
                 out[k] = _at_least(v, q, where, 1)
             elif k == "cost_aware":
@@ -387,6 +389,9 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
             raise ConfigError(f"{source}: 'method: {cfg.method}' ranks single weights (structure: unstructured); "
                               "with 'structure: channel' choose 'channel.importance' "
                               f"({', '.join(CHANNEL_IMPORTANCES)})")
+        if cfg.channel.allocation == "sensitivity" and cfg.schedule.final_amount is not None:
+            raise ConfigError(f"{source}: 'channel.allocation: sensitivity' is for one-shot channel pruning; a "
+                              "'schedule' run allocates by 'global' ranking (allowed here: global)")
     return cfg
 
 

@@ -65,6 +65,8 @@ def calibration_needs(config: PruneConfig) -> list[str]:
         why.append(f"method {config.method!r}")
     if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
         why.append(f"channel.importance {config.channel.importance!r}")
+    if config.structure == "channel" and config.channel.allocation == "sensitivity":
+        why.append("channel.allocation 'sensitivity'")
     if config.bn_recalibration.count(config.structure):
         why.append(f"bn_recalibration ({config.bn_recalibration.count(config.structure)} images; 0 turns it off)")
     return why
@@ -146,14 +148,17 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
 
         imp = config.channel.importance
         calibration = None
-        if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None):
-            data = _calibration_data(ctx, f"channel importance {imp or 'taylor'!r}")
+        sens = config.channel.allocation == "sensitivity"
+        if sens or imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None):
+            data = _calibration_data(ctx, "channel allocation 'sensitivity'" if sens
+                                     else f"channel importance {imp or 'taylor'!r}")
             calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed,
                                                  allow_overlap=c.allow_overlap)
         res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
                             include=config.include, exclude=config.exclude, calibration=calibration,
                             max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz,
-                            cost_aware=config.channel.cost_aware, round_share=config.channel.round_share)
+                            cost_aware=config.channel.cost_aware, round_share=config.channel.round_share,
+                            allocation=config.channel.allocation)
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
         from .prune.calibration import load_calibration_images, resolve_method

@@ -32,7 +32,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, PruneError
 from .calibration import accumulate_loss_gradients
-from .registry import CHANNEL_IMPORTANCES, DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
+from .registry import CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
 from .unstructured import check_scope, conv_layers, count_parameters
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -60,6 +60,9 @@ DEFAULT_MAX_LAYER_RATIO = ChannelOptions.max_layer_ratio
 
 
 DEFAULT_ROUND_SHARE = ChannelOptions.round_share
+
+
+DEFAULT_ALLOCATION = ChannelOptions.allocation
 
 
 #: the achieved fraction is within this of ``amount`` (raises otherwise)
@@ -292,7 +295,7 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
                   calibration: Any = None, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                   imgsz: int = 640, trace_imgsz: int = 64, tolerance: float = AMOUNT_TOLERANCE,
                   cost_aware: float = DEFAULT_COST_AWARE, round_share: float = DEFAULT_ROUND_SHARE,
-                  log: bool = True) -> ChannelPruneResult:
+                  allocation: str = DEFAULT_ALLOCATION, log: bool = True) -> ChannelPruneResult:
     """Remove whole output channels of ``model`` (a YOLOv5 ``DetectionModel``, in place) with Torch-Pruning.
 
     ``amount``: fraction of the Conv2d weights in scope to remove (input channels removed from a consumer
@@ -306,7 +309,10 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     Taylor when ``calibration`` is given, else L1. ``cost_aware``: exponent ``alpha`` of a FLOP-aware ranking,
     each group's scores divided by ``(MACs one of its channels costs / mean over groups) ** alpha`` (see
     :func:`channel_macs`), so at the same weight ``amount`` cheap-per-FLOP early, high-resolution layers are
-    preferred; 0 is the plain ranking. ``imgsz``: for GFLOPs. The result's ``kept`` maps each conv
+    preferred; 0 is the plain ranking. ``allocation``: ``global`` (the importance ranking decides how many
+    channels each group loses) or ``sensitivity`` (measured consumer output error on the calibration images
+    decides, :mod:`yolo_prune_plugin.prune.channel_sensitivity`; the importance still picks which channels;
+    ``calibration`` is ``(images, targets)`` or an image tensor). ``imgsz``: for GFLOPs. The result's ``kept`` maps each conv
     that lost channels to the original channel indices it kept.
     Raises :class:`ConfigError` for bad arguments, :class:`PruneError` when the amount cannot be met.
     """
@@ -324,6 +330,10 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     if not (isinstance(round_share, (int, float)) and not isinstance(round_share, bool) and 0.0 < round_share <= 1.0):
         raise ConfigError(f"round_share: expected a number in (0, 1] (largest rounding step as a share of a layer's "
                           f"width), got {round_share!r}")
+    if allocation not in CHANNEL_ALLOCATIONS:
+        raise ConfigError(f"allocation {allocation!r} is unknown; expected one of {', '.join(CHANNEL_ALLOCATIONS)}")
+    if allocation == "sensitivity" and calibration is None:
+        raise ConfigError("allocation 'sensitivity' needs calibration images (train split)")
     if not (0.0 < max_layer_ratio <= 1.0):
         raise ConfigError(f"max_layer_ratio: expected a number in (0, 1], got {max_layer_ratio!r}")
     det = getattr(model, "model", None)
@@ -363,6 +373,11 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
             p.grad = None
     if not scores:
         raise PruneError("channel pruning: no prunable channel group in scope")
+    if allocation == "sensitivity":
+        from .channel_sensitivity import sensitivity_scores
+
+        images = calibration[0] if isinstance(calibration, (tuple, list)) else calibration
+        scores, sens = sensitivity_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
     if cost_aware:
         macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
         mean = sum(macs.values()) / len(macs)
@@ -413,8 +428,10 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     res = ChannelPruneResult(importance, float(amount), 1 - w_after / w_before, round_to, params_before,
                              count_parameters(model), gflops_before, gflops(model, imgsz), w_before, w_after,
                              channels_before, channel_counts(model), q, time.perf_counter() - t0,
-                             {"max_layer_ratio": max_layer_ratio, "round_share": float(round_share), "cost_aware": float(cost_aware), "groups": len(scores),
+                             {"max_layer_ratio": max_layer_ratio, "round_share": float(round_share), "allocation": allocation, "cost_aware": float(cost_aware), "groups": len(scores),
                               "groups_pruned": len(plan)}, kept)
+    if allocation == "sensitivity":
+        res.extra.update(sens)
     if loss is not None:
         res.extra["calibration_loss"] = round(loss, 4)
         res.extra["calibration_images"] = int(len(calibration[0]))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["MethodSpec", "ObsOptions", "OBS_ALLOCATIONS", "STRUCTURES", "CHANNEL_IMPORTANCES",
-           "DATA_AWARE_CHANNEL_IMPORTANCES", "ChannelOptions", "METHODS", "method_names", "data_aware_names", "get_method"]
+           "DATA_AWARE_CHANNEL_IMPORTANCES", "CHANNEL_ALLOCATIONS", "ChannelOptions", "METHODS", "method_names", "data_aware_names", "get_method"]
 
 
 #: per-layer count allocations of ``obs`` (see :func:`yolo_prune_plugin.prune.allocation.layer_counts`)
@@ -62,6 +62,8 @@ STRUCTURES = ("unstructured", "channel")
 #: train-split images (YOLOv5's own loss)
 CHANNEL_IMPORTANCES = ("l1", "l2", "bn", "lamp", "taylor")
 DATA_AWARE_CHANNEL_IMPORTANCES = ("taylor",)
+#: how many channels each group loses: the importance ranking across groups, or measured consumer output error
+CHANNEL_ALLOCATIONS = ("global", "sensitivity")
 
 
 @dataclass(frozen=True)
@@ -72,6 +74,7 @@ class ChannelOptions:
     round_to: int = 8  # kept channel counts are multiples of it (nearest, never 0) ...
     round_share: float = 0.125  # ... or of its largest divisor <= this share of the layer's width (narrow layers)
     max_layer_ratio: float = 0.75  # at most this fraction of a layer group's channels is removed
+    allocation: str = "global"  # "global" (importance ranking) | "sensitivity" (measured error, needs data)
     cost_aware: float = 0.0  # > 0: rank by importance / (MACs per channel)^alpha (faster, less accurate one-shot)
 
 
