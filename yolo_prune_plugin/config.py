@@ -282,6 +282,8 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = None if v is None else _choice(v, q, where, CHANNEL_IMPORTANCES)
             elif k == "allocation":
                 out[k] = _choice(v, q, where, CHANNEL_ALLOCATIONS)
+            elif k in ("reconstruct", "compensate"):
+                out[k] = _bool(v, q, where)
             elif k == "round_to":
                 out[k] = _at_least(v, q, where, 1)
             elif k == "cost_aware":
@@ -389,9 +391,12 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
             raise ConfigError(f"{source}: 'method: {cfg.method}' ranks single weights (structure: unstructured); "
                               "with 'structure: channel' choose 'channel.importance' "
                               f"({', '.join(CHANNEL_IMPORTANCES)})")
-        if cfg.channel.allocation == "sensitivity" and cfg.schedule.final_amount is not None:
-            raise ConfigError(f"{source}: 'channel.allocation: sensitivity' is for one-shot channel pruning; a "
-                              "'schedule' run allocates by 'global' ranking (allowed here: global)")
+        one_shot = [k for k, on in (("allocation: sensitivity", cfg.channel.allocation == "sensitivity"),
+                                    ("reconstruct", cfg.channel.reconstruct), ("compensate", cfg.channel.compensate))
+                    if on]
+        if one_shot and cfg.schedule.final_amount is not None:
+            raise ConfigError(f"{source}: 'channel.{one_shot[0]}' is for one-shot channel pruning; a 'schedule' run "
+                              "prunes by 'global' ranking without reconstruction (set it to global / false)")
     return cfg
 
 

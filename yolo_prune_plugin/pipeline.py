@@ -63,13 +63,19 @@ def calibration_needs(config: PruneConfig) -> list[str]:
     why = []
     if config.structure == "unstructured" and config.method in DATA_AWARE_METHODS:
         why.append(f"method {config.method!r}")
-    if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
-        why.append(f"channel.importance {config.channel.importance!r}")
-    if config.structure == "channel" and config.channel.allocation == "sensitivity":
-        why.append("channel.allocation 'sensitivity'")
+    if config.structure == "channel":
+        why += channel_data_needs(config)
     if config.bn_recalibration.count(config.structure):
         why.append(f"bn_recalibration ({config.bn_recalibration.count(config.structure)} images; 0 turns it off)")
     return why
+
+
+def channel_data_needs(config: PruneConfig) -> list[str]:
+    """The ``channel.*`` options of ``config`` that need train-split images."""
+    ch = config.channel
+    return [w for w, on in ((f"channel.importance {ch.importance!r}", ch.importance in DATA_AWARE_CHANNEL_IMPORTANCES),
+                            ("channel.allocation 'sensitivity'", ch.allocation == "sensitivity"),
+                            ("channel.reconstruct", ch.reconstruct), ("channel.compensate", ch.compensate)) if on]
 
 
 def needs_data(config: PruneConfig) -> bool:
@@ -143,23 +149,7 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
     done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
                                                                               config.exclude)).to_dict(per_layer=False)}
     if config.structure == "channel":
-        from .prune.calibration import load_calibration_batch
-        from .prune.channel import channel_prune
-
-        imp = config.channel.importance
-        calibration = None
-        sens = config.channel.allocation == "sensitivity"
-        if sens or imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None):
-            data = _calibration_data(ctx, "channel allocation 'sensitivity'" if sens
-                                     else f"channel importance {imp or 'taylor'!r}")
-            calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed,
-                                                 allow_overlap=c.allow_overlap)
-        res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
-                            include=config.include, exclude=config.exclude, calibration=calibration,
-                            max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz,
-                            cost_aware=config.channel.cost_aware, round_share=config.channel.round_share,
-                            allocation=config.channel.allocation)
-        done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
+        done.update(_channel_prune(model, config, ctx))
     else:
         from .prune.calibration import load_calibration_images, resolve_method
 
@@ -177,7 +167,9 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         details = {**result.extra, "auto": why} if why else result.extra
         done.update(seconds=round(result.seconds, 3), details=details, method=method)
     n = config.bn_recalibration.count(config.structure)
-    if n:
+    if n and "reconstruction" in done:
+        LOGGER.info("BatchNorm statistics kept: the reconstruction matched the dense pre-BatchNorm outputs")
+    elif n:
         from .prune.bn_recalibration import recalibrate_bn
         from .prune.calibration import load_calibration_images
 
@@ -188,6 +180,38 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         LOGGER.info("BatchNorm statistics re-estimated on %d train images (%d layers)", len(images),
                     done["recalibration"]["layers"])
     return model.eval(), done
+
+
+def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext) -> dict:
+    """``structure: channel``: channel pruning (in place), then reconstruction / mean compensation against the dense
+    model on the calibration images when configured. Returns what was done."""
+    from .prune.calibration import load_calibration_batch
+    from .prune.channel import channel_prune
+
+    ch, c = config.channel, config.calibration
+    imp = ch.importance
+    calibration = None
+    needs = channel_data_needs(config)
+    if needs or (imp is None and ctx.settings is not None):
+        data = _calibration_data(ctx, needs[0] if needs else "channel importance 'taylor'")
+        calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed, allow_overlap=c.allow_overlap)
+    dense = copy.deepcopy(model) if ch.reconstruct or ch.compensate else None
+    res = channel_prune(model, config.amount, importance=imp, round_to=ch.round_to, include=config.include,
+                        exclude=config.exclude, calibration=calibration, max_layer_ratio=ch.max_layer_ratio,
+                        imgsz=ctx.imgsz, cost_aware=ch.cost_aware, round_share=ch.round_share,
+                        allocation=ch.allocation)
+    done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True)}
+    if dense is not None:
+        from .prune.reconstruction import reconstruct_layers
+
+        images = calibration[0].to(ctx.device)
+        rec = reconstruct_layers(model, dense, images, kept=res.kept, refit=ch.reconstruct, compensate=ch.compensate)
+        done["reconstruction"] = rec
+        done["channels"]["reconstruction"] = {k: v for k, v in rec.items() if k not in ("errors", "errors_before")}
+        done["seconds"] = round(res.seconds + rec["seconds"], 3)
+        LOGGER.info("Reconstructed %d layers against the dense model on %d train images (%s s)", rec["layers"],
+                    rec["images"], rec["seconds"])
+    return done
 
 
 def _calibration_data(ctx: RunContext, what: str) -> dict:

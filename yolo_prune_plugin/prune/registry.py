@@ -75,6 +75,8 @@ class ChannelOptions:
     round_share: float = 0.125  # ... or of its largest divisor <= this share of the layer's width (narrow layers)
     max_layer_ratio: float = 0.75  # at most this fraction of a layer group's channels is removed
     allocation: str = "global"  # "global" (importance ranking) | "sensitivity" (measured error, needs data)
+    reconstruct: bool = False  # refit layers whose inputs lost channels to the dense outputs (needs data)
+    compensate: bool = False  # removed channels' mean into the consumer's bias / BN shift (needs data)
     cost_aware: float = 0.0  # > 0: rank by importance / (MACs per channel)^alpha (faster, less accurate one-shot)
 
 

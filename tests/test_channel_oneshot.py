@@ -1,4 +1,5 @@
-"""prune/channel_sensitivity.py: sensitivity-aware allocation measured on calibration images (real YOLOv5n)."""
+"""One-shot channel pruning that keeps the model usable: sensitivity-aware allocation (prune/channel_sensitivity.py),
+reconstruction and mean compensation (prune/reconstruction.py), on real YOLOv5n modules."""
 
 from __future__ import annotations
 
@@ -89,3 +90,70 @@ def test_bad_allocation_configs(cfg, match):
 
     with pytest.raises(ConfigError, match=match):
         config_from_dict(cfg)
+
+
+def _conv_outputs(model: torch.nn.Module, names: list[str], x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Each named conv's output (before BatchNorm) on ``x``."""
+    mods, out = dict(model.named_modules()), {}
+    hs = [mods[n].register_forward_hook(lambda m, i, o, n=n: out.__setitem__(n, o.double())) for n in names]
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        for h in hs:
+            h.remove()
+    return out
+
+
+def _pruned_pair(model, amount=0.4, **kw):
+    dense = copy.deepcopy(model).eval()
+    res = channel_prune(model, amount, importance="l1", imgsz=64, log=False, **kw)
+    return dense, res
+
+
+@pytest.fixture(scope="module")
+def coco_images(coco8_yaml) -> torch.Tensor:
+    return load_calibration_images(coco8_yaml, 128, n=8)
+
+
+def test_reconstruction_lowers_every_refit_layers_error_and_leaves_the_rest(yolov5n, coco_images):
+    """Trained yolov5n, real images: each refit layer's output on the calibration images is closer to the dense
+    model's than without reconstruction; convs whose inputs kept all channels are untouched."""
+    from yolo_prune_plugin.prune.reconstruction import reconstruct_layers
+
+    images = coco_images
+    small_model = copy.deepcopy(yolov5n)
+    dense, res = _pruned_pair(small_model)
+    none = copy.deepcopy(small_model)
+    state = {k: v.clone() for k, v in small_model.state_dict().items()}
+    info = reconstruct_layers(small_model, dense, images, kept=res.kept, positions=4096)
+    refit = sorted(info["errors"])
+    dc, pc = channel_counts(dense), channel_counts(small_model)
+    assert refit == sorted(n for n in pc if pc[n][1] != dc[n][1]) and len(refit) > 10
+    ref, rec, raw = (_conv_outputs(m, refit, images) for m in (dense, small_model, none))
+    for n in refit:
+        keep = torch.as_tensor(res.kept[n]) if n in res.kept else slice(None)
+        y = ref[n][:, keep]
+        err = lambda o: float((o - y).pow(2).sum() / y.pow(2).sum())  # noqa: E731
+        assert err(rec[n]) < err(raw[n]), f"{n}: reconstruction {err(rec[n]):.4f} >= none {err(raw[n]):.4f}"
+    changed = {k.rsplit(".", 1)[0] for k, v in small_model.state_dict().items() if not torch.equal(v, state[k])}
+    owners = {n for n in refit} | {n.rsplit(".", 1)[0] + ".bn" for n in refit}
+    assert changed and changed <= owners, changed - owners  # only refit convs (and their BN shift) changed
+
+
+def test_compensation_preserves_the_consumers_mean_output(small_model, images):
+    """Only the stem loses channels: its consumer (model.1) keeps its weights, and its BatchNorm output has the dense
+    model's per-channel mean on the calibration images (not without compensation)."""
+    from yolo_prune_plugin.prune.reconstruction import reconstruct_layers
+
+    dense, res = _pruned_pair(small_model, 0.25, include=("model.0.conv",), round_to=1)
+    assert channel_counts(small_model)["model.0.conv"][0] < 16
+    w = small_model.model[1].conv.weight.clone()
+    bn_out = lambda m: _conv_outputs(m, ["model.1.bn"], images)["model.1.bn"].mean((0, 2, 3))  # noqa: E731
+    before = bn_out(small_model)
+    info = reconstruct_layers(small_model, dense, images, kept=res.kept, refit=False, compensate=True,
+                              positions=10 ** 6)
+    assert info["layers"] == 1 and torch.equal(small_model.model[1].conv.weight, w)
+    target, after = bn_out(dense), bn_out(small_model)
+    assert torch.allclose(after, target, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(before, target, atol=1e-3)
