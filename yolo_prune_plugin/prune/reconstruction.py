@@ -22,10 +22,6 @@ from .unstructured import conv_layers
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
 
-class _Stop(Exception):
-    pass
-
-
 def _kept_out_indices(pruned: nn.Module, dense: nn.Module, name: str) -> Optional[torch.Tensor]:
     """Which of the dense conv's output channels the pruned conv kept (matched through the BN running means)."""
     pc, dc = dict(pruned.named_modules())[name], dict(dense.named_modules())[name]
@@ -62,6 +58,26 @@ def _fit(X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, *, refit: bool, int
     return (W[:-1].T, W[-1]) if intercept else (W.T, None)
 
 
+def _refit(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], X: torch.Tensor, y: torch.Tensor, refit: bool,
+           compensate: bool, damp: float) -> tuple[float, float]:
+    """Refit / compensate one conv (in place) from im2col rows ``X`` and dense targets ``y``; relative output error
+    (after, before)."""
+    bn = bn if conv.bias is None else None
+    b0 = conv.bias.double() if conv.bias is not None else torch.zeros(y.shape[1], dtype=X.dtype)
+    W0 = conv.weight.flatten(1).double()
+    energy = y.pow(2).mean().clamp_min(1e-12)
+    before = float((X @ W0.T + b0 - y).pow(2).mean() / energy)
+    intercept = conv.bias is not None or (compensate and bn is not None)
+    W, b = _fit(X, y - (b0 if not refit else 0), W0, refit=refit, intercept=intercept, damp=damp)
+    conv.weight.copy_(W.reshape(conv.weight.shape).to(conv.weight.dtype))
+    b_total = b0 if b is None else b + (b0 if not refit else 0)
+    if b is not None and conv.bias is not None:
+        conv.bias.copy_(b_total.to(conv.bias.dtype))
+    elif b is not None:  # bias-free conv: y + b through BN == y through BN with running_mean - b
+        bn.running_mean.sub_(b_total.to(bn.running_mean.dtype))
+    return round(float((X @ W.T + b_total - y).pow(2).mean() / energy), 5), round(before, 5)
+
+
 @torch.no_grad()
 def reconstruct_layers(pruned: nn.Module, dense: nn.Module, images: torch.Tensor, *, batch_size: int = 8,
                        positions: int = 256, per_column: int = 16, damp: float = 0.01, seed: int = 0,
@@ -71,7 +87,8 @@ def reconstruct_layers(pruned: nn.Module, dense: nn.Module, images: torch.Tensor
 
     Layer by layer in model order, each such conv's weights are the ridge least-squares solution mapping the
     *pruned* network's input patches (earlier layers already re-fitted) to the *dense* conv's output on the same
-    calibration ``images`` (train split; fit them at the evaluation image size), at ``max(positions, per_column *
+    calibration ``images`` (train split; fit them at the evaluation image size; one pass of all of them at once, so
+memory grows with their number), at ``max(positions, per_column *
     columns / images)`` random output positions per image (all when fewer). The output before BatchNorm is matched,
     so the BatchNorm statistics stay valid (do not re-estimate them afterwards). ``compensate``: also fit an
     intercept — the removed channels' mean contribution (FLAP's bias compensation) — into the conv's bias, or for
@@ -115,48 +132,30 @@ def reconstruct_layers(pruned: nn.Module, dense: nn.Module, images: torch.Tensor
         for h in hs:
             h.remove()
     errors, before = {}, {}
-    for name in progress(names, desc="reconstruction"):
-        conv = pruned_mods[name]
-        y = torch.cat(targets.pop(name)).double()
-        keep = (torch.tensor(kept[name]) if kept and name in kept else
-                None if kept is not None else _kept_out_indices(pruned, dense, name))
-        if keep is not None:
-            y = y[:, keep]
-        xs = []
+    batches_of = (lambda x: torch.split(x, max(1, batch_size)))  # noqa: E731  im2col a few images at a time
+    bar = progress(total=len(names), desc="reconstruction")
 
-        def grab(mod: nn.Module, inp: Any) -> None:
-            x = inp[0]
-            cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)
-            xs.append(cols[:, :, picks[name]].permute(0, 2, 1).reshape(-1, cols.shape[1]))
-            raise _Stop
+    def refit_hook(name: str):
+        def hook(conv: nn.Module, inp: Any) -> None:  # upstream layers are already refit: this pass's inputs
+            y = torch.cat(targets.pop(name)).double()
+            keep = (torch.tensor(kept[name]) if kept and name in kept else
+                    None if kept is not None else _kept_out_indices(pruned, dense, name))
+            if keep is not None:
+                y = y[:, keep]
+            X = torch.cat([F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)[:, :, picks[name]]
+                           .permute(0, 2, 1).reshape(-1, conv.weight[0].numel()) for x in batches_of(inp[0])]).double()
+            errors[name], before[name] = _refit(conv, _bn_after(pruned, name), X, y, refit, compensate, damp)
+            bar.update(1)
+        return hook
 
-        h = conv.register_forward_pre_hook(grab)
-        try:
-            for x in batches:
-                try:
-                    pruned(x)
-                except _Stop:
-                    pass
-        finally:
+    # one pass of all images: each hook refits its conv before it runs, so later layers see refit inputs
+    hs = [pruned_mods[n].register_forward_pre_hook(refit_hook(n)) for n in names]
+    try:
+        pruned(images)
+    finally:
+        for h in hs:
             h.remove()
-        X = torch.cat(xs).double()
-        bn = _bn_after(pruned, name) if conv.bias is None else None
-        b0 = conv.bias.double() if conv.bias is not None else torch.zeros(y.shape[1], dtype=X.dtype)
-        W0 = conv.weight.flatten(1).double()
-        energy = y.pow(2).mean().clamp_min(1e-12)
-        before[name] = round(float((X @ W0.T + b0 - y).pow(2).mean() / energy), 5)
-        intercept = conv.bias is not None or (compensate and bn is not None)
-        W, b = _fit(X, y - (b0 if not refit else 0), W0, refit=refit, intercept=intercept, damp=damp)
-        conv.weight.copy_(W.reshape(conv.weight.shape).to(conv.weight.dtype))
-        if b is not None:
-            b_total = b + (b0 if not refit else 0)
-            if conv.bias is not None:
-                conv.bias.copy_(b_total.to(conv.bias.dtype))
-            else:  # bias-free conv: y + b through BN == y through BN with running_mean - b
-                bn.running_mean.sub_(b_total.to(bn.running_mean.dtype))
-        else:
-            b_total = b0
-        errors[name] = round(float((X @ W.T + b_total - y).pow(2).mean() / energy), 5)
+        bar.close()
     pruned.train(was[0])
     dense.train(was[1])
     return {"layers": len(names), "images": int(len(images)), "positions": positions, "per_column": per_column,
