@@ -157,3 +157,27 @@ def test_compensation_preserves_the_consumers_mean_output(small_model, images):
     target, after = bn_out(dense), bn_out(small_model)
     assert torch.allclose(after, target, atol=1e-5, rtol=1e-4)
     assert not torch.allclose(before, target, atol=1e-3)
+
+
+@pytest.mark.parametrize("channel", [
+    {"allocation": "sensitivity", "reconstruct": True, "compensate": True},
+    {"importance": "l1", "compensate": True},
+])
+def test_new_options_through_the_pipeline_load_in_plain_yolov5_and_export(small_ckpt, tiny_data, channel):
+    """API -> pipeline with the new channel options: the file loads in plain YOLOv5 attempt_load and its ONNX export
+    matches the PyTorch outputs (export verification); BN recalibration is skipped after reconstruction."""
+    from conftest import plain_attempt_load
+    from yolo_prune_plugin import api
+    from yolo_prune_plugin.config import config_from_dict
+
+    cfg = config_from_dict({"structure": "channel", "amount": 0.4, "evaluate": False, "export": ["onnx"],
+                            "calibration": {"images": 4}, "channel": channel})
+    [entry] = api.prune(small_ckpt, data=tiny_data, config=cfg, imgsz=64, workers=0)
+    assert abs(entry.channels["achieved"] - 0.4) <= 0.02
+    rec = entry.channels["reconstruction"]
+    assert rec["layers"] > 0 and rec["refit"] is bool(channel.get("reconstruct")) and rec["compensate"]
+    assert entry.recalibration is None  # the compensated BatchNorm shifts are kept
+    assert [a["format"] for a in entry.exports] == ["onnx"] and entry.exports[0]["ok"]
+    shape, widths = plain_attempt_load(small_ckpt.with_name("best_pruned.pt"))
+    dense = [m.out_channels for m in torch.load(small_ckpt)["model"].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert shape == [1, 252, 8] and sum(widths) < sum(dense)
