@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 __all__ = ["MethodSpec", "ObsOptions", "OBS_ALLOCATIONS", "STRUCTURES", "CHANNEL_IMPORTANCES",
-           "DATA_AWARE_CHANNEL_IMPORTANCES", "CHANNEL_ALLOCATIONS", "ChannelOptions", "METHODS", "method_names", "data_aware_names", "get_method"]
+           "DATA_AWARE_CHANNEL_IMPORTANCES", "CHANNEL_ALLOCATIONS", "ChannelOptions", "ChannelRegularize", "METHODS", "method_names", "data_aware_names", "get_method"]
 
 
 #: per-layer count allocations of ``obs`` (see :func:`yolo_prune_plugin.prune.allocation.layer_counts`)
@@ -67,6 +67,15 @@ CHANNEL_ALLOCATIONS = ("global", "sensitivity")
 
 
 @dataclass(frozen=True)
+class ChannelRegularize:
+    """``channel.regularize``: L1 on the BatchNorm scales of the channels a channel prune would remove (network
+    slimming, targeted), added to their gradients from epoch ``from_epoch`` of the user's own training run."""
+
+    weight: float = 1e-4  # lambda of lambda * sum |gamma| over the targeted channels
+    from_epoch: int = 0  # first epoch (0-based) with the penalty; the targets are chosen at its start
+
+
+@dataclass(frozen=True)
 class ChannelOptions:
     """Options of ``structure: channel`` (defaults chosen by scripts/benchmark_structured.py)."""
 
@@ -77,6 +86,7 @@ class ChannelOptions:
     allocation: str = "global"  # "global" (importance ranking) | "sensitivity" (measured error, needs data)
     reconstruct: bool = False  # refit layers whose inputs lost channels to the dense outputs (needs data)
     compensate: bool = False  # removed channels' mean into the consumer's bias / BN shift (needs data)
+    regularize: Optional[ChannelRegularize] = None  # group-sparsity penalty during training (train / train end)
     cost_aware: float = 0.0  # > 0: rank by importance / (MACs per channel)^alpha (faster, less accurate one-shot)
 
 
