@@ -127,12 +127,10 @@ class Ctx:
             r = channel_prune(m, amount, importance=importance, round_to=round_to, max_layer_ratio=max_layer_ratio,
                               calibration=cal, imgsz=self.args.imgsz, cost_aware=cost_aware)
             info.update(r.to_dict(per_layer=False))
-        if recal == "recon":  # layer-wise least-squares reconstruction against the dense model (320 px)
-            from yolo_prune_plugin.prune.calibration import load_calibration_images
+        if recal == "recon":  # layer-wise least-squares reconstruction against the dense model (evaluation size)
             from yolo_prune_plugin.prune.reconstruction import reconstruct_layers
 
-            ims = load_calibration_images(self.held, 320, n=self.args.calib)
-            info["reconstruction"] = reconstruct_layers(m, self.dense(), ims)
+            info["reconstruction"] = reconstruct_layers(m, self.dense(), self.calib_images(), kept=r.kept)
         elif recal:
             info["bn_recal"] = recalibrate_bn(m, self.calib_images(), batch_size=8)
         name = tag or f"{kind}{int(round(amount * 100))}{'_recal' if recal else ''}"
@@ -264,11 +262,12 @@ def phase_table(c: Ctx) -> None:
 
 
 ISSUE17_ROWS = {  # name -> channel options (cumulative); every row uses 32 calibration images, seed --seed
-    "default_before": {"round_share": 1.0},
-    "round_share": {},
-    "sensitivity": {"allocation": "sensitivity"},
-    "reconstruct": {"allocation": "sensitivity", "reconstruct": True},
+    "default_before": {"round_share": 1.0, "allocation": "global", "reconstruct": False, "compensate": False},
+    "round_share": {"allocation": "global", "reconstruct": False, "compensate": False},
+    "sensitivity": {"allocation": "sensitivity", "reconstruct": False, "compensate": False},
+    "reconstruct": {"allocation": "sensitivity", "reconstruct": True, "compensate": False},
     "compensate": {"allocation": "sensitivity", "reconstruct": True, "compensate": True},
+    "global_compensate": {"allocation": "global", "reconstruct": True, "compensate": True},  # allocation off again
 }
 
 

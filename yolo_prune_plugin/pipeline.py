@@ -28,7 +28,7 @@ from .backend.evaluation import EvalSettings, Metrics, backend_select_device, ev
 from .backend.loading import Backend, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_equal, data_free_method
 from .errors import OutputExistsError, PruneError
-from .prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
+from .prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
 from .prune.unstructured import conv_layers, prune_model, sparsity_stats
 from .report import ReportEntry, print_report
 from .tools.loggers import log_results
@@ -70,9 +70,10 @@ def calibration_needs(config: PruneConfig) -> list[str]:
     return why
 
 
-def channel_data_needs(config: PruneConfig) -> list[str]:
-    """The ``channel.*`` options of ``config`` that need train-split images."""
-    ch = config.channel
+def channel_data_needs(config: PruneConfig, ch: Optional[ChannelOptions] = None) -> list[str]:
+    """The ``channel.*`` options of ``config`` (or ``ch``, resolved) that need train-split images (data-dependent
+    defaults do not)."""
+    ch = ch or config.channel
     return [w for w, on in ((f"channel.importance {ch.importance!r}", ch.importance in DATA_AWARE_CHANNEL_IMPORTANCES),
                             ("channel.allocation 'sensitivity'", ch.allocation == "sensitivity"),
                             ("channel.reconstruct", ch.reconstruct), ("channel.compensate", ch.compensate)) if on]
@@ -188,10 +189,10 @@ def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext) -> di
     from .prune.calibration import load_calibration_batch
     from .prune.channel import channel_prune
 
-    ch, c = config.channel, config.calibration
+    ch, c = config.channel.resolved(ctx.settings is not None), config.calibration
     imp = ch.importance
     calibration = None
-    needs = channel_data_needs(config)
+    needs = channel_data_needs(config, ch)
     if needs or (imp is None and ctx.settings is not None):
         data = _calibration_data(ctx, needs[0] if needs else "channel importance 'taylor'")
         calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed, allow_overlap=c.allow_overlap)

@@ -62,7 +62,7 @@ DEFAULT_MAX_LAYER_RATIO = ChannelOptions.max_layer_ratio
 DEFAULT_ROUND_SHARE = ChannelOptions.round_share
 
 
-DEFAULT_ALLOCATION = ChannelOptions.allocation
+DEFAULT_ALLOCATION = "global"  # the function's default; the pipeline resolves ChannelOptions.allocation (None: by data)
 
 
 #: the achieved fraction is within this of ``amount`` (raises otherwise)
