@@ -283,9 +283,9 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
             if k == "importance":
                 out[k] = None if v is None else _choice(v, q, where, CHANNEL_IMPORTANCES)
             elif k == "allocation":
-                out[k] = None if v is None else _choice(v, q, where, CHANNEL_ALLOCATIONS)
+                out[k] = _choice(v, q, where, CHANNEL_ALLOCATIONS)
             elif k in ("reconstruct", "compensate"):
-                out[k] = None if v is None else _bool(v, q, where)
+                out[k] = None if v is None and k == "reconstruct" else _bool(v, q, where)
             elif k == "regularize":
                 out[k] = None if v is None else _nested(ChannelRegularize, v, q, where)
             elif k == "round_to":

@@ -84,19 +84,16 @@ class ChannelOptions:
     round_to: int = 8  # kept channel counts are multiples of it (nearest, never 0) ...
     round_share: float = 0.125  # ... or of its largest divisor <= this share of the layer's width (narrow layers)
     max_layer_ratio: float = 0.75  # at most this fraction of a layer group's channels is removed
-    # the three below: None = on (sensitivity / true) when the run has train-split data, else off (global / false)
-    allocation: Optional[str] = None  # "global" (importance ranking) | "sensitivity" (measured error, needs data)
+    allocation: str = "global"  # "global" (importance ranking) | "sensitivity" (measured error, needs data)
+    # None: on when the run has train-split data, else off (measured: held-out retention x4-x8 on coco128 splits)
     reconstruct: Optional[bool] = None  # refit layers whose inputs lost channels to the dense outputs (needs data)
-    compensate: Optional[bool] = None  # removed channels' mean into the consumer's bias / BN shift (needs data)
+    compensate: bool = False  # removed channels' mean into the consumer's bias / BN shift (needs data)
     regularize: Optional[ChannelRegularize] = None  # group-sparsity penalty during training (train / train end)
     cost_aware: float = 0.0  # > 0: rank by importance / (MACs per channel)^alpha (faster, less accurate one-shot)
 
     def resolved(self, has_data: bool) -> "ChannelOptions":
-        """The options with every ``None`` (data-dependent default) decided for a run with / without data."""
-        return dataclasses.replace(
-            self, allocation=self.allocation or ("sensitivity" if has_data else "global"),
-            reconstruct=has_data if self.reconstruct is None else self.reconstruct,
-            compensate=has_data if self.compensate is None else self.compensate)
+        """The options with the data-dependent default (``reconstruct: None``) decided for a run with / without data."""
+        return dataclasses.replace(self, reconstruct=has_data if self.reconstruct is None else self.reconstruct)
 
 
 def method_names() -> tuple[str, ...]:
