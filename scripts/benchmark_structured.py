@@ -5,6 +5,13 @@
     python scripts/benchmark_structured.py --phase explore   --out /tmp/bench_structured   # one-shot grid
     python scripts/benchmark_structured.py --phase finetune  --out /tmp/bench_structured   # long on CPU
     python scripts/benchmark_structured.py --phase table     --out /tmp/bench_structured   # print all rows
+    python scripts/benchmark_structured.py --phase issue17   --out /tmp/bench_issue17      # one-shot rows, 3 splits
+
+Phase ``issue17`` (issue 17: one-shot channel pruning that keeps the model usable) runs the pipeline's own channel
+stage (``pipeline.prune_stage``) row by row: today's default -> + ``round_share`` -> + ``allocation: sensitivity``
+-> + ``reconstruct`` -> + ``compensate``, at ``--amounts``, on three held-out splits: coco128 A (sorted files,
+first 64 calibrate, last 64 evaluate; tools/heldout.split_data_yaml), coco128 B (the same two halves swapped) at
+640, and corn-pest (train calibrates, test evaluates) at 416 with its own weights. ``--splits``/``--rows`` cut it.
 
 Data: the shared coco128 split in two disjoint parts: the first ``--calib`` images (sorted by name) are the
 calibration/"train" split (BN recalibration, Taylor gradients), the rest is the held-out split every one-shot
@@ -28,7 +35,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("YOLO_PRUNE_SHARED", ROOT.parent / "shared"))
 
 
 def split_data(out: Path, n_calib: int) -> tuple[Path, Path]:
@@ -120,12 +127,10 @@ class Ctx:
             r = channel_prune(m, amount, importance=importance, round_to=round_to, max_layer_ratio=max_layer_ratio,
                               calibration=cal, imgsz=self.args.imgsz, cost_aware=cost_aware)
             info.update(r.to_dict(per_layer=False))
-        if recal == "recon":  # layer-wise least-squares reconstruction against the dense model (320 px)
-            from yolo_prune_plugin.prune.calibration import load_calibration_images
+        if recal == "recon":  # layer-wise least-squares reconstruction against the dense model (evaluation size)
             from yolo_prune_plugin.prune.reconstruction import reconstruct_layers
 
-            ims = load_calibration_images(self.held, 320, n=self.args.calib)
-            info["reconstruction"] = reconstruct_layers(m, self.dense(), ims)
+            info["reconstruction"] = reconstruct_layers(m, self.dense(), self.calib_images(), kept=r.kept)
         elif recal:
             info["bn_recal"] = recalibrate_bn(m, self.calib_images(), batch_size=8)
         name = tag or f"{kind}{int(round(amount * 100))}{'_recal' if recal else ''}"
@@ -256,9 +261,96 @@ def phase_table(c: Ctx) -> None:
                       f"retention {r['mAP50-95'] / dm if dm else float('nan'):.3f}")
 
 
+ISSUE17_ROWS = {  # name -> channel options (cumulative); every row uses 32 calibration images, seed --seed
+    "default_before": {"round_share": 1.0, "allocation": "global", "reconstruct": False, "compensate": False},
+    "round_share": {"allocation": "global", "reconstruct": False, "compensate": False},
+    "sensitivity": {"allocation": "sensitivity", "reconstruct": False, "compensate": False},
+    "reconstruct": {"allocation": "sensitivity", "reconstruct": True, "compensate": False},
+    "compensate": {"allocation": "sensitivity", "reconstruct": True, "compensate": True},
+    "global_compensate": {"allocation": "global", "reconstruct": True, "compensate": True},  # allocation off again
+}
+
+
+def issue17_splits(out: Path) -> dict:
+    """name -> (held-out data yaml, weights, imgsz)."""
+    import yaml
+
+    from yolo_prune_plugin.tools.heldout import retarget_data_yaml, split_data_yaml
+
+    a = split_data_yaml(SHARED / "data" / "coco128.yaml", out / "coco128A", calibration=64, evaluation=64)
+    d = yaml.safe_load(a.read_text())
+    b = out / "coco128B" / "coco128-heldout-swapped.yaml"
+    b.parent.mkdir(parents=True, exist_ok=True)
+    b.write_text(yaml.safe_dump({**d, "train": d["val"], "val": d["train"]}, sort_keys=False))
+    corn = retarget_data_yaml(SHARED / "data" / "cornpest.yaml", out / "cornpest", evaluation="test")
+    w = SHARED / "weights"
+    return {"coco128A": (a, w / "yolov5n.pt", 640), "coco128B": (b, w / "yolov5n.pt", 640),
+            "cornpest": (corn, w / "yolov5n-cornpest.pt", 416)}
+
+
+def phase_issue17(args: argparse.Namespace) -> None:
+    import torch
+
+    from yolo_prune_plugin import pipeline
+    from yolo_prune_plugin.backend.evaluation import evaluate_weights, make_settings
+    from yolo_prune_plugin.backend.loading import get_backend, load_checkpoint
+    from yolo_prune_plugin.config import config_from_dict
+
+    b = get_backend()
+    out = Path(args.out).expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    res = out / "issue17.json"
+    splits = issue17_splits(out)
+    for split in args.splits or splits:
+        data, weights, imgsz = splits[split]
+        s = make_settings(data, imgsz, args.val_batch, "cpu", workers=args.workers, backend=b)
+        ckpt = load_checkpoint(weights, b)
+        key = f"{split}_dense"
+        if key not in load_json(res):
+            save_row(res, key, evaluate_weights(weights, s, backend=b).to_dict())
+        for amount in args.amounts:
+            for row, ch in ISSUE17_ROWS.items():
+                key = f"{split}_{int(amount * 100)}_{row}_s{args.seed}"
+                if key in load_json(res) or (args.rows and row not in args.rows):
+                    continue
+                cfg = config_from_dict({"structure": "channel", "amount": amount, "channel": ch,
+                                        "calibration": {"images": 32, "seed": args.seed}})
+                ctx = pipeline.RunContext(b, torch.device("cpu"), imgsz, s)
+                t0 = time.perf_counter()
+                model, done = pipeline.prune_stage(ckpt, cfg, ctx)
+                secs = time.perf_counter() - t0
+                path = out / f"{key}.pt"
+                torch.save(pipeline._stripped(ckpt, model, torch.float16), path)
+                m = evaluate_weights(path, s, backend=b).to_dict()
+                ch_info = done["channels"]
+                row_d = {**m, "seconds": round(secs, 1), "achieved": ch_info["achieved"],
+                         "gflops_after": ch_info["gflops_after"], "gflops_before": ch_info["gflops_before"],
+                         "channel_s": ch_info["seconds"], "sensitivity_s": ch_info.get("sensitivity_seconds"),
+                         "reconstruction_s": (done.get("reconstruction") or {}).get("seconds"),
+                         "load": os.getloadavg()[0]}
+                save_row(res, key, row_d)
+                dense = load_json(res)[f"{split}_dense"]["mAP50-95"]
+                print(f"[issue17] {key}: mAP50-95 {m['mAP50-95']:.4f} retention {m['mAP50-95'] / dense:.3f} "
+                      f"({secs:.0f} s prune, load {os.getloadavg()[0]:.1f})", flush=True)
+                path.unlink()
+
+
+def issue17_table(args: argparse.Namespace) -> None:
+    rows = load_json(Path(args.out).expanduser().resolve() / "issue17.json")
+    print("| split | amount | row | achieved | GFLOPs | mAP50-95 | retention | prune s |\n|---|---|---|---|---|---|---|---|")
+    for k, r in rows.items():
+        if k.endswith("_dense"):
+            continue
+        split, amount, *row = k.split("_")
+        dense = rows[f"{split}_dense"]["mAP50-95"]
+        print(f"| {split} | {amount} % | {'_'.join(row)} | {r['achieved']:.3f} | {r['gflops_after']} | "
+              f"{r['mAP50-95']:.4f} | {r['mAP50-95'] / dense:.3f} | {r['seconds']} |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--phase", choices=("oneshot", "explore", "finetune", "table"), required=True)
+    ap.add_argument("--phase", choices=("oneshot", "explore", "finetune", "table", "issue17", "issue17-table"),
+                    required=True)
     ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov5n.pt"))
     ap.add_argument("--out", default="/tmp/bench_structured")
     ap.add_argument("--imgsz", type=int, default=640)
@@ -276,10 +368,17 @@ def main(argv=None) -> int:
     ap.add_argument("--ft-jobs", type=int, default=3, help="channel50, dense, channel30, unstructured50: first N")
     ap.add_argument("--explore-amounts", type=float, nargs="+", default=[0.1, 0.2, 0.3])
     ap.add_argument("--grid", nargs="+", default=None, help="explore points IMPORTANCE:ROUND_TO:MAX_RATIO:recal|raw[:COST_AWARE]")
+    ap.add_argument("--amounts", type=float, nargs="+", default=[0.3, 0.5], help="issue17: amounts")
+    ap.add_argument("--splits", nargs="+", default=None, help="issue17: coco128A coco128B cornpest (default all)")
+    ap.add_argument("--rows", nargs="+", default=None, help=f"issue17: rows of {', '.join(ISSUE17_ROWS)}")
+    ap.add_argument("--seed", type=int, default=0, help="issue17: calibration draw")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.phase.startswith("issue17"):
+        (phase_issue17 if args.phase == "issue17" else issue17_table)(args)
+        return 0
     c = Ctx(args)
     {"oneshot": phase_oneshot, "explore": phase_explore, "finetune": phase_finetune, "table": phase_table}[args.phase](c)
     return 0

@@ -73,7 +73,10 @@ def test_cli_channel_prune_writes_a_smaller_model_and_report(backend, pruned):
     assert entry.channels["params_after"] < entry.channels["params_before"]
     assert entry.channels["gflops_after"] < entry.channels["gflops_before"]
     assert entry.channels["importance"] == "taylor"  # data given: the data-aware default
-    assert entry.recalibration["images"] == 8  # BN recalibration on by default for channel (all 8 train images)
+    # data given: reconstruction by default (global allocation, no compensation); BN statistics kept after it
+    assert entry.channels["allocation"] == "global" and "sensitivity_images" not in entry.channels
+    assert entry.channels["reconstruction"]["refit"] and not entry.channels["reconstruction"]["compensate"]
+    assert entry.channels["reconstruction"]["images"] == 8 and entry.recalibration is None
     assert entry.metrics_after is not None and entry.metrics_before is not None
     assert entry.sparsity_after["conv_weights"] == _conv_weights(small)
     loaded = backend.attempt_load(out, "cpu")  # plain YOLOv5, no plugin hook needed for the smaller model
@@ -123,6 +126,8 @@ def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_
     ({"structure": "rows"}, "'structure' must be one of unstructured, channel"),
     ({"channel": {"round_to": 0}}, "'channel.round_to' must be >= 1"),
     ({"channel": {"cost_aware": -1}}, "'channel.cost_aware' must be in \\[0, 4\\]"),
+    ({"channel": {"round_share": 0}}, "'channel.round_share' must be in \\(0, 1\\]"),
+    ({"channel": {"round_share": 1.5}}, "'channel.round_share' must be in \\(0, 1\\]"),
 ])
 def test_bad_channel_configs(cfg, match):
     with pytest.raises(ConfigError, match=match):

@@ -227,12 +227,13 @@ def test_replace_optimizer_params_keeps_groups_and_drops_stale_state(backend, ti
 
 
 def test_a_failed_step_leaves_model_ema_and_optimizer_untouched(backend, tiny_cfg):
-    """round_to larger than any layer: the amount cannot be met; the step raises and changes nothing."""
+    """round_to larger than any layer (steps not capped by round_share): the amount cannot be met; the step raises
+    and changes nothing."""
     torch.manual_seed(0)
     model = backend.yolo.Model(str(tiny_cfg), ch=3, nc=3).train()
     optimizer = backend.train.smart_optimizer(model, "SGD", 0.01, 0.9, 5e-4)
     ema = backend.train.ModelEMA(model)
-    cfg = config_from_dict({**CONFIG, "channel": {"round_to": 256}})
+    cfg = config_from_dict({**CONFIG, "channel": {"round_to": 256, "round_share": 1.0}})
     sched = ChannelSchedule(cfg, backend)
 
     def train(model, optimizer, ema, start_epoch=0, imgsz=64):  # stands in for YOLOv5's train(): locals are read

@@ -46,12 +46,13 @@ def _entry(project):
 
 
 @pytest.mark.parametrize("flags, config, steps", [
-    # channel defaults: Taylor ranking falls back to L1, BatchNorm statistics recalibrated anyway
+    # channel defaults: Taylor ranking falls back to L1, no reconstruction, BatchNorm statistics recalibrated anyway
     (["--prune-structure", "channel"], None, {"channel.importance": "l1 instead of taylor",
+                                              "channel.reconstruct": "off (BatchNorm recalibration instead)",
                                               "bn_recalibration": "on the train images anyway"}),
     # unstructured with BatchNorm recalibration asked for: recalibrated anyway
     (["--prune-method", "global"], "bn_recalibration: {images: 4}", {"bn_recalibration": "on the train images anyway"}),
-    # the user accepted the overlap: Taylor ranking on it, nothing falls back
+    # the user accepted the overlap: Taylor ranking and reconstruction on it, nothing falls back
     (["--prune-structure", "channel"], "calibration: {allow_overlap: true}", {}),
 ])
 def test_overlapping_splits_prune_at_train_end(same_yaml, tiny_cfg, tmp_path, caplog, train_spy, flags, config,
@@ -64,7 +65,10 @@ def test_overlapping_splits_prune_at_train_end(same_yaml, tiny_cfg, tmp_path, ca
         rc = _train(same_yaml, tiny_cfg, tmp_path / "runs", *extra)
     assert rc == 0 and len(train_spy) == 1
     entry = _entry(tmp_path / "runs")
-    assert entry["recalibration"] is not None and entry["metrics_after"] is not None
+    assert entry["metrics_after"] is not None
+    reconstructed = "reconstruction" in (entry.get("channels") or {})  # the refit replaces BatchNorm recalibration
+    assert reconstructed == ("--prune-structure" in flags and not steps)
+    assert (entry["recalibration"] is None) == reconstructed
     overlap = entry["method_details"].get("overlap", {})
     assert sorted(overlap) == (sorted([*steps, "overlap"]) if steps else [])
     for step, what in steps.items():
@@ -80,6 +84,9 @@ def test_overlapping_splits_prune_at_train_end(same_yaml, tiny_cfg, tmp_path, ca
     (["--prune-method", "obs"], None, "method: obs"),
     (["--prune-structure", "channel"], "channel: {importance: taylor}", "channel.importance: taylor"),
     (["--prune-method", "global"], "sweep: {amounts: [0.2], methods: [global, obs]}", "sweep.methods: obs"),
+    (["--prune-structure", "channel"], "channel: {importance: l1, reconstruct: true}", "channel.reconstruct: true"),
+    (["--prune-structure", "channel"], "channel: {importance: l1, allocation: sensitivity}",
+     "channel.allocation: sensitivity"),
 ])
 def test_explicit_data_aware_choice_is_refused_before_training(same_yaml, tiny_cfg, tmp_path, capsys, train_spy,
                                                                flags, config, key):

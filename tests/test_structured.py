@@ -24,7 +24,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_structure(before: dict, model: torch.nn.Module, round_to: int, scope: set[str]) -> int:
-    """Every conv has channels; pruned out-channel counts are multiples of round_to; out-of-scope/Detect unchanged."""
+    """Every conv has channels; pruned out-channel counts are multiples of the layer's rounding step (round_to, or a
+    divisor of it on narrow layers); out-of-scope/Detect unchanged."""
+    from yolo_prune_plugin.prune.channel import round_step
+
     after = channel_counts(model)
     assert after.keys() == before.keys()
     changed = 0
@@ -34,7 +37,8 @@ def _check_structure(before: dict, model: torch.nn.Module, round_to: int, scope:
         if out_c != before[n][0]:
             changed += 1
             assert n in scope and n not in detect, f"{n} lost output channels but is out of scope"
-            assert out_c % round_to == 0, f"{n}: {out_c} channels, not a multiple of {round_to}"
+            step = round_step(before[n][0], round_to)
+            assert out_c % step == 0, f"{n}: {out_c} channels, not a multiple of {step}"
     return changed
 
 
@@ -250,7 +254,8 @@ def test_reconstruction_brings_outputs_closer_to_the_dense_model(yolov5n):
         err_before = (raw(small_model.eval()) - ref).pow(2).mean()
         info = reconstruct_layers(small_model, dense, fit, positions=64, kept=res.kept)
         err_after = (raw(small_model) - ref).pow(2).mean()
-    assert info["layers"] == len(counts) and channel_counts(small_model) == counts
+    refit = {n for n, (_, cin) in counts.items() if cin != channel_counts(dense)[n][1]}
+    assert info["layers"] == len(refit) == len(info["errors"]) and channel_counts(small_model) == counts
     assert err_after < 0.7 * err_before
 
 
@@ -283,3 +288,30 @@ def test_channel_macs_counts_the_root_and_its_consumers(small_model):
     assert (stem.in_channels, stem.out_channels, nxt.out_channels) == (3, 16, 32)
     assert macs["model.0.conv"] == 3 * 6 * 6 * 32 * 32 + 32 * 3 * 3 * 16 * 16
     assert len(macs) == len(groups) and min(macs.values()) > 0
+
+
+@pytest.mark.parametrize("round_to,width,step", [(8, 16, 2), (8, 32, 4), (8, 64, 8), (8, 24, 2), (8, 4, 1),
+                                                 (1, 16, 1), (6, 16, 2)])
+def test_round_step_is_a_small_share_of_the_layer(round_to, width, step):
+    from yolo_prune_plugin.prune.channel import round_step
+
+    assert round_step(width, round_to, 0.125) == step
+    assert round_step(width, round_to, 1.0) == (round_to if width >= round_to else 4)  # never above the width
+
+
+@pytest.mark.parametrize("amount", [0.1, 0.3, 0.5, 0.6])
+def test_allocation_respects_layer_shares_and_meets_amount(small_model, amount):
+    """yolov5n from its YAML: every group loses at most max_layer_ratio of its channels, kept counts are multiples
+    of a rounding step of at most round_share of the layer (a 16-channel stem never moves 8 at once), amount +-2 pp."""
+    from yolo_prune_plugin.prune.channel import round_step
+
+    before = channel_counts(small_model)
+    res = channel_prune(small_model, amount, importance="l1", round_to=8, max_layer_ratio=0.75, round_share=0.125,
+                        imgsz=64, log=False)
+    assert abs(res.achieved - amount) <= 0.02
+    for n, (out_c, _) in channel_counts(small_model).items():
+        n0 = before[n][0]
+        assert out_c >= n0 * (1 - 0.75) - 1e-9, f"{n}: {n0} -> {out_c} removes more than 75 %"
+        if out_c != n0:
+            step = round_step(n0, 8, 0.125)
+            assert step <= max(1, 0.125 * n0) and out_c % step == 0, f"{n}: {n0} -> {out_c} (step {step})"

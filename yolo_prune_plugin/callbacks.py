@@ -76,6 +76,11 @@ class PrunePlugin:
 
             self.gradual = (ChannelSchedule if self.config.structure == "channel" else GradualPruning)(self.config,
                                                                                                      self.backend)
+        self.regularizer = None
+        if self.config.channel.regularize is not None and self.mode != "schedule":
+            from .training.channel_regularize import ChannelRegularizer
+
+            self.regularizer = ChannelRegularizer(self.config, self.backend)
 
     # -- registration ------------------------------------------------------------------------------
     def hooks(self) -> dict[str, Callable[..., None]]:
@@ -83,6 +88,8 @@ class PrunePlugin:
         names = ["on_pretrain_routine_start", "on_train_end"]
         if self.mode == "schedule":
             names += ["on_train_start", "on_train_epoch_start", "on_fit_epoch_end", "on_model_save"]
+        elif self.regularizer is not None:
+            names += ["on_train_start", "on_train_epoch_start", "on_fit_epoch_end"]
         return {n: getattr(self, n) for n in names}
 
     # -- YOLOv5 hooks -----------------------------------------------------------------------------
@@ -93,13 +100,22 @@ class PrunePlugin:
             self._scoped = True
 
     def on_train_start(self) -> None:
-        self._guard("gradual pruning setup", lambda: self.gradual.train_start())
+        if self.regularizer is not None:
+            self._guard("channel.regularize setup", self.regularizer.train_start)
+        else:
+            self._guard("gradual pruning setup", lambda: self.gradual.train_start())
 
     def on_train_epoch_start(self) -> None:
-        self._guard("gradual pruning step", lambda: self.gradual.epoch_start())
+        if self.regularizer is not None:
+            self._guard("channel.regularize targets", self.regularizer.epoch_start)
+        else:
+            self._guard("gradual pruning step", lambda: self.gradual.epoch_start())
 
     def on_fit_epoch_end(self, log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
-        if is_main_process():
+        if self.regularizer is not None:
+            self._guard("channel.regularize log", lambda: self.regularizer.fit_epoch_end(epoch))
+            self.history = self.regularizer.history
+        elif is_main_process():
             self._guard("schedule bookkeeping", lambda: self.gradual.fit_epoch_end(log_vals, epoch, fi))
 
     def on_model_save(self, last: Any, epoch: int, final_epoch: Any, best_fitness: Any, fi: Any) -> None:
@@ -119,16 +135,21 @@ class PrunePlugin:
         finally:
             if self.gradual is not None:
                 self.gradual.close()
+            if self.regularizer is not None:
+                self.regularizer.close()
             self._scope.close()
             self._scoped = False
 
     def _guard(self, what: str, fn: Callable[[], None]) -> None:
-        if self.error is not None or self.gradual is None:
+        if self.error is not None or (self.gradual is None and self.regularizer is None):
             return
         try:
             fn()
         except Exception as e:  # noqa: BLE001 - never kill the training run; reported at train end
-            self.gradual.error = e
+            if self.gradual is not None:
+                self.gradual.error = e
+            else:
+                self.regularizer.close()
             self._fail(e, what, retry=False)
 
     def _fail(self, e: BaseException, what: str, retry: bool = True) -> None:
@@ -201,7 +222,8 @@ class PrunePlugin:
                     self.entries.append(pipeline.run(f, self.config, ctx, ckpt=ckpts[f], before=before,
                                                      before_source="YOLOv5's final validation" if before else None))
                     if self.entries[-1].finetune:
-                        self.history = self.entries[-1].finetune["history"]
+                        self.history = (self.regularizer.history if self.regularizer else []) + \
+                            self.entries[-1].finetune["history"]
             sweep = None
             if self.config.sweep.amounts:
                 from .tools.sweep import run_sweep

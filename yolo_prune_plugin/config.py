@@ -13,8 +13,8 @@ from typing import Any, Mapping, Optional
 import yaml
 
 from .errors import ConfigError
-from .prune.registry import (CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions, ObsOptions,
-                             data_aware_names, method_names)
+from .prune.registry import (CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions,
+                             ChannelRegularize, ObsOptions, data_aware_names, method_names)
 
 #: Methods selectable by ``method`` (read from the registry); the data-aware ones calibrate on train images.
 METHODS = method_names()
@@ -277,14 +277,25 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = _bool(v, q, where)
             else:
                 out[k] = None if v is None else int(_number(v, q, where, integer=True))
+        elif cls is ChannelRegularize:
+            out[k] = _in_range(v, q, where, 0, 1) if k == "weight" else _at_least(v, q, where, 0)
         elif cls is ChannelOptions:
             if k == "importance":
                 out[k] = None if v is None else _choice(v, q, where, CHANNEL_IMPORTANCES)
+            elif k == "allocation":
+                out[k] = _choice(v, q, where, CHANNEL_ALLOCATIONS)
+            elif k in ("reconstruct", "compensate"):
+                out[k] = None if v is None and k == "reconstruct" else _bool(v, q, where)
+            elif k == "regularize":
+                out[k] = None if v is None else _nested(ChannelRegularize, v, q, where)
             elif k == "round_to":
                 out[k] = _at_least(v, q, where, 1)
             elif k == "cost_aware":
                 out[k] = _in_range(v, q, where, 0, 4, lo_closed=True, hi_closed=True,
                                    note=" (an exponent; 0 = plain ranking)")
+            elif k == "round_share":
+                out[k] = _in_range(v, q, where, 0, 1, hi_closed=True,
+                                   note=" (largest rounding step as a share of a layer's width)")
             else:
                 out[k] = _in_range(v, q, where, 0, 1)
         elif cls is BNRecalibrationOptions:
@@ -379,11 +390,19 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
     if cfg.schedule.final_amount is not None and cfg.finetune.epochs:
         raise ConfigError(f"{source}: 'schedule' (prune during training) and 'finetune' (prune, then train) are "
                           "alternatives; set only one")
+    if cfg.channel.regularize is not None and cfg.structure != "channel":
+        raise ConfigError(f"{source}: 'channel.regularize' trains channels to be removed: it needs 'structure: channel'")
     if cfg.structure == "channel":
         if cfg.method not in ("global", AUTO):
             raise ConfigError(f"{source}: 'method: {cfg.method}' ranks single weights (structure: unstructured); "
                               "with 'structure: channel' choose 'channel.importance' "
                               f"({', '.join(CHANNEL_IMPORTANCES)})")
+        one_shot = [k for k, on in (("allocation: sensitivity", cfg.channel.allocation == "sensitivity"),
+                                    ("reconstruct", cfg.channel.reconstruct), ("compensate", cfg.channel.compensate),
+                                    ("regularize", cfg.channel.regularize is not None)) if on]
+        if one_shot and cfg.schedule.final_amount is not None:
+            raise ConfigError(f"{source}: 'channel.{one_shot[0]}' is for one-shot channel pruning; a 'schedule' run "
+                              "prunes by 'global' ranking without reconstruction (set it to global / false)")
     return cfg
 
 

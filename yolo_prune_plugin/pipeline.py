@@ -28,10 +28,9 @@ from .backend.evaluation import EvalSettings, Metrics, backend_select_device, ev
 from .backend.loading import Backend, first_line, load_checkpoint
 from .config import DATA_AWARE_METHODS, PruneConfig, config_equal, data_free_method
 from .errors import OutputExistsError, PruneError
-from .prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .prune.unstructured import conv_layers, prune_model, sparsity_stats
 from .report import ReportEntry, print_report
-from .tools.heldout import calibration_needs, overlap_plan
+from .tools.heldout import calibration_needs, channel_data_needs, overlap_plan
 from .tools.loggers import log_results
 from .training.dense_reference import ReferenceModel
 from .utils.files import atomic_path, write_json
@@ -134,21 +133,7 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
                                                                               config.exclude)).to_dict(per_layer=False)}
     plan = overlap_plan(config, ctx.settings.data) if ctx.settings is not None else {}
     if config.structure == "channel":
-        from .prune.calibration import load_calibration_batch
-        from .prune.channel import channel_prune
-
-        imp = config.channel.importance
-        calibration = None
-        if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None
-                                                     and "channel.importance" not in plan):
-            data = _calibration_data(ctx, f"channel importance {imp or 'taylor'!r}")
-            calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed,
-                                                 allow_overlap=c.allow_overlap)
-        res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
-                            include=config.include, exclude=config.exclude, calibration=calibration,
-                            max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz,
-                            cost_aware=config.channel.cost_aware)
-        done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
+        done.update(_channel_prune(model, config, ctx, plan))
     else:
         from .prune.calibration import load_calibration_images, resolve_method
 
@@ -168,7 +153,9 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
     if plan:
         done["details"] = {**done["details"], "overlap": plan}
     n = config.bn_recalibration.count(config.structure)
-    if n:
+    if n and "reconstruction" in done:
+        LOGGER.info("BatchNorm statistics kept: the reconstruction matched the dense pre-BatchNorm outputs")
+    elif n:
         from .prune.bn_recalibration import recalibrate_bn
         from .prune.calibration import load_calibration_images
 
@@ -180,6 +167,40 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
         LOGGER.info("BatchNorm statistics re-estimated on %d train images (%d layers)", len(images),
                     done["recalibration"]["layers"])
     return model.eval(), done
+
+
+def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan: Mapping[str, str]) -> dict:
+    """``structure: channel``: channel pruning (in place), then reconstruction / mean compensation against the dense
+    model on the calibration images when configured. ``plan``: the overlap decisions (:func:`overlap_plan`): a
+    default that would fit the evaluation images falls back. Returns what was done."""
+    from .prune.calibration import load_calibration_batch
+    from .prune.channel import FALLBACK_IMPORTANCE, channel_prune
+
+    ch = config.channel.resolved(ctx.settings is not None and "channel.reconstruct" not in plan)
+    c = config.calibration
+    imp = FALLBACK_IMPORTANCE if "channel.importance" in plan else ch.importance
+    calibration = None
+    needs = channel_data_needs(config, ch)
+    if needs or (imp is None and ctx.settings is not None):
+        data = _calibration_data(ctx, needs[0] if needs else "channel importance 'taylor'")
+        calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed, allow_overlap=c.allow_overlap)
+    dense = copy.deepcopy(model) if ch.reconstruct or ch.compensate else None
+    res = channel_prune(model, config.amount, importance=imp, round_to=ch.round_to, include=config.include,
+                        exclude=config.exclude, calibration=calibration, max_layer_ratio=ch.max_layer_ratio,
+                        imgsz=ctx.imgsz, cost_aware=ch.cost_aware, round_share=ch.round_share,
+                        allocation=ch.allocation)
+    done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True)}
+    if dense is not None:
+        from .prune.reconstruction import reconstruct_layers
+
+        images = calibration[0].to(ctx.device)
+        rec = reconstruct_layers(model, dense, images, kept=res.kept, refit=ch.reconstruct, compensate=ch.compensate)
+        done["reconstruction"] = rec
+        done["channels"]["reconstruction"] = {k: v for k, v in rec.items() if k not in ("errors", "errors_before")}
+        done["seconds"] = round(res.seconds + rec["seconds"], 3)
+        LOGGER.info("Reconstructed %d layers against the dense model on %d train images (%s s)", rec["layers"],
+                    rec["images"], rec["seconds"])
+    return done
 
 
 def _calibration_data(ctx: RunContext, what: str) -> dict:

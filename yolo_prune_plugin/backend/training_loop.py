@@ -15,7 +15,7 @@ import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -178,3 +178,9 @@ def keep_checkpoint_architecture(backend: Backend, weights: str | Path) -> Itera
         yield src
     finally:
         p.undo()
+
+
+def add_gradient_hook(optimizer: torch.optim.Optimizer, fn: Callable[[], None]) -> Any:
+    """Call ``fn()`` before every ``optimizer.step`` of YOLOv5's loop (after backward, after AMP's unscale and
+    the gradient clipping), so it can add to the gradients; returns the removable handle."""
+    return optimizer.register_step_pre_hook(lambda opt, args, kwargs: fn())

@@ -8,7 +8,8 @@ Unlike :mod:`yolo_prune_plugin.prune.unstructured` (zeros inside dense tensors),
 Selection is done here, not by Torch-Pruning's pruner, for three reasons: the target ``amount`` is the
 fraction of **Conv2d weights** in scope removed (not a channel ratio), it is met by bisection on a global
 importance threshold; channel counts are rounded to the *nearest* multiple of ``round_to`` (Torch-Pruning
-rounds the kept count *down*, which can leave 0 channels); and a per-layer floor (``max_layer_ratio``) keeps
+rounds the kept count *down*, which can leave 0 channels), or of a smaller divisor of it on narrow layers so
+that one rounding step never moves more than ``round_share`` of a layer (:func:`round_step`); and a per-layer floor (``max_layer_ratio``) keeps
 every group alive.
 
 Importance (``importance=``): ``l1``/``l2`` (group magnitude, Torch-Pruning's ``GroupMagnitudeImportance``),
@@ -31,7 +32,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, PruneError
 from .calibration import accumulate_loss_gradients
-from .registry import CHANNEL_IMPORTANCES, DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
+from .registry import CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
 from .unstructured import check_scope, conv_layers, count_parameters
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -56,6 +57,12 @@ DEFAULT_ROUND_TO = ChannelOptions.round_to
 
 
 DEFAULT_MAX_LAYER_RATIO = ChannelOptions.max_layer_ratio
+
+
+DEFAULT_ROUND_SHARE = ChannelOptions.round_share
+
+
+DEFAULT_ALLOCATION = "global"  # the function's default; the pipeline resolves ChannelOptions.allocation (None: by data)
 
 
 #: the achieved fraction is within this of ``amount`` (raises otherwise)
@@ -232,20 +239,32 @@ def channel_macs(model: nn.Module, groups: list, dg: Any, imgsz: int) -> dict[st
     return cost
 
 
-def _keep_count(n: int, n_prune: int, round_to: int, floor: int) -> int:
-    """Channels kept: nearest multiple of ``round_to``, at least ``floor`` (itself rounded up), at most ``n``."""
-    kept = n - n_prune
+def round_step(n: int, round_to: int, round_share: float = DEFAULT_ROUND_SHARE) -> int:
+    """The rounding step of a group of ``n`` channels: the largest divisor of ``round_to`` that is at most
+    ``round_share * n`` (at least 1), so one rounding step never moves more than that share of a narrow layer
+    (a 16-channel stem with ``round_to=8``, ``round_share=0.125`` rounds to multiples of 2, not 8)."""
     r = max(1, int(round_to))
+    cap = max(1.0, float(round_share) * n)
+    return max(d for d in range(1, r + 1) if r % d == 0 and d <= cap)
+
+
+def _keep_count(n: int, n_prune: int, round_to: int, floor: int, round_share: float = 1.0) -> int:
+    """Channels kept: nearest multiple of the group's :func:`round_step`, at least ``floor`` (itself rounded up),
+    at most ``n``."""
+    kept = n - n_prune
+    r = round_step(n, round_to, round_share)
     kept = int(round(kept / r)) * r
     floor = max(r, int(math.ceil(floor / r)) * r)
     return int(min(n, max(kept, floor)))
 
 
-def _plan(scores: dict[str, torch.Tensor], k: int, round_to: int, max_layer_ratio: float) -> dict:
+def _plan(scores: dict[str, torch.Tensor], k: int, round_to: int, max_layer_ratio: float,
+          round_share: float = 1.0) -> dict:
     """Channel indices to remove per group root when the ``k`` globally lowest-ranked channels go.
 
     Ranking is by normalised importance over all groups (ties broken by position, so equal scores, e.g. an
-    untrained model's BatchNorm scales, still give every ``k`` its own plan); each group's count is then rounded.
+    untrained model's BatchNorm scales, still give every ``k`` its own plan); each group's count is then rounded
+    (:func:`_keep_count`).
     """
     names = list(scores)
     flat = torch.cat([scores[n] for n in names])
@@ -256,7 +275,7 @@ def _plan(scores: dict[str, torch.Tensor], k: int, round_to: int, max_layer_rati
     for name, n_prune in zip(names, counts):
         s = scores[name]
         n = len(s)
-        kept = _keep_count(n, n_prune, round_to, math.ceil(n * (1 - max_layer_ratio)))
+        kept = _keep_count(n, n_prune, round_to, math.ceil(n * (1 - max_layer_ratio)), round_share)
         if kept < n:
             plan[name] = torch.sort(s, stable=True).indices[: n - kept].tolist()
     return plan
@@ -275,20 +294,25 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
                   round_to: int = DEFAULT_ROUND_TO, include: Sequence[str] = (), exclude: Sequence[str] = (),
                   calibration: Any = None, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                   imgsz: int = 640, trace_imgsz: int = 64, tolerance: float = AMOUNT_TOLERANCE,
-                  cost_aware: float = DEFAULT_COST_AWARE, log: bool = True) -> ChannelPruneResult:
+                  cost_aware: float = DEFAULT_COST_AWARE, round_share: float = DEFAULT_ROUND_SHARE,
+                  allocation: str = DEFAULT_ALLOCATION, log: bool = True) -> ChannelPruneResult:
     """Remove whole output channels of ``model`` (a YOLOv5 ``DetectionModel``, in place) with Torch-Pruning.
 
     ``amount``: fraction of the Conv2d weights in scope to remove (input channels removed from a consumer
     count too), met within ``tolerance`` by bisection of one global importance threshold (ranking across all
     layers; each group's scores normalised by their mean, Torch-Pruning's default). ``include``/``exclude``:
     fnmatch patterns as in :func:`pruning.conv_layers`; only convs in scope lose *output* channels. Detect's
-    output convs never do. ``round_to``: kept channel counts are multiples of it (nearest, never 0).
+    output convs never do. ``round_to``: kept channel counts are multiples of it (nearest, never 0), or of its
+    largest divisor that is at most ``round_share`` of the group's width (:func:`round_step`).
     ``max_layer_ratio``: at most this fraction of a group's channels is removed. ``calibration``: for
     ``importance="taylor"``, ``(images, targets)`` from :func:`load_calibration_batch`. ``importance=None``:
     Taylor when ``calibration`` is given, else L1. ``cost_aware``: exponent ``alpha`` of a FLOP-aware ranking,
     each group's scores divided by ``(MACs one of its channels costs / mean over groups) ** alpha`` (see
     :func:`channel_macs`), so at the same weight ``amount`` cheap-per-FLOP early, high-resolution layers are
-    preferred; 0 is the plain ranking. ``imgsz``: for GFLOPs. The result's ``kept`` maps each conv
+    preferred; 0 is the plain ranking. ``allocation``: ``global`` (the importance ranking decides how many
+    channels each group loses) or ``sensitivity`` (measured consumer output error on the calibration images
+    decides, :mod:`yolo_prune_plugin.prune.channel_sensitivity`; the importance still picks which channels;
+    ``calibration`` is ``(images, targets)`` or an image tensor). ``imgsz``: for GFLOPs. The result's ``kept`` maps each conv
     that lost channels to the original channel indices it kept.
     Raises :class:`ConfigError` for bad arguments, :class:`PruneError` when the amount cannot be met.
     """
@@ -303,6 +327,13 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
         raise ConfigError(f"round_to: expected an integer >= 1, got {round_to!r}")
     if not (isinstance(cost_aware, (int, float)) and not isinstance(cost_aware, bool) and 0.0 <= cost_aware <= 4.0):
         raise ConfigError(f"cost_aware: expected a number in [0, 4] (exponent of the FLOP cost), got {cost_aware!r}")
+    if not (isinstance(round_share, (int, float)) and not isinstance(round_share, bool) and 0.0 < round_share <= 1.0):
+        raise ConfigError(f"round_share: expected a number in (0, 1] (largest rounding step as a share of a layer's "
+                          f"width), got {round_share!r}")
+    if allocation not in CHANNEL_ALLOCATIONS:
+        raise ConfigError(f"allocation {allocation!r} is unknown; expected one of {', '.join(CHANNEL_ALLOCATIONS)}")
+    if allocation == "sensitivity" and calibration is None:
+        raise ConfigError("allocation 'sensitivity' needs calibration images (train split)")
     if not (0.0 < max_layer_ratio <= 1.0):
         raise ConfigError(f"max_layer_ratio: expected a number in (0, 1], got {max_layer_ratio!r}")
     det = getattr(model, "model", None)
@@ -342,6 +373,11 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
             p.grad = None
     if not scores:
         raise PruneError("channel pruning: no prunable channel group in scope")
+    if allocation == "sensitivity":
+        from .channel_sensitivity import sensitivity_scores
+
+        images = calibration[0] if isinstance(calibration, (tuple, list)) else calibration
+        scores, sens = sensitivity_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
     if cost_aware:
         macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
         mean = sum(macs.values()) / len(macs)
@@ -350,7 +386,7 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     total = sum(len(v) for v in scores.values())
 
     def trial(k: int) -> tuple[float, dict]:
-        plan = _plan(scores, k, round_to, max_layer_ratio)
+        plan = _plan(scores, k, round_to, max_layer_ratio, round_share)
         m = copy.deepcopy(model)
         _apply_plan(m, plan, ignored_names, trace_imgsz)
         return 1 - _weights(m, scope) / w_before, plan
@@ -392,8 +428,10 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     res = ChannelPruneResult(importance, float(amount), 1 - w_after / w_before, round_to, params_before,
                              count_parameters(model), gflops_before, gflops(model, imgsz), w_before, w_after,
                              channels_before, channel_counts(model), q, time.perf_counter() - t0,
-                             {"max_layer_ratio": max_layer_ratio, "cost_aware": float(cost_aware), "groups": len(scores),
+                             {"max_layer_ratio": max_layer_ratio, "round_share": float(round_share), "allocation": allocation, "cost_aware": float(cost_aware), "groups": len(scores),
                               "groups_pruned": len(plan)}, kept)
+    if allocation == "sensitivity":
+        res.extra.update(sens)
     if loss is not None:
         res.extra["calibration_loss"] = round(loss, 4)
         res.extra["calibration_images"] = int(len(calibration[0]))

@@ -17,14 +17,14 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import yaml
 
 from ..backend.data import image_files
 from ..config import DATA_AWARE_METHODS, PruneConfig
 from ..errors import ConfigError
-from ..prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
+from ..prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -94,11 +94,20 @@ def calibration_needs(config: PruneConfig) -> list[str]:
     why = []
     if config.structure == "unstructured" and config.method in DATA_AWARE_METHODS:
         why.append(f"method {config.method!r}")
-    if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
-        why.append(f"channel.importance {config.channel.importance!r}")
+    if config.structure == "channel":
+        why += channel_data_needs(config)
     if config.bn_recalibration.count(config.structure):
         why.append(f"bn_recalibration ({config.bn_recalibration.count(config.structure)} images; 0 turns it off)")
     return why
+
+
+def channel_data_needs(config: PruneConfig, ch: Optional[ChannelOptions] = None) -> list[str]:
+    """The ``channel.*`` options of ``config`` (or ``ch``, resolved) that need train-split images (data-dependent
+    defaults do not)."""
+    ch = ch or config.channel
+    return [w for w, on in ((f"channel.importance {ch.importance!r}", ch.importance in DATA_AWARE_CHANNEL_IMPORTANCES),
+                            ("channel.allocation 'sensitivity'", ch.allocation == "sensitivity"),
+                            ("channel.reconstruct", ch.reconstruct), ("channel.compensate", ch.compensate)) if on]
 
 
 def overlap_plan(config: PruneConfig, data: Any) -> dict[str, str]:
@@ -122,8 +131,12 @@ def overlap_plan(config: PruneConfig, data: Any) -> dict[str, str]:
         return {}
     explicit = ([f"method: {config.method}"] if config.structure == "unstructured" and config.method in
                 DATA_AWARE_METHODS else [])
-    if config.structure == "channel" and config.channel.importance in DATA_AWARE_CHANNEL_IMPORTANCES:
-        explicit.append(f"channel.importance: {config.channel.importance}")
+    ch = config.channel
+    if config.structure == "channel":  # choices that pick channels or fit weights to the calibration images
+        explicit += [f"channel.{k}: {v}" for k, v, on in (
+            ("importance", ch.importance, ch.importance in DATA_AWARE_CHANNEL_IMPORTANCES),
+            ("allocation", ch.allocation, ch.allocation == "sensitivity"),
+            ("reconstruct", "true", bool(ch.reconstruct))) if on]
     explicit += [f"sweep.methods: {m}" for m in sweep]
     if explicit:
         raise ConfigError(f"{explicit[0]} fits the pruned model to its calibration images, and {why}: set "
@@ -132,6 +145,13 @@ def overlap_plan(config: PruneConfig, data: Any) -> dict[str, str]:
     if config.structure == "channel" and config.channel.importance is None:
         plan["channel.importance"] = ("l1 instead of taylor: Taylor ranking fits the labels of the images the "
                                       "result is measured on (set calibration.allow_overlap: true to use it)")
+    if config.structure == "channel" and config.channel.reconstruct is None:
+        plan["channel.reconstruct"] = ("off (BatchNorm recalibration instead): the least-squares refit fits the kept "
+                                       "weights to the images the result is measured on (set "
+                                       "calibration.allow_overlap: true to use it)")
+    if config.structure == "channel" and config.channel.compensate:
+        plan["channel.compensate"] = ("on the train images anyway: it moves removed channels' mean activations into "
+                                      "the next bias, a statistic like BatchNorm's (no label is read)")
     if config.bn_recalibration.count(config.structure):
         plan["bn_recalibration"] = ("on the train images anyway: BatchNorm statistics from them are what training "
                                     "itself computed (no label is read, no weight is fitted)")

@@ -207,7 +207,7 @@ class ChannelSchedule:
         ema = copy.deepcopy(self.ema.ema)
         res = channel_prune(ema, rel, importance=self.importance, round_to=c.channel.round_to, include=c.include,
                             exclude=c.exclude, max_layer_ratio=c.channel.max_layer_ratio, imgsz=self.imgsz,
-                            cost_aware=c.channel.cost_aware, log=False)
+                            cost_aware=c.channel.cost_aware, round_share=c.channel.round_share, log=False)
         for p in ema.parameters():  # Torch-Pruning's new Parameters require grad; ModelEMA's never do
             p.requires_grad_(False)
         trial = copy.deepcopy(self.model)

@@ -1,0 +1,107 @@
+"""Prunable channels trained in (``channel.regularize``): a targeted sparsity penalty inside YOLOv5's own loop.
+
+From epoch ``from_epoch`` of the user's training run, the channels that one-shot channel pruning of the current
+model would remove (:func:`yolo_prune_plugin.prune.channel.channel_prune` on a copy, L1 importance, the run's
+amount and channel options; chosen once, at the start of that epoch) get network slimming's L1 penalty
+``weight * sum |gamma|`` on their BatchNorm scales: an optimizer step pre-hook
+(:func:`~yolo_prune_plugin.backend.training_loop.add_gradient_hook`) adds ``weight * sign(gamma)`` to exactly those
+gradient entries, so at train end they carry little signal and the train-end prune removes them at little cost.
+Nothing else's gradient changes. The penalty value is logged per epoch into the report history (and from there
+to TensorBoard as ``prune/history/regularize_penalty``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+
+from ..backend.loading import Backend
+from ..backend.training_loop import add_gradient_hook, training_objects
+from ..config import PruneConfig
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+
+def regularize_targets(model: nn.Module, config: PruneConfig) -> dict[str, torch.Tensor]:
+    """``{BatchNorm name: channel indices}`` that channel pruning of ``model`` at ``config.amount`` would remove."""
+    from ..prune.channel import channel_prune
+
+    ch = config.channel
+    m = copy.deepcopy(model).float().eval()
+    res = channel_prune(m, config.amount, importance="l1", round_to=ch.round_to, include=config.include,
+                        exclude=config.exclude, max_layer_ratio=ch.max_layer_ratio, cost_aware=ch.cost_aware,
+                        round_share=ch.round_share, log=False)
+    mods = dict(model.named_modules())
+    out = {}
+    for conv, kept in res.kept.items():
+        bn = conv.rsplit(".", 1)[0] + ".bn"
+        if isinstance(mods.get(bn), nn.BatchNorm2d):
+            gone = sorted(set(range(mods[bn].num_features)) - set(kept))
+            if gone:
+                out[bn] = torch.tensor(gone, dtype=torch.long)
+    return out
+
+
+class ChannelRegularizer:
+    """The penalty's life in one training run: targets at ``from_epoch``, the gradient hook, per-epoch values."""
+
+    def __init__(self, config: PruneConfig, backend: Optional[Backend] = None) -> None:
+        self.config = config
+        self.reg = config.channel.regularize
+        self.backend = backend
+        self.model: Optional[nn.Module] = None
+        self.optimizer: Any = None
+        self.epoch = 0
+        self.targets: dict[str, torch.Tensor] = {}
+        self.history: list[dict] = []
+        self._handle: Any = None
+
+    def train_start(self) -> None:
+        """``on_train_start``: YOLOv5's model and optimizer, read from its ``train()``."""
+        objs = training_objects(self.backend)
+        self.attach(objs.model, objs.optimizer, objs.start_epoch)
+
+    def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, start_epoch: int = 0) -> None:
+        self.model, self.optimizer, self.epoch = model, optimizer, int(start_epoch) - 1
+
+    def epoch_start(self) -> None:
+        """``on_train_epoch_start``: from ``from_epoch`` on, choose the targets once and hook the optimizer."""
+        self.epoch += 1
+        if self.epoch < self.reg.from_epoch or self._handle is not None or self.model is None:
+            return
+        self.targets = regularize_targets(self.model, self.config)
+        self._handle = add_gradient_hook(self.optimizer, self.add_gradients)
+        LOGGER.info("channel.regularize: L1 %.3g on the BatchNorm scales of %d channels in %d layers from epoch %d",
+                    self.reg.weight, sum(len(v) for v in self.targets.values()), len(self.targets), self.epoch)
+
+    @torch.no_grad()
+    def add_gradients(self) -> None:
+        """``weight * sign(gamma)`` added to the targeted BatchNorm scales' gradients (nothing else)."""
+        mods = dict(self.model.named_modules())
+        for name, idx in self.targets.items():
+            w = mods[name].weight
+            if w.grad is None:
+                w.grad = torch.zeros_like(w)
+            idx = idx.to(w.device)
+            w.grad.index_add_(0, idx, self.reg.weight * torch.sign(w.detach()[idx]))
+
+    @torch.no_grad()
+    def penalty(self) -> float:
+        mods = dict(self.model.named_modules())
+        return float(self.reg.weight * sum(mods[n].weight.detach()[i.to(mods[n].weight.device)].abs().sum()
+                                           for n, i in self.targets.items())) if self.targets else 0.0
+
+    def fit_epoch_end(self, epoch: int) -> None:
+        """``on_fit_epoch_end``: the epoch's penalty into the history."""
+        if self.targets:
+            self.history.append({"epoch": int(epoch), "regularize_penalty": round(self.penalty(), 6),
+                                 "regularize_channels": int(sum(len(v) for v in self.targets.values()))})
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
