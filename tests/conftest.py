@@ -135,11 +135,12 @@ def plain_attempt_load(path: Path, imgsz: int = 64) -> tuple[list[int], list[int
     return [int(v) for v in shape.strip("[").split(",")], [int(v) for v in widths.strip("[]").split(",")]
 
 
-def assert_dense_slices(pruned: torch.nn.Module, dense: torch.nn.Module, kept: dict) -> int:
+def assert_dense_slices(pruned: torch.nn.Module, dense: torch.nn.Module, kept: dict, refit: bool = False) -> int:
     """Each Conv2d of the channel-pruned ``pruned`` holds ``dense``'s weights of the output channels it kept
     (``kept``: conv name -> original indices, absent = all) at an ordered subset of the dense input channels:
     the pruned model is a slice of the dense one, not a model re-initialised at the smaller widths. Compared in
-    ``pruned``'s dtype; returns how many convs lost channels."""
+    ``pruned``'s dtype; returns how many convs were checked and lost channels. ``refit``: the pruning reconstructed
+    the convs whose inputs lost channels (``channel.reconstruct``), so only the other convs are compared."""
     dense_mods = dict(dense.named_modules())
     narrowed = 0
     for name, m in pruned.named_modules():
@@ -148,6 +149,8 @@ def assert_dense_slices(pruned: torch.nn.Module, dense: torch.nn.Module, kept: d
         d = dense_mods[name]
         rows = kept.get(name, list(range(d.out_channels)))
         assert len(rows) == m.out_channels, f"{name}: {m.out_channels} channels, {len(rows)} kept"
+        if refit and m.in_channels != d.in_channels:
+            continue  # refitted to the dense outputs: its weights are new by design
         want, got = d.weight.detach()[rows].to(m.weight.dtype), m.weight.detach()
         j = 0  # greedy in order: the kept input channels keep their order (random weights: columns are unique)
         for c in range(want.shape[1]):
