@@ -199,13 +199,12 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     from .training.masks import count_leaks, count_masked, zero_masks
 
     ft_cfg = config.finetune
-    run_dir = Path(entry.checkpoint).parent.parent
+    project, name, hyp_path = finetune_location(Path(entry.checkpoint))
     channel = config.structure == "channel"  # a smaller dense architecture: trained as it is, no mask to hold
     masks = {} if channel else zero_masks(model, config.include, config.exclude)
     ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
                              include=config.include, exclude=config.exclude, masks=masks or None,
-                             warmup=ft_cfg.warmup, project=run_dir.parent, name=f"{run_dir.name}_finetune",
-                             hyp_path=run_dir / "hyp_finetune.yaml", backend=ctx.backend, keep_architecture=channel)
+                             warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel)
     ckpt = load_checkpoint(ft.best, ctx.backend)
     tuned = source_model(ckpt).float()
     if channel and _channels(tuned) != _channels(model):
@@ -224,6 +223,16 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     same = ft.imgsz == ctx.imgsz and ft.results is not None and ft.best.name == "best.pt"
     reused = Metrics.from_results(ft.results) if same else None
     return ckpt, tuned, reused
+
+
+def finetune_location(checkpoint: Path) -> tuple[Path, str, Optional[Path]]:
+    """Where the fine-tune of ``checkpoint`` runs: (project, name, hyp file). A YOLOv5 run's
+    ``<run>/weights/best.pt``: ``<run>_finetune`` beside the run, hyp in ``<run>/hyp_finetune.yaml``; any other file
+    (``yolo-prune prune``): ``<stem>_finetune`` beside it (YOLOv5 increments the name, nothing is overwritten)."""
+    if checkpoint.parent.name == "weights":
+        run_dir = checkpoint.parent.parent
+        return run_dir.parent, f"{run_dir.name}_finetune", run_dir / "hyp_finetune.yaml"
+    return checkpoint.parent, f"{checkpoint.stem}_finetune", None
 
 
 def _channels(model: nn.Module) -> list[tuple[int, int]]:

@@ -97,6 +97,22 @@ def load_hyp(hyp: Any, backend: Backend) -> dict:
     return dict(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
+def checkpoint_train_options(ckpt: Mapping[str, Any], data: str | Path, imgsz: int, batch_size: Optional[int],
+                             device: str, workers: int, single_cls: bool) -> dict:
+    """YOLOv5 train options for fine-tuning an existing checkpoint (``yolo-prune prune --finetune-epochs``).
+
+    The checkpoint's saved ``opt`` (``vars(opt)`` of the run that wrote it; hyp, optimizer, cos_lr, seed, ...)
+    where present, YOLOv5's defaults otherwise (:func:`finetune_checkpoint` starts from ``parse_opt``); the
+    command's data, image size, device, workers and single-class flag always apply, its batch size when given
+    (else the run's, else YOLOv5's 16). YOLOv5's ``train.py`` saves ``hyp`` as a dict.
+    """
+    saved = ckpt.get("opt")
+    base = _as_dict(saved) if isinstance(saved, Mapping) or hasattr(saved, "__dict__") else {}
+    base.update(data=str(Path(data).expanduser().resolve()), imgsz=int(imgsz), device=device, workers=int(workers),
+                single_cls=bool(single_cls), batch_size=int(batch_size or base.get("batch_size") or 16))
+    return base
+
+
 def finetune_hyp(hyp: Mapping[str, Any], lr_scale: float, warmup: bool) -> dict:
     """``hyp`` with ``lr0`` and ``warmup_bias_lr`` scaled; ``warmup_epochs`` 0 when warmup is off."""
     out = dict(hyp)
