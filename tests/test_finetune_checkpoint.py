@@ -96,3 +96,36 @@ def test_prune_refuses_what_it_cannot_do_before_any_work(backend, tiny_model, ti
     with pytest.raises(ConfigError, match=match):
         api.prune(w, tiny_data if data else None, imgsz=64, device="cpu", workers=0, **cfg)
     assert not (tmp_path / "best_pruned.pt").exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# warm-up and accumulation inside YOLOv5's loop
+# ---------------------------------------------------------------------------------------------------
+def _train_opt(backend, data, cfg, project, name, batch_size):
+    return api.train_opt([], backend, data=str(data), cfg=str(cfg), weights="", imgsz=64, batch_size=batch_size,
+                         device="cpu", workers=0, noplots=True, noautoanchor=True, project=str(project), name=name)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_finetune_steps_every_batch_at_the_finetune_lr(backend, tiny_model, tiny_data, tiny_cfg, tmp_path, warmup):
+    """Batch 1 on 4 images: YOLOv5 would ramp ``accumulate`` from 1 towards 64 during its >= 100-iteration warm-up
+    (2 optimizer steps in 4 batches, lr rising from 0); the plugin's fine-tune steps on every batch at lr0 x 0.1."""
+    from yolo_prune_plugin.training.finetune import finetune_checkpoint
+
+    w = save_checkpoint(tiny_model, tmp_path / "dense.pt")
+    res = finetune_checkpoint(w, _train_opt(backend, tiny_data, tiny_cfg, tmp_path, "base", 1), 2, masks=None,
+                              warmup=warmup, project=tmp_path, name="ft", backend=backend)
+    steps = [r["optimizer_steps"] for r in res.history]
+    lo_hi = [r["step_lr"] for r in res.history]
+    if warmup:  # the control: YOLOv5's own warm-up and accumulation
+        assert steps[0] < 4 and lo_hi[0][0] < 0.001 and res.loop["ema_updates"] == sum(steps)
+        return
+    assert steps == [4, 4]  # one optimizer step per batch from the first batch
+    # every group at lr0 x lr_scale from the first step; YOLOv5's scheduler (last_epoch = start_epoch - 1) gives
+    # epoch e the factor lf(e - 1), so epoch 1 also runs at lr0 x 0.1
+    assert lo_hi == [pytest.approx([0.001, 0.001])] * 2
+    assert [r["lr"] for r in res.history] == [pytest.approx([0.001] * 3)] * 2
+    assert res.loop == {"warmup_iterations": 0, "accumulate": 1, "yolov5_warmup_iterations": 100,
+                        "yolov5_accumulate": 64, "ema_updates": 8}
+    sgd = yaml.safe_load((res.save_dir / "hyp.yaml").read_text())["weight_decay"]
+    assert sgd == pytest.approx(0.0005)  # the hyp as YOLOv5 saved it; per-step decay is divided in the optimizer

@@ -213,7 +213,7 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     leaks = dict(ft.leaks)
     leaks["best_pruned.pt"] = count_leaks(tuned, masks)
     entry.finetune = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
-                      "warmup": ft.warmup, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
+                      "warmup": ft.warmup, "loop": ft.loop, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
                       "masked_weights": count_masked(masks), "seconds": round(ft.seconds, 1),
                       "history": ft.history}
     entry.leaks = leaks

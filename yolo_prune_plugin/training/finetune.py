@@ -6,10 +6,13 @@ YOLOv5's ``train.main`` runs again on the one-shot ``best_pruned.pt`` for ``epoc
 options) while the pruned positions are held at exactly zero (unstructured, :mod:`.masks`) or the pruned
 architecture is kept (channel); the pipeline writes the fine-tuned best as ``best_pruned.pt``.
 
-Fine-tune learning rate: YOLOv5's warmup always lasts at least 100 iterations, starting every lr at 0 and
-the bias lr at ``warmup_bias_lr`` (0.1), which is most or all of a short fine-tune. With ``warmup=False``
-(the default, :data:`FINETUNE_WARMUP`) a step pre-hook restores each group's scheduled lr and momentum
-before every step. Measured with ``scripts/benchmark_recovery.py`` (yolov5n, coco128 @ 320, 50% global,
+Fine-tune learning rate and steps: YOLOv5's warmup always lasts at least 100 iterations, starting every lr at 0
+and the bias lr at ``warmup_bias_lr`` (0.1) while ``accumulate`` ramps from 1 to ``64 / batch_size`` (few
+optimizer steps, few EMA updates), which is most or all of a short fine-tune. With ``warmup=False`` (the
+default, :data:`FINETUNE_WARMUP`) the fine-tune's ``on_train_start`` switches the warm-up branch off and steps
+once per batch (:func:`~yolo_prune_plugin.backend.training_loop.steady_training_loop`): every step runs at the
+scheduled lr from the first batch and the EMA is updated after every batch (a step pre-hook also restores each
+group's scheduled lr and momentum, as a safety net). Measured (before one step per batch) with ``scripts/benchmark_recovery.py`` (yolov5n, coco128 @ 320, 50% global,
 mAP50-95 of one-shot 0.219, dense 0.291): lr_scale 0.1, 10 epochs: masked FT 0.283 without warmup vs
 0.248 with it (with warmup the lr never leaves ~0, the gain is mostly BatchNorm re-estimation); lr_scale 1.0,
 10 epochs, no warmup: 0.331 (dense fine-tuned alike: 0.320). A high lr without warmup needs epochs: at
@@ -31,7 +34,7 @@ import yaml
 
 from ..backend.loading import Backend, get_backend
 from ..backend.patches import driving_yolov5
-from ..backend.training_loop import keep_checkpoint_architecture
+from ..backend.training_loop import keep_checkpoint_architecture, steady_training_loop
 from ..config import DATA_AWARE_METHODS, PruneConfig
 from ..errors import ConfigError, PruneError
 from ..prune.unstructured import conv_layers, sparsity_stats
@@ -70,6 +73,7 @@ class FinetuneResult:
     imgsz: int
     hyp: dict
     warmup: bool
+    loop: dict = field(default_factory=dict)  # warm-up/accumulation set in YOLOv5's loop, EMA updates
     model: Optional[nn.Module] = field(default=None, repr=False)  # the live training objects (tests)
     ema_model: Optional[nn.Module] = field(default=None, repr=False)
     masks: Masks = field(default_factory=dict, repr=False)
@@ -169,6 +173,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
 
     def train_start() -> None:
         keeper.capture()
+        if not warmup:
+            state["loop"] = steady_training_loop()
 
     def fit_epoch_end(log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
         if any(r["epoch"] == int(epoch) for r in state["history"]):
@@ -176,7 +182,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         row = history_row(log_vals, epoch, fi)
         live = keeper.leaks()
         row.update({"sparsity": round(sparsity_stats(keeper.model, conv_layers(keeper.model, include, exclude))
-                                      .sparsity, 6), "leaked": live})
+                                      .sparsity, 6), "leaked": live, "optimizer_steps": keeper.epoch_steps,
+                    "step_lr": list(keeper.epoch_lr) if keeper.epoch_lr else None})
         state["history"].append(row)
 
     def model_save(last: Any, epoch: int, final_epoch: Any, best_fitness: Any, fi: Any) -> None:
@@ -221,7 +228,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                 for k, v in file_leaks(f, keeper.masks, b).items():
                     leaks[f"{f.name}:{k}"] = v
     result = FinetuneResult(Path(opt.save_dir), keep, last, state.get("results"), state["history"], leaks,
-                            count_masked(keeper.masks), seconds, opt.imgsz, hyp, warmup, keeper.model,
+                            count_masked(keeper.masks), seconds, opt.imgsz, hyp, warmup,
+                            {**state.get("loop", {}), "ema_updates": getattr(keeper.ema, "updates", None)}, keeper.model,
                             keeper.ema.ema if keeper.ema is not None else None, keeper.masks)
     if result.leaked:
         raise PruneError(f"fine-tune {result.save_dir}: pruned weights became non-zero ({leaks})")
