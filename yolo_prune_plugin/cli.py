@@ -69,6 +69,8 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    default=None, help="skip validation after pruning")
     p.add_argument(f"--{prefix}finetune-epochs", type=int, metavar="N",
                    help="fine-tune epochs after pruning, in YOLOv5's own training loop on the data's train split")
+    p.add_argument(f"--{prefix}finetune-distill", action="store_true", default=None,
+                   help="distil from the unpruned model during the fine-tune (config: finetune.distill)")
 
 
 def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConfig]:
@@ -77,15 +79,16 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
             "evaluate", "bench")
     overrides = {k: getattr(ns, pre + k, None) for k in keys}
     path = getattr(ns, pre + "config", None)
-    finetune = getattr(ns, pre + "finetune_epochs", None)
-    if prefix and path is None and finetune is None and all(v is None for v in overrides.values()):
+    finetune = {k: v for k, v in (("epochs", getattr(ns, pre + "finetune_epochs", None)),
+                                  ("distill", getattr(ns, pre + "finetune_distill", None))) if v is not None}
+    if prefix and path is None and not finetune and all(v is None for v in overrides.values()):
         return None  # `yolo-prune train` without any prune option behaves exactly like YOLOv5's train
     for k, v in overrides.items():  # name the flag in errors: "--prune-amount: 'amount' must ..."
         if v is not None:
             config_from_dict({k: v}, source=f"--{prefix}{'no-eval' if k == 'evaluate' else k}")
     cfg = load_config(path, **overrides)
-    if finetune is not None:
-        cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, "epochs": finetune})
+    if finetune:
+        cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, **finetune})
     return cfg
 
 

@@ -192,9 +192,10 @@ def _calibration_data(ctx: RunContext, what: str) -> dict:
 
 
 def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: PruneConfig,
-                   ctx: RunContext) -> tuple[dict, nn.Module, Optional[Metrics]]:
-    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held; the fine-tuned checkpoint,
-    its model, and YOLOv5's final validation of it when that equals ours (same weights, same settings)."""
+                   ctx: RunContext, dense: Optional[nn.Module] = None) -> tuple[dict, nn.Module, Optional[Metrics]]:
+    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held (``finetune.distill``: from
+    ``dense``, the unpruned model); the fine-tuned checkpoint, its model, and YOLOv5's final validation of it when
+    that equals ours (same weights, same settings)."""
     from .training.finetune import finetune_checkpoint
     from .training.masks import count_leaks, count_masked, zero_masks
 
@@ -204,7 +205,8 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     masks = {} if channel else zero_masks(model, config.include, config.exclude)
     ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
                              include=config.include, exclude=config.exclude, masks=masks or None,
-                             warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel)
+                             warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel,
+                             teacher=dense if ft_cfg.distill else None, distill_weight=ft_cfg.distill_weight)
     ckpt = load_checkpoint(ft.best, ctx.backend)
     tuned = source_model(ckpt).float()
     if channel and _channels(tuned) != _channels(model):
@@ -213,7 +215,7 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     leaks = dict(ft.leaks)
     leaks["best_pruned.pt"] = count_leaks(tuned, masks)
     entry.finetune = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
-                      "warmup": ft.warmup, "loop": ft.loop, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
+                      "warmup": ft.warmup, "loop": ft.loop, "distill": ft.distill, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
                       "masked_weights": count_masked(masks), "seconds": round(ft.seconds, 1),
                       "history": ft.history}
     entry.leaks = leaks
@@ -307,7 +309,7 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
     if config.finetune.epochs:
         _save(out, ckpt, model, dtype, entry, config, ctx, evaluate_after=True)
         entry.metrics_oneshot, entry.metrics_after = entry.metrics_after, None
-        ckpt, model, reused = finetune_stage(out, model.float(), entry, config, ctx)
+        ckpt, model, reused = finetune_stage(out, model.float(), entry, config, ctx, dense=source_model(ckpt))
 
     _save(out, ckpt, model, dtype, entry, config, ctx, evaluate_after=reused is None, reused=reused)
     if config.export:

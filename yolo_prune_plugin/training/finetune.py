@@ -29,9 +29,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import torch
 import torch.nn as nn
 import yaml
 
+from ..backend.distillation import OOM_MESSAGE, distilled_loss
 from ..backend.loading import Backend, get_backend
 from ..backend.patches import driving_yolov5
 from ..backend.training_loop import keep_checkpoint_architecture, steady_training_loop
@@ -74,6 +76,8 @@ class FinetuneResult:
     hyp: dict
     warmup: bool
     loop: dict = field(default_factory=dict)  # warm-up/accumulation set in YOLOv5's loop, EMA updates
+    distill: Optional[dict] = None  # weight, teacher size, batches (None: no teacher)
+    teacher: Optional[nn.Module] = field(default=None, repr=False)  # the live teacher after training (tests)
     model: Optional[nn.Module] = field(default=None, repr=False)  # the live training objects (tests)
     ema_model: Optional[nn.Module] = field(default=None, repr=False)
     masks: Masks = field(default_factory=dict, repr=False)
@@ -132,13 +136,16 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                         masks: Masks | str | None = "zeros", warmup: bool = FINETUNE_WARMUP,
                         project: str | Path | None = None, name: Optional[str] = None,
                         hyp_path: str | Path | None = None, backend: Optional[Backend] = None,
-                        keep_architecture: bool = False, **train_overrides: Any) -> FinetuneResult:
+                        keep_architecture: bool = False, teacher: Optional[nn.Module] = None,
+                        distill_weight: float = 1.0, **train_overrides: Any) -> FinetuneResult:
     """Train ``weights`` for ``epochs`` more epochs with YOLOv5's ``train.main``, holding ``masks`` at zero.
 
     ``base_opt`` (a YOLOv5 train ``opt`` or its ``vars``) gives data, batch size, device, optimizer, hyp, ...;
     ``masks``: ``"zeros"`` (the checkpoint's zero Conv2d weights in scope), a :data:`Masks` dict, or None
     (dense fine-tune, e.g. a baseline). ``keep_architecture``: train the module stored in ``weights`` (a
-    channel-pruned model) instead of YOLOv5 rebuilding its YAML. ``train_overrides`` are further YOLOv5 options. The run goes to
+    channel-pruned model) instead of YOLOv5 rebuilding its YAML. ``teacher``: the dense model to distil from
+    (:mod:`~yolo_prune_plugin.backend.distillation`, weight ``distill_weight``; None: YOLOv5's loss alone, the
+    loop untouched). ``train_overrides`` are further YOLOv5 options. The run goes to
     ``project/name`` (never overwriting: YOLOv5 increments the name). Raises :class:`PruneError` on a leak.
     """
     b = backend or get_backend()
@@ -169,7 +176,7 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         masks = {n: m.cpu().bool() for n, m in masks.items()}
 
     keeper = MaskKeeper(b, include, exclude, initial=masks, warmup=warmup)
-    state: dict[str, Any] = {"history": [], "saved_leaks": 0}
+    state: dict[str, Any] = {"history": [], "saved_leaks": 0, "distill": None}
 
     def train_start() -> None:
         keeper.capture()
@@ -184,6 +191,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         row.update({"sparsity": round(sparsity_stats(keeper.model, conv_layers(keeper.model, include, exclude))
                                       .sparsity, 6), "leaked": live, "optimizer_steps": keeper.epoch_steps,
                     "step_lr": list(keeper.epoch_lr) if keeper.epoch_lr else None})
+        if state["distill"] is not None:
+            row.update(state["distill"].epoch_means())
         state["history"].append(row)
 
     def model_save(last: Any, epoch: int, final_epoch: Any, best_fitness: Any, fi: Any) -> None:
@@ -197,20 +206,35 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     def train_end(last: Any, best: Any, epoch: int, results: Any) -> None:
         state.update(last=Path(last), best=Path(best), results=tuple(float(x) for x in results))
 
+    def epoch_start() -> None:
+        keeper.epoch_start()
+        if state["distill"] is not None:
+            state["distill"].epoch_reset()
+
     cb = b.Callbacks()
     HOOK_NAME = "yolo_prune_plugin"
     for hook, fn in (("on_train_start", train_start),
-                     ("on_train_epoch_start", keeper.epoch_start),
+                     ("on_train_epoch_start", epoch_start),
                      ("on_train_batch_end", lambda *a, **k: keeper.batch_end()), ("on_fit_epoch_end", fit_epoch_end),
                      ("on_model_save", model_save), ("on_train_end", train_end)):
         cb.register_action(hook, name=HOOK_NAME, callback=fn)
-    LOGGER.info("yolo_prune_plugin: fine-tuning %s for %d epochs (lr0 %.4g, %s masked weights, warmup %s)",
-                weights.name, epochs, hyp["lr0"], "no" if not masks else "the pruned", "on" if warmup else "off")
+    LOGGER.info("yolo_prune_plugin: fine-tuning %s for %d epochs (lr0 %.4g, %s masked weights, warmup %s%s)",
+                weights.name, epochs, hyp["lr0"], "no" if not masks else "the pruned", "on" if warmup else "off",
+                f", distilling from the dense model (weight {distill_weight:g})" if teacher is not None else "")
     t0 = time.perf_counter()
     try:
-        with driving_yolov5(b), (keep_checkpoint_architecture(b, weights) if keep_architecture
-                                  else contextlib.nullcontext()):
-            b.train.main(opt, callbacks=cb)
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(driving_yolov5(b))
+            if keep_architecture:
+                scope.enter_context(keep_checkpoint_architecture(b, weights))
+            if teacher is not None:
+                state["distill"] = scope.enter_context(distilled_loss(b, teacher, distill_weight))
+            try:
+                b.train.main(opt, callbacks=cb)
+            except torch.cuda.OutOfMemoryError:
+                if state["distill"] is None:
+                    raise
+                raise PruneError(OOM_MESSAGE.format(mb=state["distill"].teacher_mb)) from None
     finally:
         keeper.remove_hooks()
     seconds = time.perf_counter() - t0
@@ -229,11 +253,20 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                     leaks[f"{f.name}:{k}"] = v
     result = FinetuneResult(Path(opt.save_dir), keep, last, state.get("results"), state["history"], leaks,
                             count_masked(keeper.masks), seconds, opt.imgsz, hyp, warmup,
-                            {**state.get("loop", {}), "ema_updates": getattr(keeper.ema, "updates", None)}, keeper.model,
+                            {**state.get("loop", {}), "ema_updates": getattr(keeper.ema, "updates", None)},
+                            _distill_summary(state["distill"]), state["distill"] and state["distill"].teacher,
+                            keeper.model,
                             keeper.ema.ema if keeper.ema is not None else None, keeper.masks)
     if result.leaked:
         raise PruneError(f"fine-tune {result.save_dir}: pruned weights became non-zero ({leaks})")
     return result
+
+
+def _distill_summary(stats: Any) -> Optional[dict]:
+    if stats is None:
+        return None
+    return {"weight": stats.weight, "teacher_mb": round(stats.teacher_mb, 2), "batches": stats.batches,
+            "teacher_dtype": str(next(stats.teacher.parameters()).dtype) if stats.teacher is not None else None}
 
 
 def check_recovery(config: PruneConfig, opt: Any = None) -> None:
