@@ -190,7 +190,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         live = keeper.leaks()
         row.update({"sparsity": round(sparsity_stats(keeper.model, conv_layers(keeper.model, include, exclude))
                                       .sparsity, 6), "leaked": live, "optimizer_steps": keeper.epoch_steps,
-                    "step_lr": list(keeper.epoch_lr) if keeper.epoch_lr else None})
+                    "step_lr": list(keeper.epoch_lr) if keeper.epoch_lr else None,
+                    "epoch_s": round(time.perf_counter() - state.get("epoch_t0", t0), 2)})
         if state["distill"] is not None:
             row.update(state["distill"].epoch_means())
         state["history"].append(row)
@@ -207,6 +208,7 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         state.update(last=Path(last), best=Path(best), results=tuple(float(x) for x in results))
 
     def epoch_start() -> None:
+        state["epoch_t0"] = time.perf_counter()
         keeper.epoch_start()
         if state["distill"] is not None:
             state["distill"].epoch_reset()
