@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import shlex
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .backend.distributed import is_main_process, rank
 from .backend.evaluation import Metrics
 from .backend.loading import Backend, backend_of_callbacks, get_backend, load_checkpoint
 from .backend.patches import driving_yolov5
@@ -29,13 +29,7 @@ HOOK_NAME = "yolo_prune_plugin"
 __all__ = ["PrunePlugin", "register", "current_rank", "is_main_process", "HOOK_NAME"]
 
 
-def current_rank() -> int:
-    """Global rank under ``torch.distributed.run`` (-1 when not distributed)."""
-    return int(os.getenv("RANK", -1))
-
-
-def is_main_process() -> bool:
-    return current_rank() in (-1, 0)
+current_rank = rank  # global rank under ``torch.distributed.run`` (-1 when not distributed)
 
 
 class PrunePlugin:
