@@ -23,11 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
-def dense(backend, tiny_cfg):
-    torch.manual_seed(0)
-    m = backend.yolo.Model(str(tiny_cfg), ch=3, nc=3)
-    m.names = {0: "circle", 1: "rectangle", 2: "triangle"}
-    return m
+def dense(tiny_model):
+    return tiny_model
 
 
 def _opt(backend, data, cfg, project):

@@ -25,14 +25,6 @@ from conftest import save_checkpoint
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def tiny_model(backend, tiny_cfg):
-    torch.manual_seed(0)
-    m = backend.yolo.Model(str(tiny_cfg), ch=3, nc=3)
-    m.names = {0: "circle", 1: "rectangle", 2: "triangle"}
-    return m
-
-
 def _saved_opt(backend) -> dict:
     """What YOLOv5's train.py saves as ``ckpt['opt']``: ``vars(opt)`` with ``hyp`` as a dict."""
     hyp = yaml.safe_load((Path(backend.root) / "data" / "hyps" / "hyp.scratch-low.yaml").read_text())
