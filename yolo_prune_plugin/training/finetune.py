@@ -286,5 +286,6 @@ def check_recovery(config: PruneConfig, opt: Any = None) -> None:
             raise ConfigError(f"schedule.end_epoch ({s.end_epoch}) must be < --epochs ({epochs}) so the final "
                               "sparsity is reached before training ends")
     if config.finetune.epochs and int(os.getenv("WORLD_SIZE", 1)) > 1:
-        raise ConfigError("finetune: masked fine-tuning runs a second single-process training and cannot run "
-                          "under DDP; prune and fine-tune after the DDP run (finetune.epochs: 0 here)")
+        raise ConfigError("finetune: the fine-tune after pruning runs a second single-process training and cannot "
+                          "run under DDP; set finetune.epochs: 0 here and fine-tune the result on one GPU afterwards "
+                          "(yolo-prune prune --weights .../best.pt --data ... --finetune-epochs N)")
