@@ -8,8 +8,8 @@ Defaults: corn-pest (third-party yolov5n, 4 classes) at 416 px. Every fine-tune 
 split (400 images) with the same recipe (the plugin's defaults: lr_scale 0.1, no warm-up, one optimizer step
 per batch, the checkpoint's saved hyp/optimizer, batch 16, seed 0) and every number is the plugin's validation
 (YOLOv5's ``val.run`` without the NMS time limit) on the untouched ``test`` split, at the training image size.
-YOLOv5's per-epoch validation is off (``noval``: it validates the final epoch only, so ``best.pt`` is the last
-epoch) — so no epoch is picked on the test split and no per-epoch NMS timeout can hide one.
+YOLOv5's per-epoch validation (which picks ``best.pt``) runs on the first ``--select`` images of the data's own
+``val`` split, never on the test split (``noval`` is not usable: YOLOv5 7.0.14 then fails on ``map50s``).
 
 Rows:
 * dense                    the checkpoint as is
@@ -37,17 +37,30 @@ sys.path.insert(0, str(ROOT))
 SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") if p.is_dir()), ROOT.parent / "shared")
 
 
-def _split_yaml(src: Path, out: Path, eval_split: str) -> Path:
-    """The data YAML with ``val`` pointing at ``eval_split`` (``test``): the plugin evaluates on ``val``."""
+def _split_yamls(src: Path, out: Path, eval_split: str, select: int) -> tuple[Path, Path]:
+    """Two data YAMLs: for training, ``val`` = the first ``select`` images of the data's own ``val`` split (YOLOv5's
+    per-epoch validation picks ``best.pt`` on them, cheaply, never on the evaluation split); for the plugin's
+    evaluation, ``val`` = ``eval_split`` (``test``)."""
     import yaml
 
     from yolo_prune_plugin.backend.evaluation import write_absolute_data_yaml
 
     p = write_absolute_data_yaml(src, out)
     d = yaml.safe_load(p.read_text())
-    d["val"] = d[eval_split]
-    p.write_text(yaml.safe_dump(d, sort_keys=False))
-    return p
+    root = Path(d["path"])
+    images = sorted(f for f in (root / d["val"]).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    sel = out / "select"  # links, so that YOLOv5's label cache is written here, not into the shared data
+    for kind in ("images", "labels"):
+        (sel / kind).mkdir(parents=True, exist_ok=True)
+    for f in images[:select]:
+        label = Path(str(f.parent).replace("images", "labels")) / f"{f.stem}.txt"
+        for src, dst in ((f, sel / "images" / f.name), (label, sel / "labels" / label.name)):
+            if src.exists() and not dst.exists():
+                dst.symlink_to(src)
+    train = out / "train_data.yaml"
+    train.write_text(yaml.safe_dump({**d, "val": str(sel / "images")}, sort_keys=False))
+    p.write_text(yaml.safe_dump({**d, "val": d[eval_split]}, sort_keys=False))
+    return train, p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-split", default="test", help="split to evaluate on (never trained on; default test)")
     ap.add_argument("--imgsz", type=int, default=416, help="train and evaluation image size (default 416)")
     ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--select", type=int, default=32,
+                    help="images of the data's val split for YOLOv5's per-epoch validation (best.pt pick; default 32)")
     ap.add_argument("--rows", default="channel:0.5,channel:0.5:distill,dense,channel:0.3",
                     help="comma-separated rows in the order they run: STRUCTURE_OR_METHOD:AMOUNT[:distill], or dense "
                     "(the dense fine-tune reference)")
@@ -83,13 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("yolov5").addHandler(nms)
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = _split_yaml(Path(args.data), out, args.eval_split)
+    train_data, data = _split_yamls(Path(args.data), out, args.eval_split, args.select)
     weights = Path(args.weights).expanduser().resolve()
     ckpt = load_checkpoint(weights, b)
     settings = make_settings(data, args.imgsz, 32, args.device, workers=args.workers, backend=b)
     device = "cpu" if settings.device.type == "cpu" else str(settings.device.index or 0)
-    opt = checkpoint_train_options(ckpt, data, args.imgsz, args.batch_size, device, args.workers, False)
-    opt.update(noval=True, noplots=True, cache="ram", seed=0, project=str(out))
+    opt = checkpoint_train_options(ckpt, train_data, args.imgsz, args.batch_size, device, args.workers, False)
+    opt.update(noplots=True, cache="ram", seed=0, project=str(out))  # noval: YOLOv5 7.0.14 fails (map50s unbound)
     ctx = pipeline.RunContext(b, settings.device, args.imgsz, settings, opt)
     result: dict = {"args": vars(args), "device": str(settings.device), "data": str(data), "rows": []}
     t_all = time.perf_counter()
