@@ -1,18 +1,24 @@
 #!/usr/bin/env python
-"""Benchmark: one-shot pruning vs one-shot + masked fine-tune vs the dense model fine-tuned the same way.
+"""Benchmark: does the plugin's fine-tune win the accuracy back? One script for both structures.
 
-    python scripts/benchmark_recovery.py --epochs 3 --imgsz 320 --device cpu --out /tmp/bench_recovery
+    flock /tmp/bench.lock python scripts/benchmark_recovery.py --epochs 10 \\
+        --rows channel:0.5,channel:0.5:distill,dense,channel:0.3 --out /tmp/bench_recovery
 
-Rows (all validated with YOLOv5's val.run under the same settings: data, image size, val batch, IoU 0.6):
+Defaults: corn-pest (third-party yolov5n, 4 classes) at 416 px. Every fine-tune trains on the data's ``train``
+split (400 images) with the same recipe (the plugin's defaults: lr_scale 0.1, no warm-up, one optimizer step
+per batch, the checkpoint's saved hyp/optimizer, batch 16, seed 0) and every number is the plugin's validation
+(YOLOv5's ``val.run`` without the NMS time limit) on the untouched ``test`` split, at the training image size.
+YOLOv5's per-epoch validation (which picks ``best.pt``) runs on the first ``--select`` images of the data's own
+``val`` split, never on the test split (``noval`` is not usable: YOLOv5 7.0.14 then fails on ``map50s``).
 
-* dense            the input checkpoint as is
-* one-shot         ``amount`` global sparsity (``--method``), no training
-* one-shot + FT    ``--epochs`` epochs of masked fine-tuning with YOLOv5's train.main (pruned weights held at 0)
-* dense FT         the dense checkpoint fine-tuned with exactly the same settings (the reference)
-
-Retention = mAP50-95 / mAP50-95 of the dense FT with the same warmup setting. ``--warmup both`` runs the
-fine-tunes once with YOLOv5's lr warmup and once without (the plugin's default). Defaults use the shared
-yolov5n + coco128 (train split == val split, so the fine-tune numbers measure fitting, not generalisation).
+Rows:
+* dense                    the checkpoint as is
+* dense + N ep FT          the dense checkpoint fine-tuned with the identical recipe (the reference)
+* STRUCTURE:AMOUNT[:distill]  e.g. ``channel:0.5``, ``channel:0.5:distill``, ``obs:0.7``, ``global:0.5``: pruned
+                           and fine-tuned through the plugin's pipeline (``pipeline.run``, as ``yolo-prune prune
+                           --finetune-epochs N``); one-shot and fine-tuned numbers
+Retention = mAP50-95 / mAP50-95 of the dense FT. Wall time per epoch is the mean of the fine-tune's epochs.
+Results are appended to ``<out>/benchmark_recovery.json`` after every row (a cut run keeps its rows).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -27,108 +34,142 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-SHARED = ROOT.parent / "shared"
+SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") if p.is_dir()), ROOT.parent / "shared")
+
+
+def _split_yamls(src: Path, out: Path, eval_split: str, select: int) -> tuple[Path, Path]:
+    """Two data YAMLs: for training, ``val`` = the first ``select`` images of the data's own ``val`` split (YOLOv5's
+    per-epoch validation picks ``best.pt`` on them, cheaply, never on the evaluation split); for the plugin's
+    evaluation, ``val`` = ``eval_split`` (``test``)."""
+    import yaml
+
+    from yolo_prune_plugin.backend.evaluation import write_absolute_data_yaml
+
+    p = write_absolute_data_yaml(src, out)
+    d = yaml.safe_load(p.read_text())
+    root = Path(d["path"])
+    images = sorted(f for f in (root / d["val"]).iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))
+    sel = out / "select"  # links, so that YOLOv5's label cache is written here, not into the shared data
+    for kind in ("images", "labels"):
+        (sel / kind).mkdir(parents=True, exist_ok=True)
+    for f in images[:select]:
+        label = Path(str(f.parent).replace("images", "labels")) / f"{f.stem}.txt"
+        for src, dst in ((f, sel / "images" / f.name), (label, sel / "labels" / label.name)):
+            if src.exists() and not dst.exists():
+                dst.symlink_to(src)
+    train = out / "train_data.yaml"
+    train.write_text(yaml.safe_dump({**d, "val": str(sel / "images")}, sort_keys=False))
+    p.write_text(yaml.safe_dump({**d, "val": d[eval_split]}, sort_keys=False))
+    return train, p
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov5n.pt"))
-    ap.add_argument("--data", default=None, help="dataset YAML (default: shared coco128 with an absolute path)")
-    ap.add_argument("--epochs", type=int, default=3, help="fine-tune epochs (default 3)")
-    ap.add_argument("--imgsz", type=int, default=320)
-    ap.add_argument("--amount", type=float, default=0.5)
-    ap.add_argument("--method", default="global")
-    ap.add_argument("--lr-scale", type=float, default=0.1, help="fine-tune lr0 = lr_scale x hyp lr0 (default 0.1)")
-    ap.add_argument("--warmup", choices=("off", "on", "both"), default="off",
-                    help="YOLOv5's lr warmup during the fine-tunes (default off, the plugin's default)")
+    ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov5n-cornpest.pt"))
+    ap.add_argument("--data", default=str(SHARED / "data" / "cornpest.yaml"))
+    ap.add_argument("--eval-split", default="test", help="split to evaluate on (never trained on; default test)")
+    ap.add_argument("--imgsz", type=int, default=416, help="train and evaluation image size (default 416)")
+    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--select", type=int, default=32,
+                    help="images of the data's val split for YOLOv5's per-epoch validation (best.pt pick; default 32)")
+    ap.add_argument("--rows", default="channel:0.5,channel:0.5:distill,dense,channel:0.3",
+                    help="comma-separated rows in the order they run: STRUCTURE_OR_METHOD:AMOUNT[:distill], or dense "
+                    "(the dense fine-tune reference)")
+    ap.add_argument("--lr-scale", type=float, default=0.1)
+    ap.add_argument("--distill-weight", type=float, default=1.0)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--device", default="", help="cpu, 0, ... (default: GPU when available)")
+    ap.add_argument("--device", default="")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--cache", default=None, help="YOLOv5 --cache (ram/disk) for the fine-tunes")
-    ap.add_argument("--out", default="runs/benchmark_recovery", help="working folder (run folders, JSON)")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads (on a busy shared CPU, 1 is several times faster than oversubscribing)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default="runs/benchmark_recovery")
     args = ap.parse_args(argv)
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
-
-    from yolo_prune_plugin.backend.loading import get_backend, load_checkpoint
-    from yolo_prune_plugin.api import train_opt
-    from yolo_prune_plugin.backend.evaluation import NMSTimeoutCounter, evaluate_weights, make_settings, write_absolute_data_yaml
-    from yolo_prune_plugin.prune.unstructured import prune_model
-    from yolo_prune_plugin.pipeline import _stripped
-    from yolo_prune_plugin.training.finetune import finetune_checkpoint
     import torch
 
+    torch.set_num_threads(args.threads)
+    from yolo_prune_plugin import pipeline
+    from yolo_prune_plugin.backend.evaluation import NMSTimeoutCounter, evaluate, evaluate_weights, make_settings
+    from yolo_prune_plugin.backend.loading import get_backend, load_checkpoint
+    from yolo_prune_plugin.backend.patches import driving_yolov5
+    from yolo_prune_plugin.config import METHODS, config_from_dict
+    from yolo_prune_plugin.training.finetune import checkpoint_train_options, finetune_checkpoint
+
     b = get_backend()
-    nms = NMSTimeoutCounter()  # YOLOv5's NMS gives up after 0.5 s + 0.05 s/image: on a busy CPU it drops detections
+    nms = NMSTimeoutCounter()
     logging.getLogger("yolov5").addHandler(nms)
     out = Path(args.out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
-    data = write_absolute_data_yaml(args.data or SHARED / "data" / "coco128.yaml", out)
+    train_data, data = _split_yamls(Path(args.data), out, args.eval_split, args.select)
     weights = Path(args.weights).expanduser().resolve()
-    settings = make_settings(data, args.imgsz, args.batch_size * 2, args.device, workers=args.workers, backend=b)
-    dev = settings.device
-    device_str = "cpu" if dev.type == "cpu" else str(dev.index or 0)
-    rows: list[dict] = []
+    ckpt = load_checkpoint(weights, b)
+    settings = make_settings(data, args.imgsz, 32, args.device, workers=args.workers, backend=b)
+    device = "cpu" if settings.device.type == "cpu" else str(settings.device.index or 0)
+    opt = checkpoint_train_options(ckpt, train_data, args.imgsz, args.batch_size, device, args.workers, False)
+    opt.update(noplots=True, cache="ram", seed=0, project=str(out))  # noval: YOLOv5 7.0.14 fails (map50s unbound)
+    ctx = pipeline.RunContext(b, settings.device, args.imgsz, settings, opt)
+    result: dict = {"args": vars(args), "device": str(settings.device), "data": str(data), "rows": []}
     t_all = time.perf_counter()
 
-    def evaluate(name: str, path: Path, sparsity: float, seconds: float = 0.0, extra: dict | None = None) -> dict:
-        before = nms.count
-        m = evaluate_weights(path, settings, backend=b).to_dict()
-        row = {"model": name, "file": str(path), "sparsity": round(sparsity, 4), **m, "train_s": round(seconds, 1),
-               "nms_timeouts": nms.count - before, **(extra or {})}
-        rows.append(row)
-        print(f"[bench] {name}: mAP50 {m['mAP50']:.4f}  mAP50-95 {m['mAP50-95']:.4f}", flush=True)
-        return row
+    def save(row: dict) -> None:
+        result["rows"].append(row)
+        (out / "benchmark_recovery.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[bench] {row['model']}: " + "  ".join(f"{k} {row[k]}" for k in ("mAP50-95", "oneshot_mAP50-95",
+                                                                                "epoch_s") if row.get(k) is not None),
+              flush=True)
 
-    evaluate("dense", weights, 0.0)
+    def epoch_s(history: list[dict]) -> float:
+        return round(statistics.mean(h["epoch_s"] for h in history), 1) if history else None
 
-    ckpt = load_checkpoint(weights, b)
-    model = (ckpt.get("ema") or ckpt["model"]).float()
-    res = prune_model(model, args.amount, args.method)
-    oneshot = out / f"{weights.stem}_{args.method}{int(round(args.amount * 100))}.pt"
-    torch.save(_stripped(ckpt, model, torch.float16), oneshot)
-    evaluate(f"one-shot {args.method} {args.amount:.0%}", oneshot, res.after.sparsity)
+    def row(spec: str) -> None:
+        with driving_yolov5(b):
+            kind, amount, *rest = spec.split(":")
+            distill = "distill" in rest
+            cfg = {"amount": float(amount), "overwrite": True, "suffix": f"_{kind}{amount}{'_kd' if distill else ''}",
+                   "finetune": {"epochs": args.epochs, "lr_scale": args.lr_scale, "distill": distill,
+                                "distill_weight": args.distill_weight}}
+            cfg.update({"structure": "channel"} if kind == "channel" else {"method": kind})
+            if kind != "channel" and kind not in METHODS:
+                raise SystemExit(f"--rows {spec}: expected channel or one of {', '.join(METHODS)}")
+            n0 = nms.count
+            src = out / f"src_{spec.replace(':', '_')}.pt"  # pipeline writes beside its source: a private copy
+            src.write_bytes(weights.read_bytes())
+            e = pipeline.run(src, config_from_dict(cfg, source=f"--rows {spec}"), ctx, before=dense,
+                             before_source="dense, validated once")
+            after, one = e.metrics_after or {}, e.metrics_oneshot or {}
+            save({"model": f"{spec} + {args.epochs} ep FT{' (distill)' if distill else ''}", **after,
+                  "oneshot_mAP50-95": one.get("mAP50-95"), "oneshot_mAP50": one.get("mAP50"),
+                  "epoch_s": epoch_s(e.finetune["history"]), "seconds": e.finetune["seconds"],
+                  "distill": e.finetune.get("distill"),
+                  "params": [(e.channels or {}).get(k) for k in ("params_before", "params_after")],
+                  "nms_timeouts": nms.count - n0, "history": e.finetune["history"]})
 
-    base = train_opt([], b, data=str(data), imgsz=args.imgsz, batch_size=args.batch_size, device=device_str,
-                     workers=args.workers, noplots=True, project=str(out), cache=args.cache)
-    warmups = {"off": [False], "on": [True], "both": [False, True]}[args.warmup]
-    for warmup in warmups:
-        tag = f"warmup {'on' if warmup else 'off'}"
-        common = dict(lr_scale=args.lr_scale, warmup=warmup, project=out, backend=b)
+    with driving_yolov5(b):
         n0 = nms.count
-        ft = finetune_checkpoint(oneshot, base, args.epochs, masks="zeros", name=f"masked_w{int(warmup)}", **common)
-        ft_row = evaluate(f"one-shot + {args.epochs} ep masked FT ({tag})", ft.best, res.after.sparsity, ft.seconds,
-                          {"leaked": ft.leaked, "masked": ft.masked, "warmup": warmup, "train_nms_timeouts":
-                           nms.count - n0, "history": ft.history})
-        n0 = nms.count
-        dft = finetune_checkpoint(weights, base, args.epochs, masks=None, name=f"dense_w{int(warmup)}", **common)
-        d_row = evaluate(f"dense + {args.epochs} ep FT ({tag})", dft.best, 0.0, dft.seconds,
-                         {"warmup": warmup, "train_nms_timeouts": nms.count - n0, "history": dft.history})
-        for r in (ft_row, d_row):
-            r["retention"] = round(r["mAP50-95"] / d_row["mAP50-95"], 4) if d_row["mAP50-95"] else None
-
-    header = f"{'model':<40} {'sparsity':>8} {'mAP50':>8} {'mAP50-95':>9} {'retention':>10} {'train s':>8}"
-    lines = [f"yolov5 recovery benchmark: {weights.name} on {data.name} @ {args.imgsz}, device {dev}, "
-             f"{args.epochs} fine-tune epochs, lr_scale {args.lr_scale}, batch {args.batch_size}", header,
-             "-" * len(header)]
-    for r in rows:
-        ret = f"{r['retention']:.3f}" if r.get("retention") is not None else "-"
-        flag = (f"  (INVALID: {r['nms_timeouts']} NMS timeouts)" if r["nms_timeouts"] else
-                f"  ({r['train_nms_timeouts']} NMS timeouts in per-epoch val)" if r.get("train_nms_timeouts") else "")
-        lines.append(f"{r['model']:<40} {r['sparsity']:>8.2%} {r['mAP50']:>8.4f} {r['mAP50-95']:>9.4f} {ret:>10} "
-                     f"{r['train_s']:>8.1f}{flag}")
-    lines.append(f"(retention = mAP50-95 / dense FT with the same warmup; total {time.perf_counter() - t_all:.0f} s)")
-    if nms.count:
-        lines.append(f"WARNING: YOLOv5's NMS time limit was exceeded {nms.count} times (detections dropped; the CPU "
-                     "is busy). A row's own evaluation with timeouts is INVALID; timeouts in a fine-tune's per-epoch "
-                     "validation only matter if they hid the best epoch (see 'history' in the JSON)")
+        dense = evaluate(pipeline.source_model(ckpt).float().eval().fuse(), settings, backend=b)
+        save({"model": "dense", **dense.to_dict(), "nms_timeouts": nms.count - n0})
+        for spec in [s.strip() for s in args.rows.split(",") if s.strip()]:
+            if spec != "dense":
+                row(spec)
+                continue
+            n0 = nms.count
+            ft = finetune_checkpoint(weights, opt, args.epochs, masks=None, lr_scale=args.lr_scale, project=out,
+                                     name="dense_ft", backend=b)
+            m = evaluate_weights(ft.best, settings, backend=b)
+            save({"model": f"dense + {args.epochs} ep FT", **m.to_dict(), "epoch_s": epoch_s(ft.history),
+                  "seconds": round(ft.seconds, 1), "nms_timeouts": nms.count - n0, "history": ft.history})
+    ref = next((r for r in result["rows"] if r["model"].startswith("dense +")), None)
+    header = f"{'row':<44} {'one-shot':>9} {'mAP50':>7} {'mAP50-95':>9} {'vs dense FT':>11} {'s/epoch':>8}"
+    lines = [f"recovery benchmark: {weights.name}, train split -> {args.eval_split} split @ {args.imgsz}, "
+             f"{args.epochs} epochs, lr_scale {args.lr_scale}, batch {args.batch_size}", header, "-" * len(header)]
+    for r in result["rows"]:
+        rel = f"{r['mAP50-95'] / ref['mAP50-95']:.3f}" if ref and ref.get("mAP50-95") else "-"
+        one = f"{r['oneshot_mAP50-95']:.4f}" if r.get("oneshot_mAP50-95") is not None else "-"
+        lines.append(f"{r['model']:<44} {one:>9} {r['mAP50']:>7.4f} {r['mAP50-95']:>9.4f} {rel:>11} "
+                     f"{r.get('epoch_s') or '-':>8}" + (f"  ({r['nms_timeouts']} NMS timeouts)" if r['nms_timeouts']
+                                                         else ""))
+    lines.append(f"(total {time.perf_counter() - t_all:.0f} s; NMS without time limit in the plugin's validation)")
     print("\n".join(lines))
-    (out / "benchmark_recovery.json").write_text(json.dumps({"args": vars(args), "device": str(dev), "rows": rows},
-                                                             indent=2) + "\n")
+    result["table"] = lines
+    (out / "benchmark_recovery.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
 
 

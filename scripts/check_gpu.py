@@ -5,7 +5,9 @@
 
 Paths: prune (global, obs) on CUDA with half-precision evaluation as YOLOv5's final validation does it (and
 YOLOv5's own ``val.py --half`` on the written file reproduces the numbers); a 1-epoch ``yolo-prune train
---device 0 --prune-amount 0.3`` on coco128 with its report; a half ONNX export with verification;
+--device 0 --prune-amount 0.3`` on coco128 with its report; ``yolo-prune prune --structure channel
+--finetune-epochs 1 --finetune-distill`` (teacher in fp16); ``torch.distributed.run --nproc_per_node 1`` through
+``yolo-prune train`` with a schedule (YOLOv5's DDP mode, the plugin's rank logic); a half ONNX export with verification;
 ``yolo-prune bench`` on the GPU when that command exists. Each path runs as its own ``yolo-prune`` process.
 Exit status 1 if any path failed; without CUDA it says so and exits 0.
 """
@@ -121,6 +123,39 @@ def main(argv: list[str] | None = None) -> int:
         entry = json.loads(rep.read_text())["results"][0]
         return f"sparsity {entry['sparsity_after']['sparsity']:.3f}, report {rep}"
 
+    def finetune_distill() -> str:
+        d = work / "finetune"
+        d.mkdir()
+        w = d / "yolov5n.pt"
+        shutil.copy(weights, w)
+        r = _cli("prune", "--weights", str(w), "--data", str(data), "--img", img, "--device", dev, "--amount", "0.3",
+                 "--structure", "channel", "--finetune-epochs", "1", "--finetune-distill", "--batch-size", "16",
+                 "--workers", "4", timeout=400)
+        if r.returncode != 0:
+            raise RuntimeError(_why(r))
+        ft = json.loads((d / "prune_report.json").read_text())["results"][0]["finetune"]
+        if ft["distill"]["teacher_dtype"] != "torch.float16":
+            raise RuntimeError(f"teacher ran as {ft['distill']['teacher_dtype']}, not fp16 on CUDA")
+        peak = torch.cuda.max_memory_allocated() / 2 ** 20
+        return (f"teacher {ft['distill']['teacher_mb']:.1f} MB fp16, loss_teacher "
+                f"{ft['history'][0].get('loss_teacher')}, {ft['history'][0]['epoch_s']} s/epoch (this process peak "
+                f"{peak:.0f} MB)")
+
+    def torchrun_schedule() -> str:
+        """The real DDP path with one process: torch.distributed.run -> yolo-prune train with a schedule."""
+        cfg = work / "schedule.yaml"
+        cfg.write_text("schedule: {final_amount: 0.3, start_epoch: 0, end_epoch: 1}\n")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m",
+                            "yolo_prune_plugin.cli", "train", "--data", str(data), "--weights", str(weights), "--img",
+                            img, "--epochs", "2", "--batch-size", "16", "--device", dev, "--workers", "4",
+                            "--project", str(work / "runs"), "--name", "ddp", "--prune-config", str(cfg)],
+                           capture_output=True, text=True, timeout=400, env=env, cwd=str(ROOT))
+        if r.returncode != 0:
+            raise RuntimeError(_why(r))
+        entry = json.loads((work / "runs" / "ddp" / "prune_report.json").read_text())["results"][0]
+        return f"DDP schedule: sparsity {entry['sparsity_after']['sparsity']:.3f}, leaks {entry.get('leaks')}"
+
     def export_half() -> str:
         src = work / "prune_global" / "yolov5n_pruned.pt"
         r = _cli("export", "--weights", str(src), "--include", "onnx", "--device", dev, "--half", "--img", img)
@@ -142,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     path("prune obs (cuda)", prune_obs)
     path("half eval = YOLOv5 val --half", half_eval_matches_val)
     path("train 1 epoch + prune", train)
+    path("finetune + distill (cuda)", finetune_distill)
+    path("torchrun 1 GPU schedule", torchrun_schedule)
     path("export onnx --half", export_half)
     path("bench (gpu)", bench)
     failed = [n for n, ok, _ in results if not ok]

@@ -116,6 +116,15 @@ def tiny_cfg(backend, tmp_path_factory) -> Path:
     return p
 
 
+@pytest.fixture
+def tiny_model(backend, tiny_cfg):
+    """A fresh model of ``tiny_cfg`` (seed 0, 3 named classes)."""
+    torch.manual_seed(0)
+    m = backend.yolo.Model(str(tiny_cfg), ch=3, nc=3)
+    m.names = {0: "circle", 1: "rectangle", 2: "triangle"}
+    return m
+
+
 def plain_attempt_load(path: Path, imgsz: int = 64) -> tuple[list[int], list[int]]:
     """Load ``path`` with YOLOv5's ``attempt_load`` in a fresh interpreter that never imports the plugin (no
     allow-list: YOLOv5 as users run it), run one forward; returns (output shape, fused Conv2d widths)."""

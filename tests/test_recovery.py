@@ -39,14 +39,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models
 
 
 
-@pytest.fixture
-def tiny_model(backend, tiny_cfg):
-    torch.manual_seed(0)
-    m = backend.yolo.Model(str(tiny_cfg), ch=3, nc=3)
-    m.names = {0: "circle", 1: "rectangle", 2: "triangle"}
-    return m
-
-
 def _opt(backend, data, cfg, project, name, epochs=1):
     return train_opt([], backend, data=str(data), cfg=str(cfg), weights="", imgsz=64, epochs=epochs, batch_size=4,
                      device="cpu", workers=0, noplots=True, noautoanchor=True, project=str(project), name=name)

@@ -160,11 +160,15 @@ def _architecture_of(opt: argparse.Namespace, backend: Backend) -> Any:
 
 
 def prune(weights: str | Path, data: str | Path | None = None, config: PruneConfig | None = None,
-          imgsz: int = 640, batch_size: int = 32, device: str = "", workers: int = 8, single_cls: bool = False,
-          report_dir: str | Path | None = None, **overrides: Any) -> list[ReportEntry]:
+          imgsz: int = 640, batch_size: Optional[int] = None, device: str = "", workers: int = 8,
+          single_cls: bool = False, report_dir: str | Path | None = None, **overrides: Any) -> list[ReportEntry]:
     """Prune an existing checkpoint (same code path as the train-end hook); returns the report entries.
 
-    Without ``data`` nothing is evaluated (and data-aware methods are unavailable).
+    Without ``data`` nothing is evaluated (and data-aware methods and fine-tuning are unavailable).
+    ``finetune={"epochs": N, ...}`` (or ``finetune:`` in the config) fine-tunes the pruned model in YOLOv5's own
+    ``train.main`` on the data's train split, with the checkpoint's saved training options
+    (:func:`~yolo_prune_plugin.training.finetune.checkpoint_train_options`). ``batch_size``: the validation batch
+    (default 32, as val.py) and, when given, the fine-tune's training batch (default: the checkpoint's run).
     """
     check_device(device)
     backend = get_backend()
@@ -176,15 +180,25 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
     check_model_config(ckpt.get("ema") or ckpt["model"], cfg, source="include/exclude")
     settings = None
     if data is not None:
-        settings = make_settings(data, imgsz, batch_size, device, single_cls, workers, backend)
+        settings = make_settings(data, imgsz, batch_size or 32, device, single_cls, workers, backend)
         check_model_matches_data(ckpt.get("ema") or ckpt["model"], settings.data, weights, data, single_cls)
     elif pipeline.calibration_needs(cfg):
         raise ConfigError(f"{' and '.join(pipeline.calibration_needs(cfg))} need(s) train-split images: pass --data")
-    if cfg.finetune.epochs or cfg.schedule.final_amount is not None:
-        raise ConfigError("finetune/schedule need a training run: use `yolo-prune train` (or register() + "
-                          "train.main); `yolo-prune prune` prunes one-shot")
+    if cfg.schedule.final_amount is not None:
+        raise ConfigError("schedule: gradual pruning prunes during a training run: use `yolo-prune train` (or "
+                          "register() + train.main); `yolo-prune prune` prunes once (finetune: to train afterwards)")
+    opt: dict = {}
+    if cfg.finetune.epochs:
+        from .training.finetune import check_recovery, checkpoint_train_options
+
+        if data is None:
+            raise ConfigError("finetune.epochs: the fine-tune trains on the data's train split: pass --data")
+        if not settings.data.get("train"):
+            raise ConfigError(f"{data}: no 'train' split to fine-tune on (finetune.epochs: {cfg.finetune.epochs})")
+        opt = checkpoint_train_options(ckpt, data, imgsz, batch_size, device, workers, single_cls)
+        check_recovery(cfg, opt)
     dev = settings.device if settings is not None else backend_select_device(backend, device)  # YOLOv5's names
-    ctx = pipeline.RunContext(backend, dev, imgsz, settings)
+    ctx = pipeline.RunContext(backend, dev, imgsz, settings, opt)
     with driving_yolov5(backend):
         entry = pipeline.run(weights, cfg, ctx, ckpt=ckpt)
         pipeline.write_report([entry], cfg, report_dir or weights.parent)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import yaml
 
+from .backend.distributed import is_main_process, rank
 from .backend.evaluation import Metrics
 from .backend.loading import Backend, backend_of_callbacks, first_line, get_backend, load_checkpoint
 from .backend.patches import driving_yolov5
@@ -34,13 +35,7 @@ HOOK_NAME = "yolo_prune_plugin"
 __all__ = ["PrunePlugin", "register", "current_rank", "is_main_process", "HOOK_NAME"]
 
 
-def current_rank() -> int:
-    """Global rank under ``torch.distributed.run`` (-1 when not distributed)."""
-    return int(os.getenv("RANK", -1))
-
-
-def is_main_process() -> bool:
-    return current_rank() in (-1, 0)
+current_rank = rank  # global rank under ``torch.distributed.run`` (-1 when not distributed)
 
 
 class PrunePlugin:
@@ -242,8 +237,9 @@ class PrunePlugin:
     def retry_command(self, best: Any) -> str:
         """``yolo-prune prune`` line(s) that redo this run's pruning exactly: the resolved config is written as
         YAML beside the run (:func:`write_retry_config`) and passed with ``--config``, with the run's data, image
-        size, device and validation batch. ``yolo-prune prune`` prunes one-shot: a fine-tune or a schedule is
-        left out of that file, and the line says how to redo it."""
+        size, device and validation batch. A fine-tune or a schedule is left out of that file (the line's
+        ``--batch-size`` is the validation batch, not the run's training batch), and a last line says how to redo
+        it."""
         from .pipeline import val_batch_size
 
         opt = self._resolved_opt
@@ -252,9 +248,10 @@ class PrunePlugin:
         c, note = self.config, ""
         if c.finetune.epochs:
             c = replace(c, finetune=replace(c.finetune, epochs=0))
-            note = (f"(`yolo-prune prune` does not fine-tune: to redo the {self.config.finetune.epochs}-epoch "
-                    f"fine-tune too, train again with --prune-config {{cfg}} --prune-finetune-epochs "
-                    f"{self.config.finetune.epochs})")
+            n = self.config.finetune.epochs
+            note = (f"(this redoes the one-shot prune; to redo the {n}-epoch fine-tune too, add --finetune-epochs {n} "
+                    f"--batch-size <the run's batch> to the line above, or train again with --prune-config {{cfg}} "
+                    f"--prune-finetune-epochs {n})")
         elif c.schedule.final_amount is not None:
             c = replace(c, amount=c.schedule.final_amount, schedule=ScheduleOptions())
             note = ("(this prunes best.pt once at the schedule's final amount; gradual pruning needs a training "

@@ -67,8 +67,10 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    help="replace an existing pruned file written with a different configuration")
     p.add_argument(f"--{prefix}no-eval", dest=f"{prefix.replace('-', '_')}evaluate", action="store_false",
                    default=None, help="skip validation after pruning")
-    if prefix:
-        p.add_argument("--prune-finetune-epochs", type=int, metavar="N", help="masked fine-tune epochs after pruning")
+    p.add_argument(f"--{prefix}finetune-epochs", type=int, metavar="N",
+                   help="fine-tune epochs after pruning, in YOLOv5's own training loop on the data's train split")
+    p.add_argument(f"--{prefix}finetune-distill", action="store_true", default=None,
+                   help="distil from the unpruned model during the fine-tune (config: finetune.distill)")
 
 
 def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConfig]:
@@ -77,15 +79,16 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
             "evaluate", "bench")
     overrides = {k: getattr(ns, pre + k, None) for k in keys}
     path = getattr(ns, pre + "config", None)
-    finetune = getattr(ns, "prune_finetune_epochs", None)
-    if prefix and path is None and finetune is None and all(v is None for v in overrides.values()):
+    finetune = {k: v for k, v in (("epochs", getattr(ns, pre + "finetune_epochs", None)),
+                                  ("distill", getattr(ns, pre + "finetune_distill", None))) if v is not None}
+    if prefix and path is None and not finetune and all(v is None for v in overrides.values()):
         return None  # `yolo-prune train` without any prune option behaves exactly like YOLOv5's train
     for k, v in overrides.items():  # name the flag in errors: "--prune-amount: 'amount' must ..."
         if v is not None:
             config_from_dict({k: v}, source=f"--{prefix}{'no-eval' if k == 'evaluate' else k}")
     cfg = load_config(path, **overrides)
-    if finetune is not None:
-        cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, "epochs": finetune})
+    if finetune:
+        cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, **finetune})
     return cfg
 
 
@@ -106,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", required=True, help="YOLOv5 .pt checkpoint")
     p.add_argument("--data", help="dataset YAML (for evaluation and data-aware methods)")
     p.add_argument("--img", "--imgsz", dest="imgsz", type=int, default=640, help="image size (default 640)")
-    p.add_argument("--batch-size", type=int, default=32, help="val batch size (default 32, as val.py)")
+    p.add_argument("--batch-size", type=int, default=None, help="val batch size (default 32, as val.py); with "
+                   "--finetune-epochs also the training batch (default: the checkpoint's run, else 16)")
     p.add_argument("--device", default="", help="cuda device (0, 0,1) or cpu; default: GPU when available")
     p.add_argument("--workers", type=int, default=8)
     p.add_argument("--single-cls", action="store_true")

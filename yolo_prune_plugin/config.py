@@ -69,6 +69,8 @@ class FinetuneOptions:
     lr_scale: float = 0.1
     imgsz: Optional[int] = None
     warmup: bool = False  # YOLOv5's >=100-iteration lr warmup from 0 (most of a short fine-tune)
+    distill: bool = False  # add an output-level term from the dense (unpruned) model to YOLOv5's loss
+    distill_weight: float = 1.0  # the teacher term's weight (its parts carry YOLOv5's own box/obj/cls gains)
 
 
 @dataclass(frozen=True)
@@ -273,8 +275,10 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = _at_least(v, q, where, 0)
             elif k == "lr_scale":
                 out[k] = _in_range(v, q, where, 0, 10, hi_closed=True)
-            elif k == "warmup":
+            elif k in ("warmup", "distill"):
                 out[k] = _bool(v, q, where)
+            elif k == "distill_weight":
+                out[k] = _in_range(v, q, where, 0, 100, lo_closed=True, hi_closed=True)
             else:
                 out[k] = None if v is None else int(_number(v, q, where, integer=True))
         elif cls is ChannelRegularize:

@@ -210,21 +210,22 @@ def _calibration_data(ctx: RunContext, what: str) -> dict:
 
 
 def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: PruneConfig,
-                   ctx: RunContext) -> tuple[dict, nn.Module]:
-    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held; the fine-tuned checkpoint and
-    its model. YOLOv5's own final validation of the fine-tune run is not reused: it runs with YOLOv5's NMS time
-    limit, and every "after" number the plugin reports comes from its own validation without that limit."""
+                   ctx: RunContext, dense: Optional[nn.Module] = None) -> tuple[dict, nn.Module]:
+    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held (``finetune.distill``: from
+    ``dense``, the unpruned model); the fine-tuned checkpoint and its model. YOLOv5's own final validation of the
+    fine-tune run is not reused: it runs with YOLOv5's NMS time limit, and every "after" number the plugin reports
+    comes from its own validation without that limit."""
     from .training.finetune import finetune_checkpoint
     from .training.masks import count_leaks, count_masked, zero_masks
 
     ft_cfg = config.finetune
-    run_dir = Path(entry.checkpoint).parent.parent
+    project, name, hyp_path = finetune_location(Path(entry.checkpoint))
     channel = config.structure == "channel"  # a smaller dense architecture: trained as it is, no mask to hold
     masks = {} if channel else zero_masks(model, config.include, config.exclude)
     ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
                              include=config.include, exclude=config.exclude, masks=masks or None,
-                             warmup=ft_cfg.warmup, project=run_dir.parent, name=f"{run_dir.name}_finetune",
-                             hyp_path=run_dir / "hyp_finetune.yaml", backend=ctx.backend, keep_architecture=channel)
+                             warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel,
+                             teacher=dense if ft_cfg.distill else None, distill_weight=ft_cfg.distill_weight)
     ckpt = load_checkpoint(ft.best, ctx.backend)
     tuned = source_model(ckpt).float()
     if channel and _channels(tuned) != _channels(model):
@@ -233,7 +234,7 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     leaks = dict(ft.leaks)
     leaks["best_pruned.pt"] = count_leaks(tuned, masks)
     entry.finetune = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
-                      "warmup": ft.warmup, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
+                      "warmup": ft.warmup, "loop": ft.loop, "distill": ft.distill, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
                       "masked_weights": count_masked(masks), "seconds": round(ft.seconds, 1),
                       "history": ft.history}
     entry.leaks = leaks
@@ -241,6 +242,16 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
         raise PruneError(f"{ft.best}: pruned weights became non-zero during fine-tuning ({leaks}); "
                          f"{out} still holds the one-shot pruned model")
     return ckpt, tuned
+
+
+def finetune_location(checkpoint: Path) -> tuple[Path, str, Optional[Path]]:
+    """Where the fine-tune of ``checkpoint`` runs: (project, name, hyp file). A YOLOv5 run's
+    ``<run>/weights/best.pt``: ``<run>_finetune`` beside the run, hyp in ``<run>/hyp_finetune.yaml``; any other file
+    (``yolo-prune prune``): ``<stem>_finetune`` beside it (YOLOv5 increments the name, nothing is overwritten)."""
+    if checkpoint.parent.name == "weights":
+        run_dir = checkpoint.parent.parent
+        return run_dir.parent, f"{run_dir.name}_finetune", run_dir / "hyp_finetune.yaml"
+    return checkpoint.parent, f"{checkpoint.stem}_finetune", None
 
 
 def _channels(model: nn.Module) -> list[tuple[int, int]]:
@@ -339,7 +350,7 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
     if config.finetune.epochs:
         _save(out, ckpt, model, dtype, entry, config, ctx)
         entry.metrics_oneshot, entry.metrics_after = entry.metrics_after, None
-        ckpt, model = finetune_stage(out, model.float(), entry, config, ctx)
+        ckpt, model = finetune_stage(out, model.float(), entry, config, ctx, dense=source_model(ckpt))
 
     _save(out, ckpt, model, dtype, entry, config, ctx)
     if config.export:

@@ -157,7 +157,8 @@ def format_table(entry: dict) -> str:
         hint = ("removing whole channels needs training to recover" if ch else "a data-aware method (method: obs) "
                 "or less sparsity keeps more")
         lines.append(f"! one-shot pruning kept {kept:.0%} of mAP50-95: {hint}; fine-tune the pruned model with "
-                     "'finetune: {epochs: N}' (--prune-finetune-epochs N), see docs/usage.md 'Recovery'")
+                     "'finetune: {epochs: N}' (--prune-finetune-epochs N; yolo-prune prune --finetune-epochs N), "
+                     "see docs/usage.md 'Recovery'")
     for art in entry.get("exports") or []:
         if not art.get("ok"):
             lines.append(f"! {art['format']} export FAILED verification: {art.get('message')}")

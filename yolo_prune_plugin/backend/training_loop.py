@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import inspect
 import logging
 import sys
@@ -70,28 +71,76 @@ class TrainingObjects:
     imgsz: Optional[int] = None  # train()'s checked image size
 
 
+def _train_frame() -> Any:
+    """The frame of the YOLOv5 ``train()`` whose callback is running now (PruneError outside one)."""
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        while f is not None:
+            if f.f_code.co_name == "train" and "optimizer" in f.f_locals and "ema" in f.f_locals:
+                return f
+            f = f.f_back
+    finally:
+        del frame
+    raise PruneError("could not find YOLOv5's train() objects (model, optimizer, EMA) from the callback; the "
+                     "recovery modes need YOLOv5 7.0.x's train.py")
+
+
 def training_objects(backend: Backend) -> TrainingObjects:
     """The live model, optimizer and EMA of the YOLOv5 ``train()`` whose callback is running now.
 
     Call from ``on_train_start`` (or later): ``train()`` has built them by then. Read from its frame's locals,
     so no YOLOv5 name is patched. Raises :class:`PruneError` when not called inside YOLOv5 7.0.x's ``train()``.
     """
-    frame = inspect.currentframe()
+    loc = _train_frame().f_locals
+    model = loc["model"]
+    model = getattr(model, "module", model)  # DDP
+    start = int(loc.get("start_epoch", 0))
+    return TrainingObjects(model, loc["optimizer"], loc["ema"], start, bool(loc.get("resume")) or start > 0,
+                           loc.get("imgsz") if isinstance(loc.get("imgsz"), int) else None)
+
+
+def _set_train_locals(frame: Any, **values: Any) -> None:
+    """Assign local variables of YOLOv5's suspended ``train()`` frame (CPython: write-through ``f_locals`` from
+    3.13, ``PyFrame_LocalsToFast`` before); read back, PruneError when the write did not take."""
+    if sys.version_info >= (3, 13):
+        for k, v in values.items():
+            frame.f_locals[k] = v
+    else:
+        loc = frame.f_locals
+        loc.update(values)
+        ctypes.pythonapi.PyFrame_LocalsToFast(ctypes.py_object(frame), ctypes.c_int(0))
+    now = frame.f_locals
+    if any(now.get(k) != v for k, v in values.items()):
+        raise PruneError(f"could not set {', '.join(values)} in YOLOv5's train(); set finetune.warmup: true to "
+                         "train with YOLOv5's own warm-up and accumulation")
+
+
+def steady_training_loop() -> dict[str, Any]:
+    """From ``on_train_start``: train at the scheduled lr with one optimizer step per batch from the first batch.
+
+    YOLOv5's ``train()`` warms up for ``nw = max(round(warmup_epochs * nb), 100)`` iterations (lr from 0 and the
+    bias lr from ``warmup_bias_lr``, momentum from ``warmup_momentum``, ``accumulate`` ramped from 1 to
+    ``64 / batch_size``) and then steps once per ``accumulate`` batches; for a short fine-tune that is most of the
+    run, with few optimizer steps and EMA updates. Here ``nw = -1`` (the warm-up branch never runs: lr and momentum
+    are the scheduler's and hyp's) and ``accumulate = 1``; the per-step weight decay (YOLOv5 scales it by
+    ``batch_size * accumulate / 64``) is divided by the ``accumulate`` it replaces, so decay per image is YOLOv5's.
+    ``ComputeLoss`` sums over the batch, so the step per image is unchanged too. The EMA (updated after every
+    step, decay ``0.9999 * (1 - exp(-updates / 2000))``) then follows the model from the first batch. Nothing of
+    YOLOv5 is patched: two locals of the running ``train()`` are set once (every DDP rank runs this hook).
+    Returns what was replaced.
+    """
+    frame = _train_frame()
     try:
-        f = frame.f_back if frame is not None else None
-        while f is not None:
-            if f.f_code.co_name == "train" and "optimizer" in f.f_locals and "ema" in f.f_locals:
-                loc = f.f_locals
-                model = loc["model"]
-                model = getattr(model, "module", model)  # DDP
-                start = int(loc.get("start_epoch", 0))
-                return TrainingObjects(model, loc["optimizer"], loc["ema"], start, bool(loc.get("resume")) or start > 0,
-                                       loc.get("imgsz") if isinstance(loc.get("imgsz"), int) else None)
-            f = f.f_back
+        loc = frame.f_locals
+        accumulate, nw, optimizer = int(loc["accumulate"]), int(loc["nw"]), loc["optimizer"]
+        _set_train_locals(frame, nw=-1, accumulate=1)
     finally:
         del frame
-    raise PruneError("could not find YOLOv5's train() objects (model, optimizer, EMA) from the callback; the "
-                     "recovery modes need YOLOv5 7.0.x's train.py")
+    for g in optimizer.param_groups:
+        if g.get("weight_decay"):
+            g["weight_decay"] /= accumulate
+    return {"warmup_iterations": 0, "accumulate": 1, "yolov5_warmup_iterations": nw, "yolov5_accumulate": accumulate}
 
 
 def replace_optimizer_params(optimizer: torch.optim.Optimizer, replaced: Mapping[int, torch.Tensor]) -> int:

@@ -6,10 +6,13 @@ YOLOv5's ``train.main`` runs again on the one-shot ``best_pruned.pt`` for ``epoc
 options) while the pruned positions are held at exactly zero (unstructured, :mod:`.masks`) or the pruned
 architecture is kept (channel); the pipeline writes the fine-tuned best as ``best_pruned.pt``.
 
-Fine-tune learning rate: YOLOv5's warmup always lasts at least 100 iterations, starting every lr at 0 and
-the bias lr at ``warmup_bias_lr`` (0.1), which is most or all of a short fine-tune. With ``warmup=False``
-(the default, :data:`FINETUNE_WARMUP`) a step pre-hook restores each group's scheduled lr and momentum
-before every step. Measured with ``scripts/benchmark_recovery.py`` (yolov5n, coco128 @ 320, 50% global,
+Fine-tune learning rate and steps: YOLOv5's warmup always lasts at least 100 iterations, starting every lr at 0
+and the bias lr at ``warmup_bias_lr`` (0.1) while ``accumulate`` ramps from 1 to ``64 / batch_size`` (few
+optimizer steps, few EMA updates), which is most or all of a short fine-tune. With ``warmup=False`` (the
+default, :data:`FINETUNE_WARMUP`) the fine-tune's ``on_train_start`` switches the warm-up branch off and steps
+once per batch (:func:`~yolo_prune_plugin.backend.training_loop.steady_training_loop`): every step runs at the
+scheduled lr from the first batch and the EMA is updated after every batch (a step pre-hook also restores each
+group's scheduled lr and momentum, as a safety net). Measured (before one step per batch) with ``scripts/benchmark_recovery.py`` (yolov5n, coco128 @ 320, 50% global,
 mAP50-95 of one-shot 0.219, dense 0.291): lr_scale 0.1, 10 epochs: masked FT 0.283 without warmup vs
 0.248 with it (with warmup the lr never leaves ~0, the gain is mostly BatchNorm re-estimation); lr_scale 1.0,
 10 epochs, no warmup: 0.331 (dense fine-tuned alike: 0.320). A high lr without warmup needs epochs: at
@@ -26,12 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import torch
 import torch.nn as nn
 import yaml
 
+from ..backend.distillation import OOM_MESSAGE, distilled_loss
 from ..backend.loading import Backend, get_backend
 from ..backend.patches import driving_yolov5
-from ..backend.training_loop import keep_checkpoint_architecture, train_opt
+from ..backend.training_loop import keep_checkpoint_architecture, steady_training_loop, train_opt
 from ..config import DATA_AWARE_METHODS, PruneConfig
 from ..errors import ConfigError, PruneError
 from ..prune.unstructured import conv_layers, sparsity_stats
@@ -70,6 +75,9 @@ class FinetuneResult:
     imgsz: int
     hyp: dict
     warmup: bool
+    loop: dict = field(default_factory=dict)  # warm-up/accumulation set in YOLOv5's loop, EMA updates
+    distill: Optional[dict] = None  # weight, teacher size, batches (None: no teacher)
+    teacher: Optional[nn.Module] = field(default=None, repr=False)  # the live teacher after training (tests)
     model: Optional[nn.Module] = field(default=None, repr=False)  # the live training objects (tests)
     ema_model: Optional[nn.Module] = field(default=None, repr=False)
     masks: Masks = field(default_factory=dict, repr=False)
@@ -97,6 +105,22 @@ def load_hyp(hyp: Any, backend: Backend) -> dict:
     return dict(yaml.safe_load(path.read_text(encoding="utf-8")))
 
 
+def checkpoint_train_options(ckpt: Mapping[str, Any], data: str | Path, imgsz: int, batch_size: Optional[int],
+                             device: str, workers: int, single_cls: bool) -> dict:
+    """YOLOv5 train options for fine-tuning an existing checkpoint (``yolo-prune prune --finetune-epochs``).
+
+    The checkpoint's saved ``opt`` (``vars(opt)`` of the run that wrote it; hyp, optimizer, cos_lr, seed, ...)
+    where present, YOLOv5's defaults otherwise (:func:`finetune_checkpoint` starts from ``parse_opt``); the
+    command's data, image size, device, workers and single-class flag always apply, its batch size when given
+    (else the run's, else YOLOv5's 16). YOLOv5's ``train.py`` saves ``hyp`` as a dict.
+    """
+    saved = ckpt.get("opt")
+    base = _as_dict(saved) if isinstance(saved, Mapping) or hasattr(saved, "__dict__") else {}
+    base.update(data=str(Path(data).expanduser().resolve()), imgsz=int(imgsz), device=device, workers=int(workers),
+                single_cls=bool(single_cls), batch_size=int(batch_size or base.get("batch_size") or 16))
+    return base
+
+
 def finetune_hyp(hyp: Mapping[str, Any], lr_scale: float, warmup: bool) -> dict:
     """``hyp`` with ``lr0`` and ``warmup_bias_lr`` scaled; ``warmup_epochs`` 0 when warmup is off."""
     out = dict(hyp)
@@ -112,13 +136,16 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                         masks: Masks | str | None = "zeros", warmup: bool = FINETUNE_WARMUP,
                         project: str | Path | None = None, name: Optional[str] = None,
                         hyp_path: str | Path | None = None, backend: Optional[Backend] = None,
-                        keep_architecture: bool = False, **train_overrides: Any) -> FinetuneResult:
+                        keep_architecture: bool = False, teacher: Optional[nn.Module] = None,
+                        distill_weight: float = 1.0, **train_overrides: Any) -> FinetuneResult:
     """Train ``weights`` for ``epochs`` more epochs with YOLOv5's ``train.main``, holding ``masks`` at zero.
 
     ``base_opt`` (a YOLOv5 train ``opt`` or its ``vars``) gives data, batch size, device, optimizer, hyp, ...;
     ``masks``: ``"zeros"`` (the checkpoint's zero Conv2d weights in scope), a :data:`Masks` dict, or None
     (dense fine-tune, e.g. a baseline). ``keep_architecture``: train the module stored in ``weights`` (a
-    channel-pruned model) instead of YOLOv5 rebuilding its YAML. ``train_overrides`` are further YOLOv5 options. The run goes to
+    channel-pruned model) instead of YOLOv5 rebuilding its YAML. ``teacher``: the dense model to distil from
+    (:mod:`~yolo_prune_plugin.backend.distillation`, weight ``distill_weight``; None: YOLOv5's loss alone, the
+    loop untouched). ``train_overrides`` are further YOLOv5 options. The run goes to
     ``project/name`` (never overwriting: YOLOv5 increments the name). Raises :class:`PruneError` on a leak.
     """
     b = backend or get_backend()
@@ -149,10 +176,12 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         masks = {n: m.cpu().bool() for n, m in masks.items()}
 
     keeper = MaskKeeper(b, include, exclude, initial=masks, warmup=warmup)
-    state: dict[str, Any] = {"history": [], "saved_leaks": 0}
+    state: dict[str, Any] = {"history": [], "saved_leaks": 0, "distill": None}
 
     def train_start() -> None:
         keeper.capture()
+        if not warmup:
+            state["loop"] = steady_training_loop()
 
     def fit_epoch_end(log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
         if any(r["epoch"] == int(epoch) for r in state["history"]):
@@ -160,7 +189,11 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         row = history_row(log_vals, epoch, fi)
         live = keeper.leaks()
         row.update({"sparsity": round(sparsity_stats(keeper.model, conv_layers(keeper.model, include, exclude))
-                                      .sparsity, 6), "leaked": live})
+                                      .sparsity, 6), "leaked": live, "optimizer_steps": keeper.epoch_steps,
+                    "step_lr": list(keeper.epoch_lr) if keeper.epoch_lr else None,
+                    "epoch_s": round(time.perf_counter() - state.get("epoch_t0", t0), 2)})
+        if state["distill"] is not None:
+            row.update(state["distill"].epoch_means())
         state["history"].append(row)
 
     def model_save(last: Any, epoch: int, final_epoch: Any, best_fitness: Any, fi: Any) -> None:
@@ -174,20 +207,36 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     def train_end(last: Any, best: Any, epoch: int, results: Any) -> None:
         state.update(last=Path(last), best=Path(best), results=tuple(float(x) for x in results))
 
+    def epoch_start() -> None:
+        state["epoch_t0"] = time.perf_counter()
+        keeper.epoch_start()
+        if state["distill"] is not None:
+            state["distill"].epoch_reset()
+
     cb = b.Callbacks()
     HOOK_NAME = "yolo_prune_plugin"
     for hook, fn in (("on_train_start", train_start),
-                     ("on_train_epoch_start", keeper.epoch_start),
+                     ("on_train_epoch_start", epoch_start),
                      ("on_train_batch_end", lambda *a, **k: keeper.batch_end()), ("on_fit_epoch_end", fit_epoch_end),
                      ("on_model_save", model_save), ("on_train_end", train_end)):
         cb.register_action(hook, name=HOOK_NAME, callback=fn)
-    LOGGER.info("yolo_prune_plugin: fine-tuning %s for %d epochs (lr0 %.4g, %s masked weights, warmup %s)",
-                weights.name, epochs, hyp["lr0"], "no" if not masks else "the pruned", "on" if warmup else "off")
+    LOGGER.info("yolo_prune_plugin: fine-tuning %s for %d epochs (lr0 %.4g, %s masked weights, warmup %s%s)",
+                weights.name, epochs, hyp["lr0"], "no" if not masks else "the pruned", "on" if warmup else "off",
+                f", distilling from the dense model (weight {distill_weight:g})" if teacher is not None else "")
     t0 = time.perf_counter()
     try:
-        with driving_yolov5(b), (keep_checkpoint_architecture(b, weights) if keep_architecture
-                                  else contextlib.nullcontext()):
-            b.train.main(opt, callbacks=cb)
+        with contextlib.ExitStack() as scope:
+            scope.enter_context(driving_yolov5(b))
+            if keep_architecture:
+                scope.enter_context(keep_checkpoint_architecture(b, weights))
+            if teacher is not None:
+                state["distill"] = scope.enter_context(distilled_loss(b, teacher, distill_weight))
+            try:
+                b.train.main(opt, callbacks=cb)
+            except torch.cuda.OutOfMemoryError:
+                if state["distill"] is None:
+                    raise
+                raise PruneError(OOM_MESSAGE.format(mb=state["distill"].teacher_mb)) from None
     finally:
         keeper.remove_hooks()
     seconds = time.perf_counter() - t0
@@ -205,11 +254,21 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                 for k, v in file_leaks(f, keeper.masks, b).items():
                     leaks[f"{f.name}:{k}"] = v
     result = FinetuneResult(Path(opt.save_dir), keep, last, state.get("results"), state["history"], leaks,
-                            count_masked(keeper.masks), seconds, opt.imgsz, hyp, warmup, keeper.model,
+                            count_masked(keeper.masks), seconds, opt.imgsz, hyp, warmup,
+                            {**state.get("loop", {}), "ema_updates": getattr(keeper.ema, "updates", None)},
+                            _distill_summary(state["distill"]), state["distill"] and state["distill"].teacher,
+                            keeper.model,
                             keeper.ema.ema if keeper.ema is not None else None, keeper.masks)
     if result.leaked:
         raise PruneError(f"fine-tune {result.save_dir}: pruned weights became non-zero ({leaks})")
     return result
+
+
+def _distill_summary(stats: Any) -> Optional[dict]:
+    if stats is None:
+        return None
+    return {"weight": stats.weight, "teacher_mb": round(stats.teacher_mb, 2), "batches": stats.batches,
+            "teacher_dtype": str(next(stats.teacher.parameters()).dtype) if stats.teacher is not None else None}
 
 
 def check_recovery(config: PruneConfig, opt: Any = None) -> None:
@@ -227,5 +286,6 @@ def check_recovery(config: PruneConfig, opt: Any = None) -> None:
             raise ConfigError(f"schedule.end_epoch ({s.end_epoch}) must be < --epochs ({epochs}) so the final "
                               "sparsity is reached before training ends")
     if config.finetune.epochs and int(os.getenv("WORLD_SIZE", 1)) > 1:
-        raise ConfigError("finetune: masked fine-tuning runs a second single-process training and cannot run "
-                          "under DDP; prune and fine-tune after the DDP run (finetune.epochs: 0 here)")
+        raise ConfigError("finetune: the fine-tune after pruning runs a second single-process training and cannot "
+                          "run under DDP; set finetune.epochs: 0 here and fine-tune the result on one GPU afterwards "
+                          "(yolo-prune prune --weights .../best.pt --data ... --finetune-epochs N)")

@@ -92,6 +92,8 @@ class MaskKeeper:
         self._handles: list[Any] = []
         self._base_momentum: list[Optional[float]] = []
         self._scheduled_lr: Optional[list[float]] = None
+        self.epoch_steps = 0  # optimizer steps since the last epoch start, and the lrs they used (min, max)
+        self.epoch_lr: Optional[tuple[float, float]] = None
 
     def capture(self) -> None:
         """Take YOLOv5's training objects (from ``on_train_start``) and hook the optimizer's steps."""
@@ -155,6 +157,7 @@ class MaskKeeper:
         """Call at ``on_train_epoch_start``: the param groups hold the scheduler's lr for this epoch."""
         if self.optimizer is not None:
             self._scheduled_lr = [g["lr"] for g in self.optimizer.param_groups]
+        self.epoch_steps, self.epoch_lr = 0, None
 
     def batch_end(self) -> None:
         """Call at ``on_train_batch_end``: undo the warmup values left by a batch that did not step (logs)."""
@@ -175,6 +178,9 @@ class MaskKeeper:
         self._restore_lr(optimizer)
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        lo, hi = self.epoch_lr or (min(lrs), max(lrs))
+        self.epoch_steps, self.epoch_lr = self.epoch_steps + 1, (min(lo, *lrs), max(hi, *lrs))
         with torch.no_grad():
             for p, mask in self._params:
                 p.masked_fill_(mask, 0)

@@ -21,6 +21,7 @@ from typing import Any, Optional, Sequence
 
 import torch.nn as nn
 
+from ..backend.distributed import check_identical, from_rank0, is_main_process, tensors_digest
 from ..backend.loading import Backend, load_checkpoint
 from ..config import PruneConfig, ScheduleOptions, data_free_method
 from ..errors import PruneError
@@ -152,10 +153,14 @@ class GradualPruning:
         if target <= 0:
             return
         before = [id(m.weight) for _, m in conv_layers(k.model, c.include, c.exclude)]
-        res = prune_model(k.model, target, data_free_method(c), c.include, c.exclude, log=False)
+        main = is_main_process()  # under DDP only rank 0 ranks the weights; the others take its masks
+        res = prune_model(k.model, target, data_free_method(c), c.include, c.exclude, log=False) if main else None
         if [id(m.weight) for _, m in conv_layers(k.model, c.include, c.exclude)] != before:
             raise PruneError("schedule: pruning replaced the model's weight tensors; the optimizer would lose them")
-        k.set_masks(zero_masks(k.model, c.include, c.exclude))
+        k.set_masks(from_rank0(zero_masks(k.model, c.include, c.exclude) if main else None))
+        check_identical(tensors_digest(zero_masks(k.model, c.include, c.exclude)), f"schedule masks at epoch {epoch}")
+        if res is None:
+            return  # rank > 0: rank 0 keeps the record
         self.steps.append({"epoch": epoch, "target": round(target, 6), "zeros": res.after.zeros,
                            "weights": res.after.weights, "sparsity": round(res.after.sparsity, 6),
                            "masked": count_masked(k.masks), "seconds": round(res.seconds, 3)})

@@ -1,0 +1,75 @@
+"""Rank logic under ``torch.distributed.run`` on the CPU: two real processes in a gloo process group.
+
+YOLOv5's DDP needs CUDA, so what is checked here is the plugin's part: the environment YOLOv5 reads
+(RANK/WORLD_SIZE/LOCAL_RANK), only rank 0 deciding what is pruned, the other ranks taking its decision, and
+the check that all ranks hold the same pruned state (a mismatch raises on every rank).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+WORLD = 2
+
+
+def _worker(r: int, init_file: str, out_dir: str) -> None:
+    os.environ.update(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
+    try:
+        from yolo_prune_plugin.backend import distributed as D
+        from yolo_prune_plugin.backend.loading import get_backend
+        from yolo_prune_plugin.config import config_from_dict
+        from yolo_prune_plugin.errors import PruneError
+        from yolo_prune_plugin.training.masks import zero_masks
+        from yolo_prune_plugin.training.schedule import GradualPruning
+
+        torch.manual_seed(0 if r == 0 else 1)  # rank 1's weights differ: its own ranking would differ
+        model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Conv2d(8, 8, 3))
+        gp = GradualPruning(config_from_dict({"schedule": {"final_amount": 0.5, "end_epoch": 1}}), get_backend())
+        gp.keeper.model, gp.keeper.optimizer = model, torch.optim.SGD(model.parameters(), lr=0.1)
+        gp._step(1)
+        masks = zero_masks(model)
+        try:
+            D.check_identical(f"rank {r}", "test state")
+            mismatch = None
+        except PruneError as e:
+            mismatch = str(e)
+        res = {"main": D.is_main_process(), "steps": len(gp.steps), "digest": D.tensors_digest(masks),
+               "zeros": sum(int(m.sum()) for m in masks.values()), "mismatch": mismatch,
+               "shared": D.from_rank0({"file": "best_pruned.pt"} if r == 0 else None)}
+        Path(out_dir, f"rank{r}.json").write_text(json.dumps(res))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_only_rank0_prunes_and_every_rank_ends_with_its_masks(tmp_path):
+    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(WORLD))
+    assert (r0["main"], r1["main"]) == (True, False)
+    assert (r0["steps"], r1["steps"]) == (1, 0)  # rank 0 ranked and recorded the step, rank 1 did not
+    assert r0["digest"] == r1["digest"] and r0["zeros"] == r1["zeros"] > 0  # same zeros despite other weights
+    assert r1["shared"] == {"file": "best_pruned.pt"}  # what rank 0 decided reaches the others
+    for r in (r0, r1):  # a real disagreement is an error on every rank, naming both
+        assert "differ between DDP ranks" in r["mismatch"] and "rank 0: rank 0" in r["mismatch"]
+
+
+@pytest.mark.parametrize("env,main", [({}, True), ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+                                      ({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}, False)])
+def test_rank_from_the_environment_without_a_process_group(monkeypatch, env, main):
+    from yolo_prune_plugin.backend import distributed as D
+
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    assert D.is_main_process() is main
+    assert not D.distributed() and D.from_rank0("x") == "x"  # no group: single-process behaviour
+    D.check_identical("anything", "no-op")
