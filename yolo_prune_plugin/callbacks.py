@@ -218,7 +218,14 @@ class PrunePlugin:
             parts += ["--data", str(opt["data"])]
         if opt.get("imgsz"):
             parts += ["--img", str(opt["imgsz"])]
-        parts += ["--amount", str(c.amount), "--method", c.method]
+        if c.target.active:
+            t = c.target
+            parts += [f"--target-{k}={v}" for k, v in (("drop", t.max_drop), ("speedup", t.min_speedup),
+                                                       ("size", t.max_size)) if v is not None]
+            parts += ["--structure", c.structure]
+        else:
+            parts += ["--amount", str(c.amount)]
+        parts += ["--method", c.method]
         if c.include:
             parts += ["--include", ",".join(c.include)]
         if c.exclude:

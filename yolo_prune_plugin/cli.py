@@ -67,8 +67,25 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    help="replace an existing pruned file written with a different configuration")
     p.add_argument(f"--{prefix}no-eval", dest=f"{prefix.replace('-', '_')}evaluate", action="store_false",
                    default=None, help="skip validation after pruning")
+    for key, metavar, what in TARGET_FLAGS:
+        p.add_argument(f"--{prefix}target-{key}", type=float, metavar=metavar, help=what + " (instead of an amount)")
     if prefix:
         p.add_argument("--prune-finetune-epochs", type=int, metavar="N", help="masked fine-tune epochs after pruning")
+
+
+#: budget flags: ``--target-drop`` (prune) / ``--prune-target-drop`` (train) -> ``target.max_drop``, ...
+TARGET_FLAGS = (("drop", "D", "largest mAP50-95 drop from the dense model, e.g. 0.01 (target.max_drop)"),
+                ("speedup", "X", "smallest ONNX Runtime speed-up, e.g. 1.5; structure channel (target.min_speedup)"),
+                ("size", "R", "largest params ratio pruned/dense, e.g. 0.6; structure channel (target.max_size)"))
+_TARGET_KEYS = {"drop": "max_drop", "speedup": "min_speedup", "size": "max_size"}
+
+
+def _target_override(ns: argparse.Namespace, prefix: str) -> Optional[dict]:
+    """``--target-*`` flags as a ``target`` override (None when none is given)."""
+    pre = prefix.replace("-", "_")
+    given = {_TARGET_KEYS[k]: getattr(ns, f"{pre}target_{k}", None) for k, _, _ in TARGET_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    return given or None
 
 
 def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConfig]:
@@ -76,13 +93,20 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
     keys = ("amount", "method", "structure", "include", "exclude", "checkpoints", "suffix", "export", "overwrite",
             "evaluate", "bench")
     overrides = {k: getattr(ns, pre + k, None) for k in keys}
+    overrides["target"] = _target_override(ns, prefix)
     path = getattr(ns, pre + "config", None)
     finetune = getattr(ns, "prune_finetune_epochs", None)
     if prefix and path is None and finetune is None and all(v is None for v in overrides.values()):
         return None  # `yolo-prune train` without any prune option behaves exactly like YOLOv5's train
     for k, v in overrides.items():  # name the flag in errors: "--prune-amount: 'amount' must ..."
-        if v is not None:
+        if v is not None and k != "target":
             config_from_dict({k: v}, source=f"--{prefix}{'no-eval' if k == 'evaluate' else k}")
+    if overrides["target"] and overrides["amount"] is not None:
+        raise ConfigError(f"--{prefix}amount and --{prefix}target-*: a fixed amount and a budget are alternatives; "
+                          "give one of them")
+    if overrides["target"]:  # merged with a YAML 'target:' section (flags win key by key)
+        base = load_config(path).target if path else None
+        overrides["target"] = {**(base.__dict__ if base and base.active else {}), **overrides["target"]}
     cfg = load_config(path, **overrides)
     if finetune is not None:
         cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, "epochs": finetune})

@@ -1,11 +1,7 @@
-"""Typed, frozen configuration: loaded from YAML, overridden by flags, validated before training starts.
-
-"""
+"""Typed, frozen configuration: loaded from YAML, overridden by flags, validated before training starts."""
 
 from __future__ import annotations
 
-import difflib
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -15,6 +11,8 @@ import yaml
 from .errors import ConfigError
 from .prune.registry import (CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions, ObsOptions,
                              data_aware_names, method_names)
+from .utils.validate import (_amount, _at_least, _bool, _choice, _in_range, _number, _str_list, _type_name,
+                             _typed_option, _unknown_key)
 
 #: Methods selectable by ``method`` (read from the registry); the data-aware ones calibrate on train images.
 METHODS = method_names()
@@ -28,6 +26,8 @@ METHOD_CHOICES = (AUTO,) + METHODS
 def data_free_method(config: "PruneConfig") -> str:
     """The method where no calibration happens (schedule steps, channel runs): ``auto`` means ``global``."""
     return "global" if config.method == AUTO else config.method
+
+
 CHECKPOINTS = ("best", "last")
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "prune.yaml"
 
@@ -98,11 +98,40 @@ class BNRecalibrationOptions:
         return 32 if structure == "channel" else 0
 
 
+#: ``target.runtime`` values (where ``min_speedup`` is measured) and ``target.size_of`` values
+TARGET_RUNTIMES = ("onnxruntime", "torch")
+TARGET_SIZES = ("params", "onnx")
+
+
+@dataclass(frozen=True)
+class TargetOptions:
+    """Prune to a budget (:mod:`yolo_prune_plugin.tools.budget` picks ``amount``); off while no limit is set."""
+
+    max_drop: Optional[float] = None  # largest mAP50-95 drop from the dense model (absolute; relative: fraction)
+    relative: bool = False
+    min_speedup: Optional[float] = None  # smallest dense/pruned latency ratio on `runtime` (structure: channel)
+    runtime: str = "onnxruntime"  # onnxruntime (CPU) | torch (the run's device)
+    threads: int = 1  # CPU threads of the latency measurement
+    max_size: Optional[float] = None  # largest pruned/dense ratio of params (or .onnx bytes, size_of: onnx)
+    size_of: str = "params"
+    max_evals: int = 6  # one-shot prunes evaluated at most (6: about 1.5x a 4-point sweep)
+    tolerance: float = 0.02  # stop when the boundary is known within this amount
+    max_amount: float = 0.9  # the search range is [0, max_amount]
+    search_images: Optional[int] = None  # a seeded subset of val for the search (None: all)
+    seed: int = 0
+    write_best_effort: bool = False  # an impossible budget writes the closest point instead of nothing
+    after_finetune: bool = False  # not available yet (refused)
+
+    @property
+    def active(self) -> bool:
+        return any(v is not None for v in (self.max_drop, self.min_speedup, self.max_size))
+
+
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything the plugin needs to prune a checkpoint. Build with :func:`load_config`."""
 
-    amount: float = 0.3
+    amount: Optional[float] = 0.3  # None when `target` chooses it
     method: str = AUTO  # "auto": obs when calibration data is available (train split disjoint from val), else global
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -121,6 +150,7 @@ class PruneConfig:
     channel: ChannelOptions = field(default_factory=ChannelOptions)
     bn_recalibration: BNRecalibrationOptions = field(default_factory=BNRecalibrationOptions)
     bench: bool = False  # time best.pt vs the pruned file (PyTorch eager + ONNX Runtime CPU) into the report
+    target: TargetOptions = field(default_factory=TargetOptions)  # prune to a budget instead of a fixed amount
 
     def to_dict(self) -> dict:
         """Plain, JSON/YAML-serialisable form (tuples become lists)."""
@@ -128,9 +158,7 @@ class PruneConfig:
 
     def with_overrides(self, **overrides: Any) -> "PruneConfig":
         """A new validated config with top-level keys replaced (``None`` values are ignored)."""
-        data = self.to_dict()
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return config_from_dict(data, source="flags")
+        return config_from_dict(merge_overrides(self.to_dict(), overrides, explicit_amount=False), source="flags")
 
 
 def _plain(x: Any) -> Any:
@@ -143,86 +171,7 @@ def _plain(x: Any) -> Any:
 
 _NESTED = {"export_options": ExportOptions, "calibration": CalibrationOptions, "sweep": SweepOptions,
            "finetune": FinetuneOptions, "schedule": ScheduleOptions, "obs": ObsOptions, "channel": ChannelOptions,
-           "bn_recalibration": BNRecalibrationOptions}
-
-
-def _unknown_key(key: str, allowed: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}: unknown key '{key}'{hint} (allowed: {', '.join(allowed)})")
-
-
-def _type_name(v: Any) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-def _number(v: Any, key: str, where: str, *, integer: bool = False) -> float | int:
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or (not integer and not math.isfinite(v)):
-        want = "an integer" if integer else "a number"
-        raise ConfigError(f"{where}: '{key}' must be {want}, got {v!r} ({_type_name(v)})")
-    return v
-
-
-def _bool(v: Any, key: str, where: str) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(f"{where}: '{key}' must be true or false, got {v!r} ({_type_name(v)})")
-    return v
-
-
-def _str_list(v: Any, key: str, where: str) -> tuple[str, ...]:
-    if isinstance(v, str):  # "a,b" from a flag or a single YAML string
-        v = [s for s in (p.strip() for p in v.split(",")) if s]
-    if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s for s in v):
-        raise ConfigError(f"{where}: '{key}' must be a list of non-empty strings, got {v!r}")
-    return tuple(v)
-
-
-def _amount(v: Any, key: str, where: str) -> float:
-    v = float(_number(v, key, where))
-    if not 0.0 <= v < 1.0:
-        raise ConfigError(f"{where}: '{key}' must satisfy 0 <= {key} < 1 (fraction of Conv2d weights set to zero), "
-                          f"got {v}")
-    return v
-
-
-def _choice(v: Any, key: str, where: str, allowed: tuple[str, ...]) -> str:
-    if not isinstance(v, str) or v not in allowed:
-        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(allowed)}; got {v!r}")
-    return v
-
-
-def _typed_option(v: Any, key: str, where: str, default: Any) -> Any:
-    """Validate ``v`` against the type of the option's default (int, float, bool, str, tuple of str, or None)."""
-    if isinstance(default, bool):
-        return _bool(v, key, where)
-    if isinstance(default, int) or (default is None and not isinstance(v, str)):
-        return None if v is None else int(_number(v, key, where, integer=True))
-    if isinstance(default, float):
-        return float(_number(v, key, where))
-    if isinstance(default, tuple):
-        return _str_list(v, key, where) if v else ()
-    if not isinstance(v, str):
-        raise ConfigError(f"{where}: '{key}' must be a string, got {v!r} ({_type_name(v)})")
-    return v
-
-
-def _at_least(v: Any, key: str, where: str, lo: int) -> int:
-    """An integer ``>= lo``."""
-    n = int(_number(v, key, where, integer=True))
-    if n < lo:
-        raise ConfigError(f"{where}: '{key}' must be >= {lo}, got {v}")
-    return n
-
-
-def _in_range(v: Any, key: str, where: str, lo: float, hi: float, *, lo_closed: bool = False,
-              hi_closed: bool = False, note: str = "") -> float:
-    """A number within ``lo``..``hi`` (each end open unless closed); the message writes the interval."""
-    x = float(_number(v, key, where))
-    if not ((lo <= x if lo_closed else lo < x) and (x <= hi if hi_closed else x < hi)):
-        interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
-        raise ConfigError(f"{where}: '{key}' must be in {interval}{note}, got {v}")
-    return x
+           "bn_recalibration": BNRecalibrationOptions, "target": TargetOptions}
 
 
 def _nested(cls: type, data: Any, key: str, where: str) -> Any:
@@ -299,6 +248,8 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 _at_least(v, q, where, 0)
             elif k == "damp":
                 _in_range(v, q, where, 0, 1)
+        elif cls is TargetOptions:
+            out[k] = _target_option(v, k, q, where)
         elif cls is ScheduleOptions:
             if k == "final_amount":
                 out[k] = None if v is None else _amount(v, q, where)
@@ -311,6 +262,71 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: 'schedule.end_epoch' ({obj.end_epoch}) must be >= 'schedule.start_epoch' "
                           f"({obj.start_epoch})")
     return obj
+
+
+def _target_option(v: Any, k: str, q: str, where: str) -> Any:
+    """One ``target.<k>`` value, checked."""
+    if k in ("relative", "write_best_effort", "after_finetune"):
+        return _bool(v, q, where)
+    if k == "runtime":
+        return _choice(v, q, where, TARGET_RUNTIMES)
+    if k == "size_of":
+        return _choice(v, q, where, TARGET_SIZES)
+    if k in ("threads", "max_evals"):
+        return _at_least(v, q, where, 1 if k == "threads" else 2)
+    if k == "seed":
+        return int(_number(v, q, where, integer=True))
+    if v is None and k in ("max_drop", "min_speedup", "max_size", "search_images"):
+        return None
+    if k == "search_images":
+        return _at_least(v, q, where, 1)
+    if k == "max_drop":
+        return _in_range(v, q, where, 0, 1, note=" (mAP50-95 points as a fraction, e.g. 0.01)")
+    if k == "min_speedup":
+        return _in_range(v, q, where, 1, 100, note=" (dense/pruned latency, e.g. 1.5)")
+    if k == "max_size":
+        return _in_range(v, q, where, 0, 1, note=" (pruned/dense size, e.g. 0.6)")
+    if k == "tolerance":
+        return _in_range(v, q, where, 0, 0.5, note=" (an amount)")
+    return _in_range(v, q, where, 0, 1)  # max_amount
+
+
+def _check_target(cfg: "PruneConfig", where: str) -> None:
+    """What a ``target:`` section cannot be combined with (raised before any work)."""
+    t = cfg.target
+    if not t.active:
+        changed = [f.name for f in fields(TargetOptions) if getattr(t, f.name) != f.default]
+        if changed:
+            raise ConfigError(f"{where}: 'target' sets {', '.join(changed)} but no budget; set target.max_drop, "
+                              "target.min_speedup or target.max_size (or remove 'target')")
+        return
+    if cfg.schedule.final_amount is not None:
+        raise ConfigError(f"{where}: 'target' searches one-shot amounts; it cannot drive 'schedule' (gradual "
+                          "pruning): remove one of them")
+    if cfg.structure != "channel" and (t.min_speedup is not None or t.max_size is not None):
+        key = "target.min_speedup" if t.min_speedup is not None else "target.max_size"
+        raise ConfigError(f"{where}: '{key}' needs 'structure: channel' (zeros inside dense tensors make the model "
+                          "neither faster nor smaller); use target.max_drop with structure: unstructured")
+    if t.relative and t.max_drop is None:
+        raise ConfigError(f"{where}: 'target.relative' applies to target.max_drop, which is not set")
+    if t.after_finetune:
+        raise ConfigError(f"{where}: 'target.after_finetune' (a search on fine-tuned accuracy) is not available "
+                          "yet; the search runs on one-shot models and the budget is re-checked after 'finetune'")
+
+
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any], explicit_amount: bool) -> dict:
+    """``base`` (a config as a dict) with the non-None ``overrides`` applied.
+
+    A ``target`` override replaces the base ``amount`` unless ``explicit_amount`` (the base file set it: then
+    both stay and validation refuses the pair); an ``amount`` override replaces nothing else (with a base
+    ``target`` validation refuses it).
+    """
+    data = dict(base)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
+    if "target" in given and "amount" not in given and not explicit_amount:
+        data["amount"] = None
+    return data
 
 
 def _check_schedule_enabled(obj: ScheduleOptions, data: Mapping[str, Any], where: str) -> None:
@@ -350,7 +366,7 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
     out: dict[str, Any] = {}
     for k, v in data.items():
         if k == "amount":
-            out[k] = _amount(v, k, source)
+            out[k] = None if v is None else _amount(v, k, source)
         elif k == "method":
             out[k] = _choice(v, k, source, METHOD_CHOICES)
         elif k in ("include", "exclude"):
@@ -376,6 +392,14 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
         else:
             out[k] = _nested(_NESTED[k], v, k, source)
     cfg = PruneConfig(**out)
+    if cfg.target.active and cfg.amount is not None and "amount" in data:
+        raise ConfigError(f"{source}: 'target' chooses the amount; remove 'amount' ({cfg.amount}) or the "
+                          "target (a fixed amount and a budget are alternatives)")
+    if cfg.target.active and cfg.amount is not None:
+        cfg = replace(cfg, amount=None)
+    if cfg.amount is None and not cfg.target.active:
+        raise ConfigError(f"{source}: 'amount' is null; set a fraction in [0, 1) or a 'target' budget")
+    _check_target(cfg, source)
     if cfg.schedule.final_amount is not None and cfg.finetune.epochs:
         raise ConfigError(f"{source}: 'schedule' (prune during training) and 'finetune' (prune, then train) are "
                           "alternatives; set only one")
@@ -410,7 +434,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> PruneConfig
         data = dict(loaded)
     cfg = config_from_dict(data, source=source)
     if any(v is not None for v in overrides.values()):
-        cfg = config_from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}},
+        cfg = config_from_dict(merge_overrides(cfg.to_dict(), overrides, explicit_amount="amount" in data),
                                source=f"{source} + flags")
     return cfg
 
@@ -421,6 +445,6 @@ def config_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
     return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
 
 
-__all__ = ["PruneConfig", "BNRecalibrationOptions", "ChannelOptions", "ExportOptions", "CalibrationOptions", "SweepOptions", "FinetuneOptions", "ScheduleOptions",
+__all__ = ["PruneConfig", "TargetOptions", "merge_overrides", "BNRecalibrationOptions", "ChannelOptions", "ExportOptions", "CalibrationOptions", "SweepOptions", "FinetuneOptions", "ScheduleOptions",
            "METHODS", "METHOD_CHOICES", "AUTO", "data_free_method", "DATA_AWARE_METHODS", "CHECKPOINTS", "load_config", "config_from_dict", "config_equal",
            "replace", "DEFAULT_CONFIG_PATH"]
