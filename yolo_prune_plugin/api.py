@@ -74,6 +74,10 @@ def check_model_config(model: Any, config: PruneConfig, source: str) -> None:
         from .backend.export import check_export_requirements
 
         check_export_requirements(config.export, simplify=config.export_options.simplify)
+    if config.target.active:
+        from .tools.budget_run import check_target
+
+        check_target(config)
 
 
 def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Backend] = None) -> None:
@@ -202,6 +206,8 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
         check_model_matches_data(ckpt.get("ema") or ckpt["model"], settings.data, weights, data, single_cls)
     elif pipeline.calibration_needs(cfg):
         raise ConfigError(f"{' and '.join(pipeline.calibration_needs(cfg))} need(s) train-split images: pass --data")
+    elif cfg.target.active:
+        raise ConfigError("target: the budget search evaluates every candidate on the val split: pass --data")
     if cfg.finetune.epochs or cfg.schedule.final_amount is not None:
         raise ConfigError("finetune/schedule need a training run: use `yolo-prune train` (or register() + "
                           "train.main); `yolo-prune prune` prunes one-shot")

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -31,6 +31,7 @@ from .errors import OutputExistsError, PruneError
 from .prune.registry import DATA_AWARE_CHANNEL_IMPORTANCES
 from .prune.unstructured import conv_layers, prune_model, sparsity_stats
 from .report import ReportEntry, print_report
+from .tools.budget_run import recheck_budget
 from .tools.loggers import log_results
 from .training.dense_reference import ReferenceModel
 from .utils.files import atomic_path, write_json
@@ -133,40 +134,43 @@ def source_model(ckpt: Mapping[str, Any]) -> nn.Module:
     return ckpt.get("ema") or ckpt["model"]
 
 
-def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -> tuple[nn.Module, dict]:
+def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext,
+                cache: Optional[dict] = None) -> tuple[nn.Module, dict]:
     """A float copy of the checkpoint's model on the run's device, pruned as ``config`` says (zeros, or channels
-    removed), BatchNorm statistics re-estimated when configured. Returns the model and what was done."""
+    removed), BatchNorm statistics re-estimated when configured. Returns the model and what was done.
+    ``cache``: calibration images kept across calls (a budget search prunes many amounts)."""
     model = copy.deepcopy(source_model(ckpt)).float().to(ctx.device)
+    from .prune.calibration import load_calibration_batch, load_calibration_images, resolve_method
+
     c = config.calibration
     done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
                                                                               config.exclude)).to_dict(per_layer=False)}
     if config.structure == "channel":
-        from .prune.calibration import load_calibration_batch
         from .prune.channel import channel_prune
 
         imp = config.channel.importance
         calibration = None
         if imp in DATA_AWARE_CHANNEL_IMPORTANCES or (imp is None and ctx.settings is not None):
             data = _calibration_data(ctx, f"channel importance {imp or 'taylor'!r}")
-            calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed,
-                                                 allow_overlap=c.allow_overlap)
+            calibration = _cached(cache, "batch", lambda: load_calibration_batch(
+                data, ctx.imgsz, n=c.images, seed=c.seed, allow_overlap=c.allow_overlap))
         res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
                             include=config.include, exclude=config.exclude, calibration=calibration,
                             max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz,
                             cost_aware=config.channel.cost_aware)
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
-        from .prune.calibration import load_calibration_images, resolve_method
-
         calibration = None
         method, why = resolve_method(config.method, ctx.settings.data if ctx.settings else None,
                                      config.calibration.images, config.calibration.allow_overlap)
-        if why:
+        if why and not (cache or {}).get("told"):
             LOGGER.info("yolo_prune_plugin: method %s", why)
+            _cached(cache, "told", lambda: True)
         if method in DATA_AWARE_METHODS:
             data = _calibration_data(ctx, f"method {method!r}")
-            calibration = load_calibration_images(data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
-                                                  seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
+            calibration = _cached(cache, "images", lambda: load_calibration_images(
+                data, ctx.imgsz, n=c.images, batch_size=c.batch_size, seed=c.seed, device=ctx.device,
+                allow_overlap=c.allow_overlap))
         result = prune_model(model, config.amount, method, config.include, config.exclude,
                              calibration=calibration, options=config.obs)
         details = {**result.extra, "auto": why} if why else result.extra
@@ -174,15 +178,24 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -
     n = config.bn_recalibration.count(config.structure)
     if n:
         from .prune.bn_recalibration import recalibrate_bn
-        from .prune.calibration import load_calibration_images
 
         data = _calibration_data(ctx, "bn_recalibration")
-        images = load_calibration_images(data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size,
-                                         seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
+        images = _cached(cache, "bn", lambda: load_calibration_images(
+            data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size, seed=c.seed, device=ctx.device,
+            allow_overlap=c.allow_overlap))
         done["recalibration"] = recalibrate_bn(model, images, config.bn_recalibration.batch_size)
         LOGGER.info("BatchNorm statistics re-estimated on %d train images (%d layers)", len(images),
                     done["recalibration"]["layers"])
     return model.eval(), done
+
+
+def _cached(cache: Optional[dict], key: str, load: Any) -> Any:
+    """``load()``, kept in ``cache`` under ``key`` when a cache is given."""
+    if cache is None:
+        return load()
+    if key not in cache:
+        cache[key] = load()
+    return cache[key]
 
 
 def _calibration_data(ctx: RunContext, what: str) -> dict:
@@ -266,13 +279,20 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
     mode = mode or ("finetune" if config.finetune.epochs else "oneshot")
 
     done: dict[str, Any] = {}
+    search = None
+    if pruned is None and config.target.active:
+        search = _budget_search(source, ckpt, config, ctx)
+        model, done = search.model, search.done
+        if before is None and search.full_val:  # the dense model was just validated on the whole val split
+            before, before_source = search.dense, "validated by the plugin (budget search)"
     if pruned is None:
-        model, done = prune_stage(ckpt, config, ctx)
+        model, done = (model, done) if search else prune_stage(ckpt, config, ctx)
         stats_before, seconds, details = done["stats_before"], done["seconds"], done["details"]
     else:
         model, seconds, details = pruned.float().to(ctx.device), None, {}
         stats_before = (schedule or {}).get("dense_stats")
-    amount = config.schedule.final_amount if mode == "schedule" else config.amount
+    amount = (config.schedule.final_amount if mode == "schedule" else
+              search.section["amount"] if search else config.amount)
     method = done.get("method") or data_free_method(config)  # schedule / channel: nothing calibrated
     entry = ReportEntry(checkpoint=str(source), output=str(out), mode=mode, method=method, amount=amount,
                         device=str(ctx.device), imgsz=ctx.imgsz, prune_seconds=seconds,
@@ -280,7 +300,8 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
                         structure=config.structure, channels=done.get("channels", channels),
                         recalibration=done.get("recalibration"),
                         metrics_before=before.to_dict() if before else None,
-                        metrics_before_source=before_source if before else None)
+                        metrics_before_source=before_source if before else None,
+                        target=search.section if search else None)
     if config.evaluate and ctx.settings is not None and before is None:
         if mode != "schedule":  # source is the unpruned model
             LOGGER.info("Validating %s (before pruning)...", source.name)
@@ -327,6 +348,17 @@ def run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Optio
     return entry
 
 
+def _budget_search(source: Path, ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -> Any:
+    """``target``: the amount searched over one-shot prunes of ``ckpt`` (calibration loaded once)."""
+    from .tools.budget_run import budget_search
+
+    if ctx.settings is None:
+        raise PruneError("target: the budget search evaluates every candidate: pass --data")
+    cache: dict[str, Any] = {}
+    return budget_search(source, source_model(ckpt), lambda a: prune_stage(ckpt, replace(config, amount=a), ctx, cache),
+                         config, ctx.settings, ctx.backend, ctx.imgsz)
+
+
 @contextlib.contextmanager
 def _reference_file(reference: Optional[ReferenceModel], ckpt: Mapping[str, Any],
                     dtype: torch.dtype) -> Iterator[Optional[Path]]:
@@ -355,6 +387,7 @@ def _save(out: Path, ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dty
     stamp = {"version": __version__, "config": config.to_dict(), "date": _dt.datetime.now().isoformat(timespec="seconds")}
     if reused is not None:
         entry.metrics_after = reused.to_dict()
+        recheck_budget(entry)
     with atomic_path(out) as tmp:
         new["prune"] = {**stamp, **entry.to_dict()}
         torch.save(new, tmp)
@@ -364,6 +397,7 @@ def _save(out: Path, ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dty
             entry.metrics_after = evaluate_weights(tmp, ctx.settings, backend=ctx.backend).to_dict()
             s = ctx.settings
             entry.eval = {"imgsz": s.imgsz, "batch_size": s.batch_size, "iou_thres": s.iou_thres, "half": s.half}
+            recheck_budget(entry)
             new["prune"] = {**stamp, **entry.to_dict()}
             torch.save(new, tmp)
     LOGGER.info("Saved %s", out)
@@ -383,6 +417,15 @@ def write_report(entries: list[ReportEntry], config: PruneConfig, report_dir: st
     """Write ``prune_report.json`` in ``report_dir``, print the before/after table(s), and log the results where
     YOLOv5 users look (TensorBoard events, ``prune_results.csv``, YOLOv5's active trackers)."""
     path = Path(report_dir) / REPORT_NAME
+    images = {}
+    for e in entries:
+        if e.target:
+            from .tools.budget_run import write_budget_files
+
+            stem = Path(e.checkpoint).stem
+            e.target["outputs"] = write_budget_files(e.target, Path(report_dir), stem)
+            images[f"budget/{stem}"] = e.target["outputs"]["png"]
+            LOGGER.info("Budget search plot: %s", e.target["outputs"]["png"])
     data: dict[str, Any] = {"plugin": "yolo_prune_plugin", "version": __version__,
                             "created": _dt.datetime.now().isoformat(timespec="seconds"), "config": config.to_dict(),
                             "mode": entries[0].mode if entries else None,
@@ -392,7 +435,7 @@ def write_report(entries: list[ReportEntry], config: PruneConfig, report_dir: st
     if sweep is not None:
         data["sweep"] = sweep
     write_json(data, path)
-    log_results(report_dir, data["results"], history, sweep, yolo_loggers)
+    log_results(report_dir, data["results"], history, sweep, yolo_loggers, images=images)
     print_report(data["results"], echo=echo)
     LOGGER.info("Report written to %s", path)
     return path

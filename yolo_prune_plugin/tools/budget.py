@@ -36,6 +36,7 @@ class Point:
     seconds: float = 0.0  # prune + evaluation + timing of this point
     drop: Optional[float] = None  # mAP50-95 drop from the dense model (set by the search)
     meets: Optional[bool] = None  # every limit met (set by the search)
+    error: Optional[str] = None  # the prune failed at this amount (e.g. channels cannot be removed so far)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -64,12 +65,14 @@ class Budget:
         return self.max_drop is not None
 
     def drop(self, p: Point) -> float:
-        return self.dense_map - float(p.metrics["mAP50-95"])
+        return math.inf if p.error else self.dense_map - float(p.metrics["mAP50-95"])
 
     def accuracy_ok(self, p: Point) -> bool:
-        return self.max_drop is None or self.drop(p) <= self.max_drop + 1e-9
+        return not p.error and (self.max_drop is None or self.drop(p) <= self.max_drop + 1e-9)
 
     def compression_ok(self, p: Point) -> bool:
+        if p.error:
+            return False
         fast = self.min_speedup is None or (p.speedup is not None and p.speedup >= self.min_speedup)
         small = self.max_size is None or (p.size is not None and p.size <= self.max_size)
         return fast and small
@@ -172,11 +175,15 @@ def search(evaluate: Callable[[float], Point], budget: Budget, *, max_amount: fl
             break
         seen.add(x)
         p = evaluate(x)
-        p.drop = round(budget.drop(p), 6)
+        p.drop = None if p.error else round(budget.drop(p), 6)
         p.meets = budget.meets(p)
         trace.append(p)
         if on_point is not None:
             on_point(p)
+        if p.error:  # amounts from x up are out of reach: x becomes the top of the range
+            ok, bad = (ok, (x, None)) if budget.maximise else ((x, None), bad)
+            moved.append(not budget.maximise)
+            continue
         keep = budget.accuracy_ok(p) if budget.maximise else budget.compression_ok(p)
         if budget.max_drop is not None and not budget.accuracy_ok(p) and not budget.compression_ok(p):
             reason = f"amount {x} fails both the accuracy and the speed/size limits"
@@ -199,9 +206,10 @@ def pick(trace: list[Point], budget: Budget) -> tuple[Optional[Point], Optional[
         else:
             best = max(good, key=lambda p: (p.metrics["mAP50-95"], -p.amount))
         return best, best
-    if not trace:
+    measured = [p for p in trace if not p.error]
+    if not measured:
         return None, None
-    return None, min(trace, key=lambda p: (budget.violation(p), p.amount))
+    return None, min(measured, key=lambda p: (budget.violation(p), p.amount))
 
 
 def describe(p: Point, budget: Budget) -> str:
@@ -232,6 +240,9 @@ def format_trace(result: SearchResult, budget: Budget) -> str:
             f"{'size':>7}{'s':>7}  meets")
     lines = [head, "-" * len(head)]
     for p in result.trace:
+        if p.error:
+            lines.append(f"{'':2}{p.amount:>7.3f}  not pruned: {p.error}")
+            continue
         m = p.metrics
         mark = "*" if p is result.chosen else ""
         lat = f"{p.latency_ms:.1f}" if p.latency_ms is not None else "-"
