@@ -103,7 +103,6 @@ def test_target_config_round_trip_and_flags_replace_amount(tmp_path):
 
 @pytest.mark.parametrize("data,match", [
     ({"target": {"max_drop": 0.01}, "amount": 0.3}, "'target' chooses the amount; remove 'amount'"),
-    ({"target": {"tolerance": 0.01}}, "'target' sets tolerance but no budget"),
     ({"target": {"min_speedup": 1.5}}, "'target.min_speedup' needs 'structure: channel'"),
     ({"target": {"max_size": 0.5}}, "'target.max_size' needs 'structure: channel'"),
     ({"target": {"max_drop": 1.5}}, r"'target.max_drop' must be in \(0, 1\)"),
@@ -121,6 +120,14 @@ def test_target_config_round_trip_and_flags_replace_amount(tmp_path):
 def test_bad_target_config(data, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(data)
+
+
+def test_target_knobs_without_a_limit_are_refused_by_preflight():
+    from yolo_prune_plugin.tools.budget_run import check_target
+
+    with pytest.raises(ConfigError, match="target: sets max_evals, tolerance but no budget"):
+        check_target(config_from_dict({"target": {"tolerance": 0.01, "max_evals": 4}}))
+    check_target(config_from_dict({"amount": 0.2}))
 
 
 def test_yaml_amount_with_target_flag_is_an_error(tmp_path):

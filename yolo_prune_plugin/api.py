@@ -74,10 +74,9 @@ def check_model_config(model: Any, config: PruneConfig, source: str) -> None:
         from .backend.export import check_export_requirements
 
         check_export_requirements(config.export, simplify=config.export_options.simplify)
-    if config.target.active:
-        from .tools.budget_run import check_target
+    from .tools.budget_run import check_target
 
-        check_target(config)
+    check_target(config)
 
 
 def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Backend] = None) -> None:

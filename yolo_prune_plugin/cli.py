@@ -106,7 +106,7 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
                           "give one of them")
     if overrides["target"]:  # merged with a YAML 'target:' section (flags win key by key)
         base = load_config(path).target if path else None
-        overrides["target"] = {**(base.__dict__ if base and base.active else {}), **overrides["target"]}
+        overrides["target"] = {**(base.__dict__ if base else {}), **overrides["target"]}
     cfg = load_config(path, **overrides)
     if finetune is not None:
         cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, "epochs": finetune})

@@ -157,7 +157,8 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext,
         res = channel_prune(model, config.amount, importance=imp, round_to=config.channel.round_to,
                             include=config.include, exclude=config.exclude, calibration=calibration,
                             max_layer_ratio=config.channel.max_layer_ratio, imgsz=ctx.imgsz,
-                            cost_aware=config.channel.cost_aware)
+                            cost_aware=config.channel.cost_aware,
+                            cache=None if cache is None else _cached(cache, "channel", dict))
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
         calibration = None

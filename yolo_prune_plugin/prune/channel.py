@@ -271,11 +271,44 @@ def _apply_plan(model: nn.Module, plan: dict, ignored_names: Sequence[str], imgs
             g.prune(idxs=list(idxs))
 
 
+def _scores(model: nn.Module, importance: str, ignored_names: list, calibration: Any, trace_imgsz: int,
+            cost_aware: float) -> tuple[dict[str, torch.Tensor], Optional[float]]:
+    """Each channel group's importance scores (root conv name -> one score per channel), and the calibration
+    loss of the data-aware criteria (None otherwise)."""
+    mods = dict(model.named_modules())
+    loss = None
+    if importance in DATA_AWARE_IMPORTANCES:
+        if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
+            raise ConfigError(f"importance {importance!r} needs calibration=(images, targets) from "
+                              "load_calibration_batch (train-split images with labels)")
+        loss = accumulate_loss_gradients(model, calibration[0], calibration[1])
+    imp = _importance(importance)
+    dg, groups = _build_groups(model, [mods[n] for n in ignored_names], trace_imgsz)
+    scores: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, g in groups:
+            s = imp(g)
+            if s is not None:
+                scores[name] = s.detach().float().cpu()
+    if importance in DATA_AWARE_IMPORTANCES:
+        for p in model.parameters():
+            p.grad = None
+    if not scores:
+        raise PruneError("channel pruning: no prunable channel group in scope")
+    if cost_aware:
+        macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
+        mean = sum(macs.values()) / len(macs)
+        for n in scores:
+            scores[n] = scores[n] / (macs[n] / mean) ** float(cost_aware)
+    return scores, loss
+
+
 def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] = None,
                   round_to: int = DEFAULT_ROUND_TO, include: Sequence[str] = (), exclude: Sequence[str] = (),
                   calibration: Any = None, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                   imgsz: int = 640, trace_imgsz: int = 64, tolerance: float = AMOUNT_TOLERANCE,
-                  cost_aware: float = DEFAULT_COST_AWARE, log: bool = True) -> ChannelPruneResult:
+                  cost_aware: float = DEFAULT_COST_AWARE, log: bool = True,
+                  cache: Optional[dict] = None) -> ChannelPruneResult:
     """Remove whole output channels of ``model`` (a YOLOv5 ``DetectionModel``, in place) with Torch-Pruning.
 
     ``amount``: fraction of the Conv2d weights in scope to remove (input channels removed from a consumer
@@ -289,7 +322,9 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     each group's scores divided by ``(MACs one of its channels costs / mean over groups) ** alpha`` (see
     :func:`channel_macs`), so at the same weight ``amount`` cheap-per-FLOP early, high-resolution layers are
     preferred; 0 is the plain ranking. ``imgsz``: for GFLOPs. The result's ``kept`` maps each conv
-    that lost channels to the original channel indices it kept.
+    that lost channels to the original channel indices it kept. ``cache``: a dict kept across calls on copies of
+    the same model with the same settings (a budget search): the channel scores and the fraction each number of
+    removed channels achieves do not depend on ``amount``, so they are computed once.
     Raises :class:`ConfigError` for bad arguments, :class:`PruneError` when the amount cannot be met.
     """
     t0 = time.perf_counter()
@@ -320,40 +355,23 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     w_before = _weights(model, scope)
 
     # importance once, on the original model
-    mods = dict(model.named_modules())
     was_training = model.training
     model.eval()
-    loss = None
-    if importance in DATA_AWARE_IMPORTANCES:
-        if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
-            raise ConfigError(f"importance {importance!r} needs calibration=(images, targets) from "
-                              "load_calibration_batch (train-split images with labels)")
-        loss = accumulate_loss_gradients(model, calibration[0], calibration[1])
-    imp = _importance(importance)
-    dg, groups = _build_groups(model, [mods[n] for n in ignored_names], trace_imgsz)
-    scores: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, g in groups:
-            s = imp(g)
-            if s is not None:
-                scores[name] = s.detach().float().cpu()
-    if importance in DATA_AWARE_IMPORTANCES:
-        for p in model.parameters():
-            p.grad = None
-    if not scores:
-        raise PruneError("channel pruning: no prunable channel group in scope")
-    if cost_aware:
-        macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
-        mean = sum(macs.values()) / len(macs)
-        for n in scores:
-            scores[n] = scores[n] / (macs[n] / mean) ** float(cost_aware)
+    cache = {} if cache is None else cache
+    if "scores" not in cache:
+        cache["scores"], cache["loss"] = _scores(model, importance, ignored_names, calibration, trace_imgsz,
+                                                 cost_aware)
+        cache["achieved"] = {}
+    scores, loss = cache["scores"], cache["loss"]
     total = sum(len(v) for v in scores.values())
 
     def trial(k: int) -> tuple[float, dict]:
         plan = _plan(scores, k, round_to, max_layer_ratio)
-        m = copy.deepcopy(model)
-        _apply_plan(m, plan, ignored_names, trace_imgsz)
-        return 1 - _weights(m, scope) / w_before, plan
+        if k not in cache["achieved"]:
+            m = copy.deepcopy(model)
+            _apply_plan(m, plan, ignored_names, trace_imgsz)
+            cache["achieved"][k] = 1 - _weights(m, scope) / w_before
+        return cache["achieved"][k], plan
 
     lo, hi = 0, total
     best: tuple[float, int, dict] = (math.inf, 0, {})

@@ -29,7 +29,7 @@ from ..backend.data import image_files
 from ..backend.evaluation import EvalSettings, Metrics, evaluate
 from ..backend.loading import Backend
 from ..config import PruneConfig
-from ..errors import BudgetError, PruneError
+from ..errors import BudgetError, ConfigError, PruneError
 from ..prune.unstructured import count_parameters
 from ..report import ReportEntry
 from ..utils.files import atomic_path, atomic_write_text
@@ -50,6 +50,10 @@ BIAS_NOTE = ("the amount was chosen on validation images (selection bias): the s
 def check_target(config: PruneConfig) -> None:
     """Checks of ``target`` that need the environment (raised before the first epoch by ``api.preflight``)."""
     t = config.target
+    changed = [f.name for f in dataclasses.fields(t) if getattr(t, f.name) != f.default]
+    if not t.active and changed:
+        raise ConfigError(f"target: sets {', '.join(changed)} but no budget; set target.max_drop, "
+                          "target.min_speedup or target.max_size (or remove 'target')")
     if t.active and ((t.min_speedup is not None and t.runtime == "onnxruntime") or
                      (t.max_size is not None and t.size_of == "onnx")):
         require_onnxruntime("target.min_speedup on runtime onnxruntime (or target.size_of: onnx)")
@@ -103,7 +107,7 @@ class _Timer:
         torch.save({"model": copy.deepcopy(model).float().cpu(), "ema": None}, f)
         try:
             with torch_threads(self.threads):
-                row, fns = make_runner(f, d, self.x, self.backends, self.device, self.threads, self.backend)
+                row, fns = make_runner(f, d / "onnx", self.x, self.backends, self.device, self.threads, self.backend)
                 dense_t, t = time_side_by_side([{self.runtime: self.dense_fns[self.runtime]},
                                                 {self.runtime: fns[self.runtime]}], SEARCH_RUNS, SEARCH_WARMUP)
         finally:

@@ -1,0 +1,92 @@
+"""Prune to a budget through the real pipeline: `yolo-prune prune --target-*` on real YOLOv5 models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from yolo_prune_plugin.cli import main
+from yolo_prune_plugin.report import validate_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def searched(shared, coco8_yaml, tmp_path_factory):
+    """`yolo-prune prune --target-drop 0.02` on the released yolov5n, coco8 at 96 px, global magnitude."""
+    folder = tmp_path_factory.mktemp("budget")
+    weights = folder / "best.pt"
+    weights.write_bytes((shared / "weights" / "yolov5n.pt").read_bytes())
+    cfg = folder / "prune.yaml"
+    cfg.write_text("target: {max_evals: 3, max_drop: 0.5}\n")  # the flag below overrides max_drop
+    rc = main(["prune", "--weights", str(weights), "--data", str(coco8_yaml), "--img", "96", "--device", "cpu",
+               "--workers", "0", "--method", "global", "--config", str(cfg), "--target-drop", "0.02"])
+    assert rc == 0
+    return folder
+
+
+def test_target_drop_writes_a_file_within_the_budget(searched):
+    report = json.loads((searched / "prune_report.json").read_text())
+    entry = validate_report(report)[0]
+    t = entry.target
+    assert t["options"]["max_drop"] == 0.02 and t["options"]["max_evals"] == 3 and t["met"] is True
+    assert 1 <= t["evaluations"] == len(t["trace"]) <= 3 and t["seconds"] > 0
+    assert entry.amount == t["amount"] == t["chosen"]["amount"] and 0 < entry.amount <= 0.9
+    assert abs(entry.sparsity_after["sparsity"] - entry.amount) < 1e-3  # the file holds the chosen amount
+    for p in t["trace"]:
+        assert set(p["metrics"]) == {"P", "R", "mAP50", "mAP50-95"} and p["seconds"] > 0
+        assert p["meets"] == (p["drop"] <= 0.02)
+    assert t["final"]["meets"] is True and "selection bias" in t["selection_bias"]
+    assert entry.metrics_before["mAP50-95"] - entry.metrics_after["mAP50-95"] <= 0.02
+    assert t["final"]["drop"] == pytest.approx(entry.metrics_before["mAP50-95"] - entry.metrics_after["mAP50-95"],
+                                               abs=1e-6)
+    saved = torch.load(searched / "best_pruned.pt", weights_only=False)["prune"]
+    assert saved["target"]["trace"] == t["trace"] and saved["config"]["amount"] is None
+
+
+def test_trace_and_plot_are_in_the_run_folder(searched):
+    png, rows = searched / "budget_best.png", (searched / "budget_best.csv").read_text().splitlines()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((searched / "prune_report.json").read_text())
+    assert len(rows) == 1 + report["results"][0]["target"]["evaluations"]
+    assert sum(r.endswith(",True,") for r in rows) == 1  # the chosen point is marked
+    assert report["results"][0]["target"]["outputs"]["png"] == str(png)
+
+
+def test_impossible_budget_writes_nothing_and_says_why(small_model, tiny_data, tmp_path, capsys):
+    """1/50 of the latency cannot be reached: the closest point is named, no file is written."""
+    from conftest import save_checkpoint
+
+    weights = save_checkpoint(small_model, tmp_path / "best.pt")
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text("target: {max_evals: 2}\nchannel: {importance: l1}\nbn_recalibration: {images: 0}\n")
+    rc = main(["prune", "--weights", str(weights), "--data", str(tiny_data), "--img", "64", "--device", "cpu",
+               "--workers", "0", "--batch-size", "4", "--structure", "channel", "--config", str(cfg),
+               "--target-speedup", "50"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1, err
+    assert err.startswith("yolo-prune: error: target: no amount in [0, 0.9] meets speed-up >= 50.00x (2 evaluations")
+    assert "closest: amount 0." in err and "nothing written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "prune.yaml"]
+
+
+def test_target_with_amount_is_refused_before_any_work(small_ckpt, tiny_data, capsys):
+    rc = main(["prune", "--weights", str(small_ckpt), "--data", str(tiny_data), "--amount", "0.3",
+               "--target-drop", "0.01"])
+    assert rc == 2 and "a fixed amount and a budget are alternatives" in capsys.readouterr().err
+    assert not small_ckpt.with_name("best_pruned.pt").exists()
+
+
+def test_register_and_api_take_a_target(backend, small_ckpt):
+    from yolo_prune_plugin import register
+    from yolo_prune_plugin.errors import ConfigError
+
+    plugin = register(backend.Callbacks(), target={"max_drop": 0.01})
+    assert plugin.config.target.max_drop == 0.01 and plugin.config.amount is None
+    assert "--target-drop=0.01" in plugin.retry_command("best.pt")
+    from yolo_prune_plugin import prune
+
+    with pytest.raises(ConfigError, match="target: the budget search evaluates every candidate"):
+        prune(small_ckpt, None, target={"max_drop": 0.01})
