@@ -130,14 +130,28 @@ def test_target_knobs_without_a_limit_are_refused_by_preflight():
     check_target(config_from_dict({"amount": 0.2}))
 
 
-def test_yaml_amount_with_target_flag_is_an_error(tmp_path):
+def test_flags_win_over_the_yaml_amount_or_target(tmp_path):
     y = tmp_path / "p.yaml"
     y.write_text("amount: 0.5\n")
-    with pytest.raises(ConfigError, match="'target' chooses the amount"):
-        load_config(y, target={"max_drop": 0.01})
+    cfg = load_config(y, target={"max_drop": 0.01})
+    assert cfg.amount is None and cfg.target.max_drop == 0.01
     y.write_text("target: {max_drop: 0.01}\n")
+    cfg = load_config(y, amount=0.4)
+    assert cfg.amount == 0.4 and not cfg.target.active
+    y.write_text("amount: 0.4\ntarget: {max_drop: 0.01}\n")
     with pytest.raises(ConfigError, match="'target' chooses the amount"):
-        load_config(y, amount=0.4)
+        load_config(y)
+
+
+def test_final_check_after_finetune():
+    from yolo_prune_plugin.tools.budget_run import final_check
+
+    section = {"budget": {"max_drop": 0.004, "min_speedup": None, "max_size": None},
+               "options": {"max_drop": 0.01, "relative": True}, "chosen": {"drop": 0.003}}
+    f = final_check(section, {"mAP50-95": 0.4}, {"mAP50-95": 0.398}, finetuned=True)
+    assert f["on"] == "fine-tuned model" and f["meets"] and f["max_drop"] == pytest.approx(0.004)
+    assert not final_check(section, {"mAP50-95": 0.4}, {"mAP50-95": 0.39}, finetuned=False)["meets"]
+    assert final_check(section, None, {"mAP50-95": 0.39}, finetuned=False) is None
 
 
 @pytest.mark.parametrize("argv,match", [

@@ -90,3 +90,21 @@ def test_register_and_api_take_a_target(backend, small_ckpt):
 
     with pytest.raises(ConfigError, match="target: the budget search evaluates every candidate"):
         prune(small_ckpt, None, target={"max_drop": 0.01})
+
+
+def test_demo_ends_with_a_budget_search(small_model, tmp_path, caplog):
+    import logging
+
+    from conftest import save_checkpoint
+    from yolo_prune_plugin.demo import demo_budget
+    from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
+
+    caplog.set_level(logging.INFO, logger="yolo_prune_plugin")
+    data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())
+    (tmp_path / "exp" / "weights").mkdir(parents=True)
+    ck = save_checkpoint(small_model, tmp_path / "exp" / "weights" / "best.pt")
+    out = demo_budget(ck, data, imgsz=64, device="cpu", target={"max_evals": 2})
+    assert out["png"] == str(tmp_path / "exp" / "budget" / "budget_best.png")
+    assert (tmp_path / "exp" / "weights" / "best_budget.pt").is_file()
+    assert out["entry"].structure == "channel" and out["entry"].target["evaluations"] == 2
+    assert "The fastest channel-pruned model within 1 mAP50-95 point" in caplog.text and "faster in ONNX" in caplog.text

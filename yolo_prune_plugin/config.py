@@ -158,7 +158,7 @@ class PruneConfig:
 
     def with_overrides(self, **overrides: Any) -> "PruneConfig":
         """A new validated config with top-level keys replaced (``None`` values are ignored)."""
-        return config_from_dict(merge_overrides(self.to_dict(), overrides, explicit_amount=False), source="flags")
+        return config_from_dict(merge_overrides(self.to_dict(), overrides), source="flags")
 
 
 def _plain(x: Any) -> Any:
@@ -310,18 +310,17 @@ def _check_target(cfg: "PruneConfig", where: str) -> None:
                           "yet; the search runs on one-shot models and the budget is re-checked after 'finetune'")
 
 
-def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any], explicit_amount: bool) -> dict:
-    """``base`` (a config as a dict) with the non-None ``overrides`` applied.
-
-    A ``target`` override replaces the base ``amount`` unless ``explicit_amount`` (the base file set it: then
-    both stay and validation refuses the pair); an ``amount`` override replaces nothing else (with a base
-    ``target`` validation refuses it).
-    """
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """``base`` (a config as a dict) with the non-None ``overrides`` applied; flags win over the file, so a
+    ``target`` override drops the base ``amount`` and an ``amount`` override drops the base ``target`` (both in
+    one source stay and validation refuses the pair)."""
     data = dict(base)
     given = {k: v for k, v in overrides.items() if v is not None}
     data.update(given)
-    if "target" in given and "amount" not in given and not explicit_amount:
+    if "target" in given and "amount" not in given:
         data["amount"] = None
+    if "amount" in given and "target" not in given:
+        data["target"] = None
     return data
 
 
@@ -430,7 +429,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> PruneConfig
         data = dict(loaded)
     cfg = config_from_dict(data, source=source)
     if any(v is not None for v in overrides.values()):
-        cfg = config_from_dict(merge_overrides(cfg.to_dict(), overrides, explicit_amount="amount" in data),
+        cfg = config_from_dict(merge_overrides(cfg.to_dict(), overrides),
                                source=f"{source} + flags")
     return cfg
 

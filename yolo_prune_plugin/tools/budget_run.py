@@ -121,45 +121,74 @@ def _median(ms: list[float]) -> float:
     return float(sorted(ms)[len(ms) // 2])
 
 
+class Prober:
+    """One evaluation set decoded once, the dense model evaluated once (``dense``), then ``prober(amount)``: the
+    pipeline's prune at that amount, evaluated, and timed side by side with the dense model (channel); the
+    pruned model of the last call is ``last``. ``close()`` deletes the temporary files."""
+
+    def __init__(self, source: Path, dense_model: nn.Module, prune_fn: Callable[[float], tuple[nn.Module, dict]],
+                 config: PruneConfig, settings: EvalSettings, backend: Backend, imgsz: int):
+        from ..backend.evaluation import make_dataloader
+
+        t = config.target
+        self.prune_fn, self.config, self.backend = prune_fn, config, backend
+        self.tmp = Path(tempfile.mkdtemp(prefix="yolo-prune-budget-"))
+        try:
+            self.settings, self.images, self.val_images = search_settings(settings, t.search_images, t.seed, self.tmp)
+            stride = max(int(dense_model.stride.max()), 32) if hasattr(dense_model, "stride") else 32
+            self.batches = CachedBatches(make_dataloader(self.settings, stride, backend))
+            self.dense = self.evaluate(copy.deepcopy(dense_model).float().to(self.settings.device))
+            self.timer = (_Timer(source, config, imgsz, self.settings.device, backend, self.tmp)
+                          if config.structure == "channel" else None)
+        except BaseException:
+            self.close()
+            raise
+        self.dense_params = count_parameters(dense_model)
+        self.last: Optional[tuple[nn.Module, dict]] = None
+
+    def evaluate(self, model: nn.Module) -> Metrics:
+        return evaluate(_fused(copy.deepcopy(model)), self.settings, self.batches, self.backend)
+
+    def __call__(self, a: float) -> Point:
+        t1 = time.perf_counter()
+        self.last = None
+        try:
+            model, done = self.prune_fn(a)
+        except PruneError as e:
+            return Point(a, {}, error=str(e), seconds=round(time.perf_counter() - t1, 2))
+        m = self.evaluate(model).to_dict()
+        lat = self.timer.measure(model) if self.timer is not None else (None, None, None)
+        channel = self.config.structure == "channel"
+        size = count_parameters(model) / self.dense_params if self.config.target.size_of == "params" else lat[2]
+        self.last = (model, done)
+        return Point(a, {k: m[k] for k in METRIC_KEYS}, latency_ms=lat[0], speedup=lat[1],
+                     size=round(size, 4) if channel and size is not None else None,
+                     seconds=round(time.perf_counter() - t1, 2))
+
+    def close(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def budget_search(source: Path, dense_model: nn.Module, prune_fn: Callable[[float], tuple[nn.Module, dict]],
                   config: PruneConfig, settings: EvalSettings, backend: Backend, imgsz: int) -> SearchOutcome:
     """Search ``amount`` for ``config.target``; raises :class:`BudgetError` (one line, the closest point named)
     when no evaluated amount meets it, unless ``target.write_best_effort``."""
     t = config.target
     t0 = time.perf_counter()
-    tmp = Path(tempfile.mkdtemp(prefix="yolo-prune-budget-"))
+    prober = Prober(source, dense_model, prune_fn, config, settings, backend, imgsz)
     try:
-        s, n, total = search_settings(settings, t.search_images, t.seed, tmp)
-        stride = max(int(dense_model.stride.max()), 32) if hasattr(dense_model, "stride") else 32
-        from ..backend.evaluation import make_dataloader
-
-        batches = CachedBatches(make_dataloader(s, stride, backend))
-        dense = evaluate(_fused(copy.deepcopy(dense_model).float().to(s.device)), s, batches, backend)
+        dense = prober.dense
         budget = Budget.from_target(t, dense.map)
-        timer = _Timer(source, config, imgsz, s.device, backend, tmp) if config.structure == "channel" else None
-        dense_params = count_parameters(dense_model)
         LOGGER.info("Budget search: %s (dense mAP50-95 %.4f on %d val images), amount in [0, %s], at most %d "
-                    "one-shot prunes", limits_text(budget), dense.map, n, t.max_amount, t.max_evals)
+                    "one-shot prunes", limits_text(budget), dense.map, prober.images, t.max_amount, t.max_evals)
         kept: dict[float, tuple[nn.Module, dict]] = {}
         trace: list[Point] = []
         bar = progress(desc="budget", total=t.max_evals)
 
-        def probe(a: float) -> Point:
-            t1 = time.perf_counter()
-            try:
-                model, done = prune_fn(a)
-            except PruneError as e:
-                return Point(a, {}, error=str(e), seconds=round(time.perf_counter() - t1, 2))
-            m = evaluate(_fused(copy.deepcopy(model)), s, batches, backend).to_dict()
-            lat = timer.measure(model) if timer is not None else (None, None, None)
-            size = count_parameters(model) / dense_params if t.size_of == "params" else lat[2]
-            kept[a] = (model, done)
-            return Point(a, {k: m[k] for k in METRIC_KEYS}, latency_ms=lat[0], speedup=lat[1],
-                         size=None if size is None or config.structure != "channel" else round(size, 4),
-                         seconds=round(time.perf_counter() - t1, 2))
-
         def on_point(p: Point) -> None:
             trace.append(p)
+            if prober.last is not None:
+                kept[p.amount] = prober.last
             keep = pick(trace, budget)[1]
             for a in [a for a in kept if keep is None or a != keep.amount]:
                 del kept[a]  # only the best point so far keeps its model in memory
@@ -167,12 +196,13 @@ def budget_search(source: Path, dense_model: nn.Module, prune_fn: Callable[[floa
             bar.set_postfix_str(describe(p, budget) if not p.error else f"amount {p.amount}: not pruned")
 
         try:
-            result = search(probe, budget, max_amount=t.max_amount, tolerance=t.tolerance, max_evals=t.max_evals,
+            result = search(prober, budget, max_amount=t.max_amount, tolerance=t.tolerance, max_evals=t.max_evals,
                             on_point=on_point)
         finally:
             bar.close()
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        prober.close()
+    n, total = prober.images, prober.val_images
     seconds = time.perf_counter() - t0
     LOGGER.info("Budget search (%d evaluations, %.1fs):\n%s", result.evaluations, seconds, format_trace(result, budget))
     point = result.chosen or (result.closest if t.write_best_effort else None)
@@ -296,4 +326,4 @@ def plot_budget(section: dict, dest: Path) -> None:
 
 
 __all__ = ["budget_search", "BudgetError", "SearchOutcome", "check_target", "final_check", "log_final",
-           "write_budget_files", "plot_budget", "recheck_budget", "search_settings", "SEARCH_RUNS"]
+           "write_budget_files", "plot_budget", "recheck_budget", "Prober", "search_settings", "SEARCH_RUNS"]
