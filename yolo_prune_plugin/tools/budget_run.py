@@ -32,11 +32,11 @@ from ..config import PruneConfig
 from ..errors import BudgetError, ConfigError, PruneError
 from ..prune.unstructured import count_parameters
 from ..report import ReportEntry
-from ..utils.files import atomic_path, atomic_write_text
+from ..utils.files import atomic_write_text
 from ..utils.progress import progress
 from .bench import bench_input, make_runner, require_onnxruntime, time_side_by_side, torch_threads
 from .budget import METRIC_KEYS, Budget, Point, SearchResult, describe, format_trace, limits_text, pick, search
-from .sweep import CachedBatches, _fused, _plt
+from .sweep import CachedBatches, _fused, _plt, save_figure
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -318,11 +318,7 @@ def plot_budget(section: dict, dest: Path) -> None:
         ax.set_ylabel("mAP50-95 (search images)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"Budget search: {section['evaluations']} one-shot prunes in {section['seconds']:.0f}s")
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, dest, f"Budget search: {section['evaluations']} one-shot prunes in {section['seconds']:.0f}s")
 
 
 __all__ = ["budget_search", "BudgetError", "SearchOutcome", "check_target", "final_check", "log_final",
