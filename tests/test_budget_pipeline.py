@@ -108,3 +108,23 @@ def test_demo_ends_with_a_budget_search(small_model, tmp_path, caplog):
     assert (tmp_path / "exp" / "weights" / "best_budget.pt").is_file()
     assert out["entry"].structure == "channel" and out["entry"].target["evaluations"] == 2
     assert "The fastest channel-pruned model within 1 mAP50-95 point" in caplog.text and "faster in ONNX" in caplog.text
+
+
+def test_train_end_hook_searches_the_budget(backend, tmp_path):
+    """`yolo-prune train --prune-target-drop` on a tiny real training run: the train-end entry holds the search."""
+    from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
+
+    data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())
+    o = TINY.train_overrides(data, tmp_path / "runs", "exp", yolov5_root=backend.root)
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text("method: global\ntarget: {max_evals: 2}\n")
+    rc = main(["train", "--data", o["data"], "--cfg", o["cfg"], "--weights", "", "--img", str(o["imgsz"]),
+               "--epochs", "1", "--batch-size", str(o["batch_size"]), "--workers", "0", "--device", "cpu",
+               "--noplots", "--project", o["project"], "--name", "exp", "--prune-config", str(cfg),
+               "--prune-target-drop", "0.05"])
+    assert rc == 0
+    run = tmp_path / "runs" / "exp"
+    entry = validate_report(json.loads((run / "prune_report.json").read_text()))[0]
+    assert entry.target["evaluations"] == 2 and entry.target["options"]["max_drop"] == 0.05
+    assert entry.metrics_before_source == "YOLOv5's final validation"
+    assert (run / "budget_best.png").is_file() and (run / "weights" / "best_pruned.pt").is_file()
