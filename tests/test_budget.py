@@ -176,3 +176,12 @@ def test_train_and_prune_flags_build_the_target():
     ns = build_parser().parse_args(["prune", "--weights", "w.pt", "--target-drop", "0.02"])
     cfg = _config_from_args(ns, "")
     assert cfg.target.max_drop == 0.02 and cfg.amount is None
+
+
+def test_files_written_before_target_existed_still_match():
+    from yolo_prune_plugin.config import PruneConfig, config_equal
+
+    old = PruneConfig().to_dict()
+    del old["target"]
+    assert config_equal(old, PruneConfig().to_dict())
+    assert not config_equal(old, config_from_dict({"target": {"max_drop": 0.01}}).to_dict())

@@ -435,9 +435,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> PruneConfig
 
 
 def config_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two configs (as dicts) would produce the same pruned file (output-only keys ignored)."""
+    """Whether two configs (as dicts) would produce the same pruned file (output-only keys ignored; a key missing
+    from an older file's config, such as ``target``, counts as its default)."""
     ignore = {"overwrite", "evaluate", "export", "export_options", "sweep", "checkpoints", "bench"}
-    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+    base = {"target": asdict(TargetOptions())}
+    return ({k: v for k, v in {**base, **a}.items() if k not in ignore} ==
+            {k: v for k, v in {**base, **b}.items() if k not in ignore})
 
 
 __all__ = ["PruneConfig", "TargetOptions", "merge_overrides", "BNRecalibrationOptions", "ChannelOptions", "ExportOptions", "CalibrationOptions", "SweepOptions", "FinetuneOptions", "ScheduleOptions",
