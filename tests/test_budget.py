@@ -185,3 +185,16 @@ def test_files_written_before_target_existed_still_match():
     del old["target"]
     assert config_equal(old, PruneConfig().to_dict())
     assert not config_equal(old, config_from_dict({"target": {"max_drop": 0.01}}).to_dict())
+
+
+def test_amounts_that_cannot_be_pruned_shrink_the_range():
+    """Channel pruning cannot remove more than about max_layer_ratio: those probes are errors, never chosen."""
+    ev = drop_curve(0.8, 1)
+
+    def evaluate(a: float) -> Point:
+        return Point(a, {}, error="cannot remove that much") if a > 0.5 else ev(a)
+    r = search(evaluate, Budget(DENSE, max_drop=0.01), max_amount=0.9, tolerance=0.02, max_evals=6)
+    assert r.chosen is not None and 0.48 <= r.chosen.amount <= 0.5
+    assert any(p.error for p in r.trace) and "not pruned" in format_trace(r, Budget(DENSE, max_drop=0.01))
+    fast = search(evaluate, Budget(DENSE, min_speedup=2.5), max_amount=0.9, tolerance=0.02, max_evals=6)
+    assert fast.chosen is None and not fast.closest.error and fast.closest.amount <= 0.5  # 2.5x needs 0.75
