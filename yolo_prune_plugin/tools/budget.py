@@ -33,6 +33,7 @@ class Point:
     latency_ms: Optional[float] = None  # median on the budget's runtime
     speedup: Optional[float] = None  # dense latency / this latency (measured side by side)
     size: Optional[float] = None  # params (or .onnx bytes) ratio to dense
+    params: Optional[int] = None  # parameters of the pruned model (unstructured: unchanged, zeros count)
     seconds: float = 0.0  # prune + evaluation + timing of this point
     drop: Optional[float] = None  # mAP50-95 drop from the dense model (set by the search)
     meets: Optional[bool] = None  # every limit met (set by the search)

@@ -159,9 +159,10 @@ class Prober:
         m = self.evaluate(model).to_dict()
         lat = self.timer.measure(model) if self.timer is not None else (None, None, None)
         channel = self.config.structure == "channel"
-        size = count_parameters(model) / self.dense_params if self.config.target.size_of == "params" else lat[2]
+        params = count_parameters(model)
+        size = params / self.dense_params if self.config.target.size_of == "params" else lat[2]
         self.last = (model, done)
-        return Point(a, {k: m[k] for k in METRIC_KEYS}, latency_ms=lat[0], speedup=lat[1],
+        return Point(a, {k: m[k] for k in METRIC_KEYS}, latency_ms=lat[0], speedup=lat[1], params=params,
                      size=round(size, 4) if channel and size is not None else None,
                      seconds=round(time.perf_counter() - t1, 2))
 
@@ -274,7 +275,8 @@ def log_final(section: dict) -> None:
 def write_budget_files(section: dict, folder: Path, stem: str) -> dict[str, str]:
     """``budget_<stem>.csv`` (every point) and ``budget_<stem>.png`` in ``folder``; returns their paths."""
     folder.mkdir(parents=True, exist_ok=True)
-    keys = ("amount", *METRIC_KEYS, "drop", "latency_ms", "speedup", "size", "seconds", "meets", "chosen", "error")
+    keys = ("amount", *METRIC_KEYS, "drop", "latency_ms", "speedup", "size", "params", "seconds", "meets", "chosen",
+            "error")
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
     w.writeheader()
