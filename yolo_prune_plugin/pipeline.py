@@ -139,9 +139,9 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext,
     """A float copy of the checkpoint's model on the run's device, pruned as ``config`` says (zeros, or channels
     removed), BatchNorm statistics re-estimated when configured. Returns the model and what was done.
     ``cache``: calibration images kept across calls (a budget search prunes many amounts)."""
-    model = copy.deepcopy(source_model(ckpt)).float().to(ctx.device)
     from .prune.calibration import load_calibration_batch, load_calibration_images, resolve_method
 
+    model = copy.deepcopy(source_model(ckpt)).float().to(ctx.device)
     c = config.calibration
     done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
                                                                               config.exclude)).to_dict(per_layer=False)}
@@ -162,11 +162,11 @@ def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext,
         done.update(seconds=round(res.seconds, 3), details={}, channels=res.to_dict(per_layer=True))
     else:
         calibration = None
-        method, why = resolve_method(config.method, ctx.settings.data if ctx.settings else None,
-                                     config.calibration.images, config.calibration.allow_overlap)
-        if why and not (cache or {}).get("told"):
+        first = cache is None or "method" not in cache  # said once per search
+        method, why = _cached(cache, "method", lambda: resolve_method(
+            config.method, ctx.settings.data if ctx.settings else None, c.images, c.allow_overlap))
+        if why and first:
             LOGGER.info("yolo_prune_plugin: method %s", why)
-            _cached(cache, "told", lambda: True)
         if method in DATA_AWARE_METHODS:
             data = _calibration_data(ctx, f"method {method!r}")
             calibration = _cached(cache, "images", lambda: load_calibration_images(
