@@ -128,3 +128,20 @@ def test_train_end_hook_searches_the_budget(backend, tmp_path):
     assert entry.target["evaluations"] == 2 and entry.target["options"]["max_drop"] == 0.05
     assert entry.metrics_before_source == "YOLOv5's final validation"
     assert (run / "budget_best.png").is_file() and (run / "weights" / "best_pruned.pt").is_file()
+
+
+def test_search_images_are_a_seeded_subset_of_val(backend, tiny_data, tmp_path):
+    from yolo_prune_plugin.backend.data import image_files
+    from yolo_prune_plugin.backend.evaluation import make_settings
+    from yolo_prune_plugin.tools.budget_run import search_settings
+
+    settings = make_settings(tiny_data, 64, 4, "cpu", workers=0, backend=backend)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    sub, n, total = search_settings(settings, 1, 0, tmp_path / "a")
+    again, _, _ = search_settings(settings, 1, 0, tmp_path / "b")
+    val = image_files(settings.data["val"])
+    assert (n, total) == (1, len(val)) and len(val) > 1
+    chosen = image_files(sub.data["val"])
+    assert len(chosen) == 1 and set(chosen) <= set(val) and chosen == image_files(again.data["val"])
+    assert search_settings(settings, None, 0, tmp_path)[0] is settings
