@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import importlib
 import logging
 
 import pytest
@@ -88,7 +89,7 @@ def test_best_falls_back_to_last(run_dir, caplog):
     assert "best.pt not found, pruning last.pt instead" in caplog.text
 
 
-@pytest.mark.parametrize("target", ["pipeline.run", "pipeline.prune_model", "pipeline.evaluate_weights"])
+@pytest.mark.parametrize("target", ["pipeline.run", "stages.prune_model", "pipeline.evaluate_weights"])
 def test_failure_at_train_end_is_logged_and_leaves_outputs(run_dir, monkeypatch, caplog, target):
     w = run_dir / "weights"
     before = _snapshot(run_dir)
@@ -97,7 +98,7 @@ def test_failure_at_train_end_is_logged_and_leaves_outputs(run_dir, monkeypatch,
     def boom(*a, **k):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(pipeline_mod, name, boom)
+    monkeypatch.setattr(importlib.import_module(f"yolo_prune_plugin.{mod}"), name, boom)
     if name == "evaluate_weights":  # the unpruned model is validated in memory (no reload): fault that too
         monkeypatch.setattr(pipeline_mod, "evaluate", boom)
     cfg = config_from_dict({"amount": 0.4, "evaluate": name == "evaluate_weights"})

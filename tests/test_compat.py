@@ -90,13 +90,13 @@ def test_v6_checkpoint_prunes_and_matches_yolov5_val(backend, v6_ckpt, tiny_data
 @pytest.mark.parametrize("target", ["prune_model", "evaluate_weights"])  # before any write / with the temp file open
 def test_unexpected_error_is_one_line_naming_the_file_and_leaves_nothing(small_ckpt, tiny_data, monkeypatch, capsys,
                                                                        target):
-    from yolo_prune_plugin import pipeline
+    from yolo_prune_plugin import pipeline, stages
     from yolo_prune_plugin.cli import main
 
     def boom(*args, **kwargs):
         raise RuntimeError("The expanded size of the tensor (1) must match\nsecond line")
 
-    monkeypatch.setattr(pipeline, target, boom)
+    monkeypatch.setattr(stages if target == "prune_model" else pipeline, target, boom)
     before = sorted(p.name for p in small_ckpt.parent.iterdir())
     rc = main(["prune", "--weights", str(small_ckpt), "--data", str(tiny_data), "--img", "64", "--amount", "0.3",
                "--method", "global", "--device", "cpu", "--workers", "0", "--batch-size", "2"])

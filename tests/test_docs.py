@@ -97,6 +97,10 @@ def flag_key(command: str, action: argparse.Action) -> Optional[str]:
         if not dest.startswith("prune_"):
             return None
         dest = dest[len("prune_"):]
+    from yolo_prune_plugin.cli import _TARGET_KEYS  # the budget flags: --target-drop -> target.max_drop, ...
+
+    if dest.startswith("target_") and dest[len("target_"):] in _TARGET_KEYS:
+        return f"target.{_TARGET_KEYS[dest[len('target_'):]]}"
     keys = config_keys()
     for candidate in (dest, dest.replace("_", ".", 1)):
         if candidate in keys:

@@ -98,18 +98,20 @@ def fake_train_main(small_model):
 def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data, tmp_path, monkeypatch, caplog,
                                                               small_model, target, said):
     import yolo_prune_plugin.pipeline as pipeline_mod
+    import yolo_prune_plugin.stages as stages_mod
 
     def boom(*a, **k):
         raise RuntimeError("injected pruning fault\nsecond line")
 
-    monkeypatch.setattr(pipeline_mod, target, boom)
+    monkeypatch.setattr(stages_mod if target == "prune_model" else pipeline_mod, target, boom)
     monkeypatch.setattr(backend.train, "main", fake_train_main(small_model))
     rc = main(_train_args(backend, tiny_data, tmp_path / "runs", "--prune-amount", "0.3"))
     assert rc == 1
     w = tmp_path / "runs" / "exp" / "weights"
     assert (w / "best.pt").exists() and (w / "last.pt").exists() and _sparsity(w / "best.pt") < 0.01
     assert not list(w.glob("*_pruned.pt")) and not list(w.glob(".*.tmp"))
-    assert "injected pruning fault" in caplog.text and f"yolo-prune prune --weights {w / 'best.pt'}" in caplog.text
+    assert "injected pruning fault" in caplog.text and "yolo-prune prune --config " in caplog.text
+    assert f"--weights {w / 'best.pt'}" in caplog.text
     assert "failed: " + said.format(best=w / "best.pt") in caplog.text and "second line" not in caplog.text
 
 

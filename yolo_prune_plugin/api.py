@@ -20,6 +20,7 @@ from .config import PruneConfig, config_from_dict, load_config
 from .errors import CheckpointError, ConfigError
 from .prune.unstructured import check_scope
 from .report import ReportEntry
+from .tools.heldout import calibration_needs, overlap_plan
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -50,6 +51,9 @@ def check_model_config(model: Any, config: PruneConfig, source: str) -> None:
         from .backend.export import check_export_requirements
 
         check_export_requirements(config.export, simplify=config.export_options.simplify)
+    from .tools.budget_run import check_target
+
+    check_target(config)
 
 
 def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Backend] = None) -> None:
@@ -80,12 +84,12 @@ def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Ba
     else:
         model = None
     check_model_config(model, config, source="--prune-include/--prune-exclude")
-    if pipeline.calibration_needs(config) or config.schedule.final_amount is not None:
+    if calibration_needs(config) or config.schedule.final_amount is not None:
         train_dir = data.get("train")
         if not train_dir:
             raise ConfigError(f"{opt.data}: no 'train' split for calibration images")
     # train and val sharing images: an explicit choice that needs them disjoint fails now, a fallback is said now
-    pipeline.overlap_plan(config, data)
+    overlap_plan(config, data)
     if config.method == "auto" and config.structure == "unstructured" and config.schedule.final_amount is None:
         from .prune.calibration import resolve_method
 
@@ -182,8 +186,10 @@ def prune(weights: str | Path, data: str | Path | None = None, config: PruneConf
     if data is not None:
         settings = make_settings(data, imgsz, batch_size or 32, device, single_cls, workers, backend)
         check_model_matches_data(ckpt.get("ema") or ckpt["model"], settings.data, weights, data, single_cls)
-    elif pipeline.calibration_needs(cfg):
-        raise ConfigError(f"{' and '.join(pipeline.calibration_needs(cfg))} need(s) train-split images: pass --data")
+    elif calibration_needs(cfg):
+        raise ConfigError(f"{' and '.join(calibration_needs(cfg))} need(s) train-split images: pass --data")
+    elif cfg.target.active:
+        raise ConfigError("target: the budget search evaluates every candidate on the val split: pass --data")
     if cfg.schedule.final_amount is not None:
         raise ConfigError("schedule: gradual pruning prunes during a training run: use `yolo-prune train` (or "
                           "register() + train.main); `yolo-prune prune` prunes once (finetune: to train afterwards)")

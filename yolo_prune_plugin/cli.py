@@ -71,6 +71,23 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    help="fine-tune epochs after pruning, in YOLOv5's own training loop on the data's train split")
     p.add_argument(f"--{prefix}finetune-distill", action="store_true", default=None,
                    help="distil from the unpruned model during the fine-tune (config: finetune.distill)")
+    for key, metavar, what in TARGET_FLAGS:
+        p.add_argument(f"--{prefix}target-{key}", type=float, metavar=metavar, help=what + " (instead of an amount)")
+
+
+#: budget flags: ``--target-drop`` (prune) / ``--prune-target-drop`` (train) -> ``target.max_drop``, ...
+TARGET_FLAGS = (("drop", "D", "largest mAP50-95 drop from the dense model, e.g. 0.01 (target.max_drop)"),
+                ("speedup", "X", "smallest ONNX Runtime speed-up, e.g. 1.5; structure channel (target.min_speedup)"),
+                ("size", "R", "largest params ratio pruned/dense, e.g. 0.6; structure channel (target.max_size)"))
+_TARGET_KEYS = {"drop": "max_drop", "speedup": "min_speedup", "size": "max_size"}
+
+
+def _target_override(ns: argparse.Namespace, prefix: str) -> Optional[dict]:
+    """``--target-*`` flags as a ``target`` override (None when none is given)."""
+    pre = prefix.replace("-", "_")
+    given = {_TARGET_KEYS[k]: getattr(ns, f"{pre}target_{k}", None) for k, _, _ in TARGET_FLAGS}
+    given = {k: v for k, v in given.items() if v is not None}
+    return given or None
 
 
 def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConfig]:
@@ -78,14 +95,21 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
     keys = ("amount", "method", "structure", "include", "exclude", "checkpoints", "suffix", "export", "overwrite",
             "evaluate", "bench")
     overrides = {k: getattr(ns, pre + k, None) for k in keys}
+    overrides["target"] = _target_override(ns, prefix)
     path = getattr(ns, pre + "config", None)
     finetune = {k: v for k, v in (("epochs", getattr(ns, pre + "finetune_epochs", None)),
                                   ("distill", getattr(ns, pre + "finetune_distill", None))) if v is not None}
     if prefix and path is None and not finetune and all(v is None for v in overrides.values()):
         return None  # `yolo-prune train` without any prune option behaves exactly like YOLOv5's train
     for k, v in overrides.items():  # name the flag in errors: "--prune-amount: 'amount' must ..."
-        if v is not None:
+        if v is not None and k != "target":
             config_from_dict({k: v}, source=f"--{prefix}{'no-eval' if k == 'evaluate' else k}")
+    if overrides["target"] and overrides["amount"] is not None:
+        raise ConfigError(f"--{prefix}amount and --{prefix}target-*: a fixed amount and a budget are alternatives; "
+                          "give one of them")
+    if overrides["target"]:  # merged with a YAML 'target:' section (flags win key by key)
+        base = load_config(path).target if path else None
+        overrides["target"] = {**(base.__dict__ if base else {}), **overrides["target"]}
     cfg = load_config(path, **overrides)
     if finetune:
         cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, **finetune})

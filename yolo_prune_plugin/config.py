@@ -1,11 +1,7 @@
-"""Typed, frozen configuration: loaded from YAML, overridden by flags, validated before training starts.
-
-"""
+"""Typed, frozen configuration: loaded from YAML, overridden by flags, validated before training starts."""
 
 from __future__ import annotations
 
-import difflib
-import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -15,12 +11,16 @@ import yaml
 from .errors import ConfigError
 from .prune.registry import (CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions,
                              ChannelRegularize, ObsOptions, data_aware_names, method_names)
+from .options import (TARGET_RUNTIMES, TARGET_SIZES, BNRecalibrationOptions, CalibrationOptions, ExportOptions,
+                      FinetuneOptions, ScheduleOptions, SweepOptions, TargetOptions)
+from .utils.validate import (_amount, _at_least, _bool, _choice, _in_range, _number, _str_list, _type_name,
+                             _typed_option, _unknown_key)
 
 #: Methods selectable by ``method`` (read from the registry); the data-aware ones calibrate on train images.
 METHODS = method_names()
 DATA_AWARE_METHODS = data_aware_names()
 #: ``method: auto`` (the default) prunes with ``obs`` when the run has train-split images disjoint from its val
-#: split to calibrate on, else with ``global`` magnitude (see :func:`yolo_prune_plugin.pipeline.resolve_method`).
+#: split to calibrate on, else with ``global`` magnitude (see :func:`yolo_prune_plugin.prune.calibration.resolve_method`).
 AUTO = "auto"
 METHOD_CHOICES = (AUTO,) + METHODS
 
@@ -28,83 +28,17 @@ METHOD_CHOICES = (AUTO,) + METHODS
 def data_free_method(config: "PruneConfig") -> str:
     """The method where no calibration happens (schedule steps, channel runs): ``auto`` means ``global``."""
     return "global" if config.method == AUTO else config.method
+
+
 CHECKPOINTS = ("best", "last")
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "configs" / "prune.yaml"
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    """YOLOv5 ``export.run`` options passed through for every exported format."""
-
-    half: bool = False
-    dynamic: bool = False
-    simplify: bool = False
-    opset: Optional[int] = None
-    atol: float = 1e-3  # largest allowed output difference between an artefact and the pruned .pt
-
-
-@dataclass(frozen=True)
-class CalibrationOptions:
-    """Calibration images for data-aware methods (taken from the training split, never the val split)."""
-
-    images: int = 32  # held-out retention at 50 %: 0.896 with 32, 0.867 with 16 (README)
-    batch_size: int = 8
-    seed: int = 0
-    allow_overlap: bool = False  # accept train images that are also val images (metrics then optimistic)
-
-
-@dataclass(frozen=True)
-class SweepOptions:
-    """An optional sweep of (method, amount) points evaluated at train end."""
-
-    amounts: tuple[float, ...] = ()
-    methods: tuple[str, ...] = ("global",)
-
-
-@dataclass(frozen=True)
-class FinetuneOptions:
-    """Masked fine-tuning after pruning (0 epochs = off)."""
-
-    epochs: int = 0
-    lr_scale: float = 0.1
-    imgsz: Optional[int] = None
-    warmup: bool = False  # YOLOv5's >=100-iteration lr warmup from 0 (most of a short fine-tune)
-    distill: bool = False  # add an output-level term from the dense (unpruned) model to YOLOv5's loss
-    distill_weight: float = 1.0  # the teacher term's weight (its parts carry YOLOv5's own box/obj/cls gains)
-
-
-@dataclass(frozen=True)
-class ScheduleOptions:
-    """Gradual pruning during training (cubic schedule of Zhu & Gupta 2017). ``final_amount`` None = off."""
-
-    start_epoch: int = 0
-    end_epoch: int = 0
-    final_amount: Optional[float] = None
-    every: int = 1
-
-
-@dataclass(frozen=True)
-class BNRecalibrationOptions:
-    """BatchNorm statistics re-estimated after pruning on train-split images (no gradient step).
-
-    ``images: null`` = the structure's default, chosen by measurement: 32 for ``channel`` (it always helped),
-    0 = off for ``unstructured`` (it lowered held-out mAP after global L1 and after obs).
-    """
-
-    images: Optional[int] = None
-    batch_size: int = 8
-
-    def count(self, structure: str) -> int:
-        if self.images is not None:
-            return self.images
-        return 32 if structure == "channel" else 0
 
 
 @dataclass(frozen=True)
 class PruneConfig:
     """Everything the plugin needs to prune a checkpoint. Build with :func:`load_config`."""
 
-    amount: float = 0.3
+    amount: Optional[float] = 0.3  # None when `target` chooses it
     method: str = AUTO  # "auto": obs when calibration data is available (train split disjoint from val), else global
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
@@ -123,6 +57,7 @@ class PruneConfig:
     channel: ChannelOptions = field(default_factory=ChannelOptions)
     bn_recalibration: BNRecalibrationOptions = field(default_factory=BNRecalibrationOptions)
     bench: bool = False  # time best.pt vs the pruned file (PyTorch eager + ONNX Runtime CPU) into the report
+    target: TargetOptions = field(default_factory=TargetOptions)  # prune to a budget instead of a fixed amount
 
     def to_dict(self) -> dict:
         """Plain, JSON/YAML-serialisable form (tuples become lists)."""
@@ -130,9 +65,7 @@ class PruneConfig:
 
     def with_overrides(self, **overrides: Any) -> "PruneConfig":
         """A new validated config with top-level keys replaced (``None`` values are ignored)."""
-        data = self.to_dict()
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return config_from_dict(data, source="flags")
+        return config_from_dict(merge_overrides(self.to_dict(), overrides), source="flags")
 
 
 def _plain(x: Any) -> Any:
@@ -145,86 +78,7 @@ def _plain(x: Any) -> Any:
 
 _NESTED = {"export_options": ExportOptions, "calibration": CalibrationOptions, "sweep": SweepOptions,
            "finetune": FinetuneOptions, "schedule": ScheduleOptions, "obs": ObsOptions, "channel": ChannelOptions,
-           "bn_recalibration": BNRecalibrationOptions}
-
-
-def _unknown_key(key: str, allowed: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, allowed, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return ConfigError(f"{where}: unknown key '{key}'{hint} (allowed: {', '.join(allowed)})")
-
-
-def _type_name(v: Any) -> str:
-    return "null" if v is None else type(v).__name__
-
-
-def _number(v: Any, key: str, where: str, *, integer: bool = False) -> float | int:
-    ok = isinstance(v, int) if integer else isinstance(v, (int, float))
-    if isinstance(v, bool) or not ok or (not integer and not math.isfinite(v)):
-        want = "an integer" if integer else "a number"
-        raise ConfigError(f"{where}: '{key}' must be {want}, got {v!r} ({_type_name(v)})")
-    return v
-
-
-def _bool(v: Any, key: str, where: str) -> bool:
-    if not isinstance(v, bool):
-        raise ConfigError(f"{where}: '{key}' must be true or false, got {v!r} ({_type_name(v)})")
-    return v
-
-
-def _str_list(v: Any, key: str, where: str) -> tuple[str, ...]:
-    if isinstance(v, str):  # "a,b" from a flag or a single YAML string
-        v = [s for s in (p.strip() for p in v.split(",")) if s]
-    if not isinstance(v, (list, tuple)) or not all(isinstance(s, str) and s for s in v):
-        raise ConfigError(f"{where}: '{key}' must be a list of non-empty strings, got {v!r}")
-    return tuple(v)
-
-
-def _amount(v: Any, key: str, where: str) -> float:
-    v = float(_number(v, key, where))
-    if not 0.0 <= v < 1.0:
-        raise ConfigError(f"{where}: '{key}' must satisfy 0 <= {key} < 1 (fraction of Conv2d weights set to zero), "
-                          f"got {v}")
-    return v
-
-
-def _choice(v: Any, key: str, where: str, allowed: tuple[str, ...]) -> str:
-    if not isinstance(v, str) or v not in allowed:
-        raise ConfigError(f"{where}: '{key}' must be one of {', '.join(allowed)}; got {v!r}")
-    return v
-
-
-def _typed_option(v: Any, key: str, where: str, default: Any) -> Any:
-    """Validate ``v`` against the type of the option's default (int, float, bool, str, tuple of str, or None)."""
-    if isinstance(default, bool):
-        return _bool(v, key, where)
-    if isinstance(default, int) or (default is None and not isinstance(v, str)):
-        return None if v is None else int(_number(v, key, where, integer=True))
-    if isinstance(default, float):
-        return float(_number(v, key, where))
-    if isinstance(default, tuple):
-        return _str_list(v, key, where) if v else ()
-    if not isinstance(v, str):
-        raise ConfigError(f"{where}: '{key}' must be a string, got {v!r} ({_type_name(v)})")
-    return v
-
-
-def _at_least(v: Any, key: str, where: str, lo: int) -> int:
-    """An integer ``>= lo``."""
-    n = int(_number(v, key, where, integer=True))
-    if n < lo:
-        raise ConfigError(f"{where}: '{key}' must be >= {lo}, got {v}")
-    return n
-
-
-def _in_range(v: Any, key: str, where: str, lo: float, hi: float, *, lo_closed: bool = False,
-              hi_closed: bool = False, note: str = "") -> float:
-    """A number within ``lo``..``hi`` (each end open unless closed); the message writes the interval."""
-    x = float(_number(v, key, where))
-    if not ((lo <= x if lo_closed else lo < x) and (x <= hi if hi_closed else x < hi)):
-        interval = f"{'[' if lo_closed else '('}{lo}, {hi}{']' if hi_closed else ')'}"
-        raise ConfigError(f"{where}: '{key}' must be in {interval}{note}, got {v}")
-    return x
+           "bn_recalibration": BNRecalibrationOptions, "target": TargetOptions}
 
 
 def _nested(cls: type, data: Any, key: str, where: str) -> Any:
@@ -314,6 +168,8 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 _at_least(v, q, where, 0)
             elif k == "damp":
                 _in_range(v, q, where, 0, 1)
+        elif cls is TargetOptions:
+            out[k] = _target_option(v, k, q, where)
         elif cls is ScheduleOptions:
             if k == "final_amount":
                 out[k] = None if v is None else _amount(v, q, where)
@@ -326,6 +182,66 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
         raise ConfigError(f"{where}: 'schedule.end_epoch' ({obj.end_epoch}) must be >= 'schedule.start_epoch' "
                           f"({obj.start_epoch})")
     return obj
+
+
+def _target_option(v: Any, k: str, q: str, where: str) -> Any:
+    """One ``target.<k>`` value, checked."""
+    if k in ("relative", "write_best_effort", "after_finetune"):
+        return _bool(v, q, where)
+    if k == "runtime":
+        return _choice(v, q, where, TARGET_RUNTIMES)
+    if k == "size_of":
+        return _choice(v, q, where, TARGET_SIZES)
+    if k in ("threads", "max_evals"):
+        return _at_least(v, q, where, 1 if k == "threads" else 2)
+    if k == "seed":
+        return int(_number(v, q, where, integer=True))
+    if v is None and k in ("max_drop", "min_speedup", "max_size", "search_images"):
+        return None
+    if k == "search_images":
+        return _at_least(v, q, where, 1)
+    if k == "max_drop":
+        return _in_range(v, q, where, 0, 1, note=" (mAP50-95 points as a fraction, e.g. 0.01)")
+    if k == "min_speedup":
+        return _in_range(v, q, where, 1, 100, note=" (dense/pruned latency, e.g. 1.5)")
+    if k == "max_size":
+        return _in_range(v, q, where, 0, 1, note=" (pruned/dense size, e.g. 0.6)")
+    if k == "tolerance":
+        return _in_range(v, q, where, 0, 0.5, note=" (an amount)")
+    return _in_range(v, q, where, 0, 1)  # max_amount
+
+
+def _check_target(cfg: "PruneConfig", where: str) -> None:
+    """What a ``target:`` section cannot be combined with (raised before any work)."""
+    t = cfg.target
+    if not t.active:  # knobs without a limit: refused by api.preflight (a flag may still add the limit)
+        return
+    if cfg.schedule.final_amount is not None:
+        raise ConfigError(f"{where}: 'target' searches one-shot amounts; it cannot drive 'schedule' (gradual "
+                          "pruning): remove one of them")
+    if cfg.structure != "channel" and (t.min_speedup is not None or t.max_size is not None):
+        key = "target.min_speedup" if t.min_speedup is not None else "target.max_size"
+        raise ConfigError(f"{where}: '{key}' needs 'structure: channel' (zeros inside dense tensors make the model "
+                          "neither faster nor smaller); use target.max_drop with structure: unstructured")
+    if t.relative and t.max_drop is None:
+        raise ConfigError(f"{where}: 'target.relative' applies to target.max_drop, which is not set")
+    if t.after_finetune:
+        raise ConfigError(f"{where}: 'target.after_finetune' (a search on fine-tuned accuracy) is not available "
+                          "yet; the search runs on one-shot models and the budget is re-checked after 'finetune'")
+
+
+def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
+    """``base`` (a config as a dict) with the non-None ``overrides`` applied; flags win over the file, so a
+    ``target`` override drops the base ``amount`` and an ``amount`` override drops the base ``target`` (both in
+    one source stay and validation refuses the pair)."""
+    data = dict(base)
+    given = {k: v for k, v in overrides.items() if v is not None}
+    data.update(given)
+    if "target" in given and "amount" not in given:
+        data["amount"] = None
+    if "amount" in given and "target" not in given:
+        data["target"] = None
+    return data
 
 
 def _check_schedule_enabled(obj: ScheduleOptions, data: Mapping[str, Any], where: str) -> None:
@@ -365,7 +281,7 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
     out: dict[str, Any] = {}
     for k, v in data.items():
         if k == "amount":
-            out[k] = _amount(v, k, source)
+            out[k] = None if v is None else _amount(v, k, source)
         elif k == "method":
             out[k] = _choice(v, k, source, METHOD_CHOICES)
         elif k in ("include", "exclude"):
@@ -391,6 +307,14 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
         else:
             out[k] = _nested(_NESTED[k], v, k, source)
     cfg = PruneConfig(**out)
+    if cfg.target.active and cfg.amount is not None and "amount" in data:
+        raise ConfigError(f"{source}: 'target' chooses the amount; remove 'amount' ({cfg.amount}) or the "
+                          "target (a fixed amount and a budget are alternatives)")
+    if cfg.target.active and cfg.amount is not None:
+        cfg = replace(cfg, amount=None)
+    if cfg.amount is None and not cfg.target.active:
+        raise ConfigError(f"{source}: 'amount' is null; set a fraction in [0, 1) or a 'target' budget")
+    _check_target(cfg, source)
     if cfg.schedule.final_amount is not None and cfg.finetune.epochs:
         raise ConfigError(f"{source}: 'schedule' (prune during training) and 'finetune' (prune, then train) are "
                           "alternatives; set only one")
@@ -433,17 +357,20 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> PruneConfig
         data = dict(loaded)
     cfg = config_from_dict(data, source=source)
     if any(v is not None for v in overrides.values()):
-        cfg = config_from_dict({**cfg.to_dict(), **{k: v for k, v in overrides.items() if v is not None}},
+        cfg = config_from_dict(merge_overrides(cfg.to_dict(), overrides),
                                source=f"{source} + flags")
     return cfg
 
 
 def config_equal(a: Mapping[str, Any], b: Mapping[str, Any]) -> bool:
-    """Whether two configs (as dicts) would produce the same pruned file (output-only keys ignored)."""
+    """Whether two configs (as dicts) would produce the same pruned file (output-only keys ignored; a key missing
+    from an older file's config, such as ``target``, counts as its default)."""
     ignore = {"overwrite", "evaluate", "export", "export_options", "sweep", "checkpoints", "bench"}
-    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+    base = {"target": asdict(TargetOptions())}
+    return ({k: v for k, v in {**base, **a}.items() if k not in ignore} ==
+            {k: v for k, v in {**base, **b}.items() if k not in ignore})
 
 
-__all__ = ["PruneConfig", "BNRecalibrationOptions", "ChannelOptions", "ExportOptions", "CalibrationOptions", "SweepOptions", "FinetuneOptions", "ScheduleOptions",
+__all__ = ["PruneConfig", "TargetOptions", "merge_overrides", "BNRecalibrationOptions", "ChannelOptions", "ExportOptions", "CalibrationOptions", "SweepOptions", "FinetuneOptions", "ScheduleOptions",
            "METHODS", "METHOD_CHOICES", "AUTO", "data_free_method", "DATA_AWARE_METHODS", "CHECKPOINTS", "load_config", "config_from_dict", "config_equal",
            "replace", "DEFAULT_CONFIG_PATH"]

@@ -29,3 +29,7 @@ class OutputExistsError(PruneError, FileExistsError):
 
 class ExportError(PruneError):
     """An export failed, or an exported artefact did not keep the pruned zeros."""
+
+
+class BudgetError(PruneError):
+    """No evaluated amount meets the ``target`` budget (nothing was written)."""

@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional
 
@@ -24,13 +24,15 @@ import torch
 import torch.nn as nn
 
 from ._version import __version__
-from .backend.evaluation import EvalSettings, Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
+from .backend.evaluation import Metrics, backend_select_device, evaluate, evaluate_weights, make_settings
 from .backend.loading import Backend, first_line, load_checkpoint
-from .config import DATA_AWARE_METHODS, PruneConfig, config_equal, data_free_method
+from .config import PruneConfig, config_equal, data_free_method
 from .errors import OutputExistsError, PruneError
-from .prune.unstructured import conv_layers, prune_model, sparsity_stats
+from .prune.unstructured import conv_layers, sparsity_stats
 from .report import ReportEntry, print_report
-from .tools.heldout import calibration_needs, channel_data_needs, overlap_plan
+from .stages import RunContext, finetune_stage, prune_stage, source_model
+from .tools.budget_run import recheck_budget
+from .tools.heldout import calibration_needs
 from .tools.loggers import log_results
 from .training.dense_reference import ReferenceModel
 from .utils.files import atomic_path, write_json
@@ -41,21 +43,6 @@ BENCH_RUNS = 30  # timed rounds of `bench: true` (each model once per round, rou
 
 __all__ = ["RunContext", "context_from_opt", "output_path", "check_output_free", "run", "write_report",
            "check_exports", "REPORT_NAME"]
-
-
-@dataclass
-class RunContext:
-    """Where and how one pipeline run works: resolved once by the caller."""
-
-    backend: Backend
-    device: torch.device
-    imgsz: int
-    settings: Optional[EvalSettings] = None  # evaluation (and calibration) data; None: nothing evaluated
-    opt: dict = field(default_factory=dict)  # YOLOv5 train options of the run (fine-tune inherits them)
-
-    @property
-    def export_device(self) -> str:
-        return str(self.device.index or 0) if self.device.type == "cuda" else "cpu"
 
 
 def needs_data(config: PruneConfig) -> bool:
@@ -114,148 +101,6 @@ def _stripped(ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dtype) -> 
     new = {k: v for k, v in ckpt.items() if k not in ("model", "ema", "optimizer", "updates", "prune")}
     new.update(model=model, ema=None, optimizer=None, updates=None)
     return new
-
-
-# --------------------------------------------------------------------------------------------------
-# stages
-# --------------------------------------------------------------------------------------------------
-def source_model(ckpt: Mapping[str, Any]) -> nn.Module:
-    """The model YOLOv5 would deploy from a checkpoint: ``ema`` first, else ``model``."""
-    return ckpt.get("ema") or ckpt["model"]
-
-
-def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -> tuple[nn.Module, dict]:
-    """A float copy of the checkpoint's model on the run's device, pruned as ``config`` says (zeros, or channels
-    removed), BatchNorm statistics re-estimated when configured. Returns the model and what was done."""
-    model = copy.deepcopy(source_model(ckpt)).float().to(ctx.device)
-    c = config.calibration
-    done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
-                                                                              config.exclude)).to_dict(per_layer=False)}
-    plan = overlap_plan(config, ctx.settings.data) if ctx.settings is not None else {}
-    if config.structure == "channel":
-        done.update(_channel_prune(model, config, ctx, plan))
-    else:
-        from .prune.calibration import load_calibration_images, resolve_method
-
-        calibration = None
-        method, why = resolve_method(config.method, ctx.settings.data if ctx.settings else None,
-                                     config.calibration.images, config.calibration.allow_overlap)
-        if why:
-            LOGGER.info("yolo_prune_plugin: method %s", why)
-        if method in DATA_AWARE_METHODS:
-            data = _calibration_data(ctx, f"method {method!r}")
-            calibration = load_calibration_images(data, ctx.imgsz, n=c.images, batch_size=c.batch_size,
-                                                  seed=c.seed, device=ctx.device, allow_overlap=c.allow_overlap)
-        result = prune_model(model, config.amount, method, config.include, config.exclude,
-                             calibration=calibration, options=config.obs)
-        details = {**result.extra, "auto": why} if why else result.extra
-        done.update(seconds=round(result.seconds, 3), details=details, method=method)
-    if plan:
-        done["details"] = {**done["details"], "overlap": plan}
-    n = config.bn_recalibration.count(config.structure)
-    if n and "reconstruction" in done:
-        LOGGER.info("BatchNorm statistics kept: the reconstruction matched the dense pre-BatchNorm outputs")
-    elif n:
-        from .prune.bn_recalibration import recalibrate_bn
-        from .prune.calibration import load_calibration_images
-
-        data = _calibration_data(ctx, "bn_recalibration")
-        images = load_calibration_images(data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size,
-                                         seed=c.seed, device=ctx.device,
-                                         allow_overlap=c.allow_overlap or "bn_recalibration" in plan)
-        done["recalibration"] = recalibrate_bn(model, images, config.bn_recalibration.batch_size)
-        LOGGER.info("BatchNorm statistics re-estimated on %d train images (%d layers)", len(images),
-                    done["recalibration"]["layers"])
-    return model.eval(), done
-
-
-def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan: Mapping[str, str]) -> dict:
-    """``structure: channel``: channel pruning (in place), then reconstruction / mean compensation against the dense
-    model on the calibration images when configured. ``plan``: the overlap decisions (:func:`overlap_plan`): a
-    default that would fit the evaluation images falls back. Returns what was done."""
-    from .prune.calibration import load_calibration_batch
-    from .prune.channel import FALLBACK_IMPORTANCE, channel_prune
-
-    ch = config.channel.resolved(ctx.settings is not None and "channel.reconstruct" not in plan)
-    c = config.calibration
-    imp = FALLBACK_IMPORTANCE if "channel.importance" in plan else ch.importance
-    calibration = None
-    needs = channel_data_needs(config, ch)
-    if needs or (imp is None and ctx.settings is not None):
-        data = _calibration_data(ctx, needs[0] if needs else "channel importance 'taylor'")
-        calibration = load_calibration_batch(data, ctx.imgsz, n=c.images, seed=c.seed, allow_overlap=c.allow_overlap)
-    dense = copy.deepcopy(model) if ch.reconstruct or ch.compensate else None
-    res = channel_prune(model, config.amount, importance=imp, round_to=ch.round_to, include=config.include,
-                        exclude=config.exclude, calibration=calibration, max_layer_ratio=ch.max_layer_ratio,
-                        imgsz=ctx.imgsz, cost_aware=ch.cost_aware, round_share=ch.round_share,
-                        allocation=ch.allocation)
-    done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True)}
-    if dense is not None:
-        from .prune.reconstruction import reconstruct_layers
-
-        images = calibration[0].to(ctx.device)
-        rec = reconstruct_layers(model, dense, images, kept=res.kept, refit=ch.reconstruct, compensate=ch.compensate)
-        done["reconstruction"] = rec
-        done["channels"]["reconstruction"] = {k: v for k, v in rec.items() if k not in ("errors", "errors_before")}
-        done["seconds"] = round(res.seconds + rec["seconds"], 3)
-        LOGGER.info("Reconstructed %d layers against the dense model on %d train images (%s s)", rec["layers"],
-                    rec["images"], rec["seconds"])
-    return done
-
-
-def _calibration_data(ctx: RunContext, what: str) -> dict:
-    if ctx.settings is None:
-        raise PruneError(f"{what} needs train-split images: pass --data (or set bn_recalibration.images: 0)")
-    return ctx.settings.data
-
-
-def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: PruneConfig,
-                   ctx: RunContext, dense: Optional[nn.Module] = None) -> tuple[dict, nn.Module]:
-    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held (``finetune.distill``: from
-    ``dense``, the unpruned model); the fine-tuned checkpoint and its model. YOLOv5's own final validation of the
-    fine-tune run is not reused: it runs with YOLOv5's NMS time limit, and every "after" number the plugin reports
-    comes from its own validation without that limit."""
-    from .training.finetune import finetune_checkpoint
-    from .training.masks import count_leaks, count_masked, zero_masks
-
-    ft_cfg = config.finetune
-    project, name, hyp_path = finetune_location(Path(entry.checkpoint))
-    channel = config.structure == "channel"  # a smaller dense architecture: trained as it is, no mask to hold
-    masks = {} if channel else zero_masks(model, config.include, config.exclude)
-    ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
-                             include=config.include, exclude=config.exclude, masks=masks or None,
-                             warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel,
-                             teacher=dense if ft_cfg.distill else None, distill_weight=ft_cfg.distill_weight)
-    ckpt = load_checkpoint(ft.best, ctx.backend)
-    tuned = source_model(ckpt).float()
-    if channel and _channels(tuned) != _channels(model):
-        raise PruneError(f"{ft.best}: the fine-tuned model lost the pruned architecture (channel counts differ); "
-                         f"{out} still holds the one-shot pruned model")
-    leaks = dict(ft.leaks)
-    leaks["best_pruned.pt"] = count_leaks(tuned, masks)
-    entry.finetune = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
-                      "warmup": ft.warmup, "loop": ft.loop, "distill": ft.distill, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
-                      "masked_weights": count_masked(masks), "seconds": round(ft.seconds, 1),
-                      "history": ft.history}
-    entry.leaks = leaks
-    if sum(leaks.values()):
-        raise PruneError(f"{ft.best}: pruned weights became non-zero during fine-tuning ({leaks}); "
-                         f"{out} still holds the one-shot pruned model")
-    return ckpt, tuned
-
-
-def finetune_location(checkpoint: Path) -> tuple[Path, str, Optional[Path]]:
-    """Where the fine-tune of ``checkpoint`` runs: (project, name, hyp file). A YOLOv5 run's
-    ``<run>/weights/best.pt``: ``<run>_finetune`` beside the run, hyp in ``<run>/hyp_finetune.yaml``; any other file
-    (``yolo-prune prune``): ``<stem>_finetune`` beside it (YOLOv5 increments the name, nothing is overwritten)."""
-    if checkpoint.parent.name == "weights":
-        run_dir = checkpoint.parent.parent
-        return run_dir.parent, f"{run_dir.name}_finetune", run_dir / "hyp_finetune.yaml"
-    return checkpoint.parent, f"{checkpoint.stem}_finetune", None
-
-
-def _channels(model: nn.Module) -> list[tuple[int, int]]:
-    return [(m.out_channels, m.in_channels) for _, m in conv_layers(model)]
 
 
 def _evaluate_before(ckpt: Mapping[str, Any], ctx: RunContext) -> Metrics:
@@ -319,13 +164,20 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
     mode = mode or ("finetune" if config.finetune.epochs else "oneshot")
 
     done: dict[str, Any] = {}
+    search = None
+    if pruned is None and config.target.active:
+        search = _budget_search(source, ckpt, config, ctx)
+        model, done = search.model, search.done
+        if before is None and search.full_val:  # the dense model was just validated on the whole val split
+            before, before_source = search.dense, "validated by the plugin (budget search)"
     if pruned is None:
-        model, done = prune_stage(ckpt, config, ctx)
+        model, done = (model, done) if search else prune_stage(ckpt, config, ctx)
         stats_before, seconds, details = done["stats_before"], done["seconds"], done["details"]
     else:
         model, seconds, details = pruned.float().to(ctx.device), None, {}
         stats_before = (schedule or {}).get("dense_stats")
-    amount = config.schedule.final_amount if mode == "schedule" else config.amount
+    amount = (config.schedule.final_amount if mode == "schedule" else
+              search.section["amount"] if search else config.amount)
     method = done.get("method") or data_free_method(config)  # schedule / channel: nothing calibrated
     entry = ReportEntry(checkpoint=str(source), output=str(out), mode=mode, method=method, amount=amount,
                         device=str(ctx.device), imgsz=ctx.imgsz, prune_seconds=seconds,
@@ -333,7 +185,8 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
                         structure=config.structure, channels=done.get("channels", channels),
                         recalibration=done.get("recalibration"),
                         metrics_before=before.to_dict() if before else None,
-                        metrics_before_source=before_source if before else None)
+                        metrics_before_source=before_source if before else None,
+                        target=search.section if search else None)
     if config.evaluate and ctx.settings is not None and before is None:
         if mode != "schedule":  # source is the unpruned model
             LOGGER.info("Validating %s (before pruning)...", source.name)
@@ -379,6 +232,17 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
     return entry
 
 
+def _budget_search(source: Path, ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -> Any:
+    """``target``: the amount searched over one-shot prunes of ``ckpt`` (calibration loaded once)."""
+    from .tools.budget_run import budget_search
+
+    if ctx.settings is None:
+        raise PruneError("target: the budget search evaluates every candidate: pass --data")
+    cache: dict[str, Any] = {}
+    return budget_search(source, source_model(ckpt), lambda a: prune_stage(ckpt, replace(config, amount=a), ctx, cache),
+                         config, ctx.settings, ctx.backend, ctx.imgsz)
+
+
 @contextlib.contextmanager
 def _reference_file(reference: Optional[ReferenceModel], ckpt: Mapping[str, Any],
                     dtype: torch.dtype) -> Iterator[Optional[Path]]:
@@ -414,6 +278,7 @@ def _save(out: Path, ckpt: Mapping[str, Any], model: nn.Module, dtype: torch.dty
             entry.metrics_after = evaluate_weights(tmp, ctx.settings, backend=ctx.backend).to_dict()
             s = ctx.settings
             entry.eval = {"imgsz": s.imgsz, "batch_size": s.batch_size, "iou_thres": s.iou_thres, "half": s.half}
+            recheck_budget(entry)
             new["prune"] = {**stamp, **entry.to_dict()}
             torch.save(new, tmp)
     LOGGER.info("Saved %s", out)
@@ -433,6 +298,15 @@ def write_report(entries: list[ReportEntry], config: PruneConfig, report_dir: st
     """Write ``prune_report.json`` in ``report_dir``, print the before/after table(s), and log the results where
     YOLOv5 users look (TensorBoard events, ``prune_results.csv``, YOLOv5's active trackers)."""
     path = Path(report_dir) / REPORT_NAME
+    images = {}
+    for e in entries:
+        if e.target:
+            from .tools.budget_run import write_budget_files
+
+            stem = Path(e.checkpoint).stem
+            e.target["outputs"] = write_budget_files(e.target, Path(report_dir), stem)
+            images[f"budget/{stem}"] = e.target["outputs"]["png"]
+            LOGGER.info("Budget search plot: %s", e.target["outputs"]["png"])
     data: dict[str, Any] = {"plugin": "yolo_prune_plugin", "version": __version__,
                             "created": _dt.datetime.now().isoformat(timespec="seconds"), "config": config.to_dict(),
                             "mode": entries[0].mode if entries else None,
@@ -442,7 +316,7 @@ def write_report(entries: list[ReportEntry], config: PruneConfig, report_dir: st
     if sweep is not None:
         data["sweep"] = sweep
     write_json(data, path)
-    log_results(report_dir, data["results"], history, sweep, yolo_loggers)
+    log_results(report_dir, data["results"], history, sweep, yolo_loggers, images=images)
     print_report(data["results"], echo=echo)
     LOGGER.info("Report written to %s", path)
     return path

@@ -49,6 +49,7 @@ class ReportEntry:
     channels: Optional[dict] = None  # channel mode: params, GFLOPs, Conv2d weights, channel counts before/after
     recalibration: Optional[dict] = None  # BatchNorm recalibration: layers, images, seconds
     bench: Optional[list] = None  # bench: true: latency rows of the source and the pruned file (bench.bench_files)
+    target: Optional[dict] = None  # target: the budget, the search trace and cost, the full-val re-check
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,6 +83,7 @@ _ENTRY_TYPES: dict[str, Any] = {
     "sparsity_all_conv": dict, "metrics_before": dict, "metrics_before_source": str, "metrics_oneshot": dict,
     "metrics_after": dict, "eval": dict, "method_details": dict, "exports": list, "finetune": dict,
     "schedule": dict, "leaks": dict, "structure": str, "channels": dict, "recalibration": dict, "bench": list,
+    "target": dict,
 }
 
 

@@ -20,7 +20,6 @@ own ``ComputeLoss`` on labelled train-split images, see :func:`load_calibration_
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
 import math
 import time
@@ -32,6 +31,8 @@ import torch.nn as nn
 
 from ..errors import ConfigError, PruneError
 from .calibration import accumulate_loss_gradients
+from .channel_groups import (_build_groups, _importance, _weights, channel_counts, channel_macs, detect_output_convs,
+                             gflops)
 from .registry import CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
 from .unstructured import check_scope, conv_layers, count_parameters
 
@@ -73,45 +74,6 @@ AMOUNT_TOLERANCE = 0.02
 DEFAULT_COST_AWARE = ChannelOptions.cost_aware
 
 
-def _tp() -> Any:
-    try:
-        return importlib.import_module("torch_pruning")
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise ConfigError("structure: channel needs Torch-Pruning: pip install torch-pruning==1.6.1 "
-                          "(or yolo_prune_plugin[structured])") from e
-
-
-# --------------------------------------------------------------------------------------------------
-# measurements
-# --------------------------------------------------------------------------------------------------
-def gflops(model: nn.Module, imgsz: int = 640) -> Optional[float]:
-    """GFLOPs at ``imgsz`` computed exactly as YOLOv5's ``model_info`` does (thop at stride size, scaled)."""
-    try:
-        import thop
-    except ImportError:  # pragma: no cover
-        return None
-    p = next(model.parameters())
-    stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
-    im = torch.empty((1, p.shape[1] if p.dim() > 1 else 3, stride, stride), device=p.device, dtype=p.dtype)
-    m = copy.deepcopy(model)
-    for mod in m.modules():  # a (re)loaded model may have no FLOP-counter buffers; thop adds its own
-        for k in ("total_ops", "total_params"):
-            mod._buffers.pop(k, None)
-    with torch.no_grad():
-        flops = thop.profile(m, inputs=(im,), verbose=False)[0] / 1e9 * 2
-    return round(flops * imgsz / stride * imgsz / stride, 3)
-
-
-def channel_counts(model: nn.Module) -> dict[str, list[int]]:
-    """``{conv name: [out_channels, in_channels]}`` for every Conv2d of ``model``."""
-    return {n: [m.out_channels, m.in_channels] for n, m in conv_layers(model)}
-
-
-def _weights(model: nn.Module, names: Sequence[str]) -> int:
-    mods = dict(model.named_modules())
-    return sum(mods[n].weight.numel() for n in names)
-
-
 @dataclass
 class ChannelPruneResult:
     """What :func:`channel_prune` did (the model was changed in place)."""
@@ -150,93 +112,6 @@ class ChannelPruneResult:
         return (f"Channel-pruned ({self.importance}, round_to={self.round_to}): {self.achieved:.2%} of "
                 f"{self.conv_weights_before} Conv2d weights removed; params {self.params_before} -> "
                 f"{self.params_after}, GFLOPs {self.gflops_before} -> {self.gflops_after} [{self.seconds:.1f}s]")
-
-
-# --------------------------------------------------------------------------------------------------
-# channel pruning
-# --------------------------------------------------------------------------------------------------
-def _importance(name: str) -> Any:
-    tp = _tp()
-    I = tp.importance  # noqa: E741
-    if name == "l1":
-        return I.GroupMagnitudeImportance(p=1)
-    if name == "l2":
-        return I.GroupMagnitudeImportance(p=2)
-    if name == "bn":
-        return I.BNScaleImportance()
-    if name == "lamp":
-        return I.LAMPImportance(p=2)
-    if name == "taylor":
-        return I.GroupTaylorImportance()
-    raise ConfigError(f"importance {name!r} is unknown; expected one of {', '.join(IMPORTANCES)}")
-
-
-def detect_output_convs(model: nn.Module) -> list[nn.Module]:
-    """Detect's output convolutions (their channel count is anchors x (5 + classes): never pruned)."""
-    det = model.model[-1]
-    return list(det.m) if hasattr(det, "m") else []
-
-
-def _build_groups(model: nn.Module, ignored: list[nn.Module], imgsz: int) -> tuple[Any, list]:
-    tp = _tp()
-    p = next(model.parameters())
-    example = torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype)
-    flags = [(q, q.requires_grad) for q in model.parameters()]
-    for q, _ in flags:  # tracing follows grad_fn: loaded checkpoints have requires_grad False
-        q.requires_grad_(True)
-    try:
-        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
-    finally:
-        for q, f in flags:
-            q.requires_grad_(f)
-    names = {m: n for n, m in model.named_modules()}
-    groups = []
-    for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
-        root = g[0].dep.target.module
-        groups.append((names[root], g))
-    return dg, groups
-
-
-def channel_macs(model: nn.Module, groups: list, dg: Any, imgsz: int) -> dict[str, float]:
-    """Multiply-accumulates (at ``imgsz``) that one channel of each group costs, summed over its Conv2d members.
-
-    For each group ``(root name, group)`` from :func:`_build_groups`: an output channel of a member conv costs
-    ``k*k*in/groups`` MACs per output position, an input channel of a consumer conv ``k*k*out/groups``; both
-    times that conv's output positions (measured by one forward pass at ``imgsz``). Linear in ``imgsz**2``, so
-    the ratios between groups do not depend on ``imgsz``.
-    """
-    hw: dict[nn.Module, int] = {}
-
-    def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-        hw[mod] = int(out.shape[-1] * out.shape[-2])
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
-    p = next(model.parameters())
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hs:
-            h.remove()
-        model.train(was)
-    cost: dict[str, float] = {}
-    for name, g in groups:
-        seen, c = set(), 0.0
-        for item in g:
-            mod = item.dep.target.module
-            if not isinstance(mod, nn.Conv2d) or mod not in hw:
-                continue
-            out = bool(dg.is_out_channel_pruning_fn(item.dep.handler))
-            if (id(mod), out) in seen:
-                continue
-            seen.add((id(mod), out))
-            k = mod.kernel_size[0] * mod.kernel_size[1]
-            per = k * (mod.in_channels if out else mod.out_channels) / mod.groups
-            c += per * hw[mod]
-        cost[name] = max(c, 1.0)
-    return cost
 
 
 def round_step(n: int, round_to: int, round_share: float = DEFAULT_ROUND_SHARE) -> int:
@@ -290,12 +165,53 @@ def _apply_plan(model: nn.Module, plan: dict, ignored_names: Sequence[str], imgs
             g.prune(idxs=list(idxs))
 
 
+def _scores(model: nn.Module, importance: str, ignored_names: list, calibration: Any, trace_imgsz: int,
+            cost_aware: float, allocation: str = DEFAULT_ALLOCATION
+            ) -> tuple[dict[str, torch.Tensor], Optional[float], Optional[dict]]:
+    """Each channel group's ranking scores (root conv name -> one score per channel: the importance, or with
+    ``allocation: sensitivity`` the measured error), the calibration loss of the data-aware criteria (None
+    otherwise) and the sensitivity summary (None without it)."""
+    mods = dict(model.named_modules())
+    loss = None
+    if importance in DATA_AWARE_IMPORTANCES:
+        if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
+            raise ConfigError(f"importance {importance!r} needs calibration=(images, targets) from "
+                              "load_calibration_batch (train-split images with labels)")
+        loss = accumulate_loss_gradients(model, calibration[0], calibration[1])
+    imp = _importance(importance)
+    dg, groups = _build_groups(model, [mods[n] for n in ignored_names], trace_imgsz)
+    scores: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, g in groups:
+            s = imp(g)
+            if s is not None:
+                scores[name] = s.detach().float().cpu()
+    if importance in DATA_AWARE_IMPORTANCES:
+        for p in model.parameters():
+            p.grad = None
+    if not scores:
+        raise PruneError("channel pruning: no prunable channel group in scope")
+    sens = None
+    if allocation == "sensitivity":
+        from .channel_sensitivity import sensitivity_scores
+
+        images = calibration[0] if isinstance(calibration, (tuple, list)) else calibration
+        scores, sens = sensitivity_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
+    if cost_aware:
+        macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
+        mean = sum(macs.values()) / len(macs)
+        for n in scores:
+            scores[n] = scores[n] / (macs[n] / mean) ** float(cost_aware)
+    return scores, loss, sens
+
+
 def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] = None,
                   round_to: int = DEFAULT_ROUND_TO, include: Sequence[str] = (), exclude: Sequence[str] = (),
                   calibration: Any = None, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                   imgsz: int = 640, trace_imgsz: int = 64, tolerance: float = AMOUNT_TOLERANCE,
                   cost_aware: float = DEFAULT_COST_AWARE, round_share: float = DEFAULT_ROUND_SHARE,
-                  allocation: str = DEFAULT_ALLOCATION, log: bool = True) -> ChannelPruneResult:
+                  allocation: str = DEFAULT_ALLOCATION, log: bool = True,
+                  cache: Optional[dict] = None) -> ChannelPruneResult:
     """Remove whole output channels of ``model`` (a YOLOv5 ``DetectionModel``, in place) with Torch-Pruning.
 
     ``amount``: fraction of the Conv2d weights in scope to remove (input channels removed from a consumer
@@ -312,8 +228,10 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     preferred; 0 is the plain ranking. ``allocation``: ``global`` (the importance ranking decides how many
     channels each group loses) or ``sensitivity`` (measured consumer output error on the calibration images
     decides, :mod:`yolo_prune_plugin.prune.channel_sensitivity`; the importance still picks which channels;
-    ``calibration`` is ``(images, targets)`` or an image tensor). ``imgsz``: for GFLOPs. The result's ``kept`` maps each conv
-    that lost channels to the original channel indices it kept.
+    ``calibration`` is ``(images, targets)`` or an image tensor). ``imgsz``: for GFLOPs. The result's ``kept``
+    maps each conv that lost channels to the original channel indices it kept. ``cache``: a dict kept across calls
+    on copies of the same model with the same settings (a budget search): the channel scores and the fraction each
+    number of removed channels achieves do not depend on ``amount``, so they are computed once.
     Raises :class:`ConfigError` for bad arguments, :class:`PruneError` when the amount cannot be met.
     """
     t0 = time.perf_counter()
@@ -351,45 +269,23 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     w_before = _weights(model, scope)
 
     # importance once, on the original model
-    mods = dict(model.named_modules())
     was_training = model.training
     model.eval()
-    loss = None
-    if importance in DATA_AWARE_IMPORTANCES:
-        if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
-            raise ConfigError(f"importance {importance!r} needs calibration=(images, targets) from "
-                              "load_calibration_batch (train-split images with labels)")
-        loss = accumulate_loss_gradients(model, calibration[0], calibration[1])
-    imp = _importance(importance)
-    dg, groups = _build_groups(model, [mods[n] for n in ignored_names], trace_imgsz)
-    scores: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        for name, g in groups:
-            s = imp(g)
-            if s is not None:
-                scores[name] = s.detach().float().cpu()
-    if importance in DATA_AWARE_IMPORTANCES:
-        for p in model.parameters():
-            p.grad = None
-    if not scores:
-        raise PruneError("channel pruning: no prunable channel group in scope")
-    if allocation == "sensitivity":
-        from .channel_sensitivity import sensitivity_scores
-
-        images = calibration[0] if isinstance(calibration, (tuple, list)) else calibration
-        scores, sens = sensitivity_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
-    if cost_aware:
-        macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
-        mean = sum(macs.values()) / len(macs)
-        for n in scores:
-            scores[n] = scores[n] / (macs[n] / mean) ** float(cost_aware)
+    cache = {} if cache is None else cache
+    if "scores" not in cache:
+        cache["scores"], cache["loss"], cache["sens"] = _scores(model, importance, ignored_names, calibration,
+                                                                trace_imgsz, cost_aware, allocation)
+        cache["achieved"] = {}
+    scores, loss, sens = cache["scores"], cache["loss"], cache["sens"]
     total = sum(len(v) for v in scores.values())
 
     def trial(k: int) -> tuple[float, dict]:
         plan = _plan(scores, k, round_to, max_layer_ratio, round_share)
-        m = copy.deepcopy(model)
-        _apply_plan(m, plan, ignored_names, trace_imgsz)
-        return 1 - _weights(m, scope) / w_before, plan
+        if k not in cache["achieved"]:
+            m = copy.deepcopy(model)
+            _apply_plan(m, plan, ignored_names, trace_imgsz)
+            cache["achieved"][k] = 1 - _weights(m, scope) / w_before
+        return cache["achieved"][k], plan
 
     lo, hi = 0, total
     best: tuple[float, int, dict] = (math.inf, 0, {})
@@ -428,7 +324,8 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     res = ChannelPruneResult(importance, float(amount), 1 - w_after / w_before, round_to, params_before,
                              count_parameters(model), gflops_before, gflops(model, imgsz), w_before, w_after,
                              channels_before, channel_counts(model), q, time.perf_counter() - t0,
-                             {"max_layer_ratio": max_layer_ratio, "round_share": float(round_share), "allocation": allocation, "cost_aware": float(cost_aware), "groups": len(scores),
+                             {"max_layer_ratio": max_layer_ratio, "round_share": float(round_share), "allocation": allocation,
+                              "cost_aware": float(cost_aware), "groups": len(scores),
                               "groups_pruned": len(plan)}, kept)
     if allocation == "sensitivity":
         res.extra.update(sens)

@@ -9,13 +9,14 @@ speed-up is the first file's median over each file's median.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -63,9 +64,6 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
     synchronised before each time is taken); ONNX Runtime always runs on the CPU. Raises :class:`ConfigError` for
     bad arguments or a missing onnxruntime.
     """
-    from ..backend.artifacts import load_export_model
-    from ..prune.channel import gflops
-
     files = [Path(f).expanduser().resolve() for f in files]
     if not files:
         raise ConfigError("bench: no --weights given")
@@ -79,84 +77,119 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"bench threads: expected an integer >= 1, got {threads!r}")
     if "onnxruntime" in backends:
-        try:
-            import onnxruntime as ort
-        except ImportError:
-            raise ConfigError("bench with onnxruntime needs onnx and onnxruntime: pip install "
-                              "yolo_prune_plugin[export]") from None
+        require_onnxruntime("bench with onnxruntime")
     check_device(device, "bench --device")
     dev = torch.device(f"cuda:{device}" if str(device).isdigit() else (device or "cpu"))
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     b = get_backend()
     for f in files:
         load_checkpoint(f, b)  # clear error for a missing / unsafe / non-YOLOv5 file before any work
-    old_threads = torch.get_num_threads()
+    tmp = Path(tempfile.mkdtemp(prefix="yolo-prune-bench-"))
+    try:
+        with torch_threads(threads):
+            x = bench_input(batch, imgsz)
+            made = [make_runner(f, tmp / str(i), x, backends, dev, threads, b) for i, f in enumerate(files)]
+            rows = [r for r, _ in made]
+            for row in rows:
+                row.update(runs=runs, imgsz=imgsz, batch=batch)
+            times = time_side_by_side([fns for _, fns in made], runs, warmup, progress)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for row, t in zip(rows, times):
+        for k, ms in t.items():
+            row[f"{k}_median_ms"], row[f"{k}_p90_ms"] = _stats(ms)
+    for k in backends:
+        ref = rows[0].get(f"{k}_median_ms")
+        for row in rows:
+            med = row.get(f"{k}_median_ms")
+            row[f"{k}_speedup"] = round(ref / med, 3) if ref and med else None
+    return rows
+
+
+def require_onnxruntime(what: str) -> None:
+    """Raise :class:`ConfigError` naming ``what`` when onnx or onnxruntime is not importable."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime") is None or importlib.util.find_spec("onnx") is None:
+        raise ConfigError(f"{what} needs onnx and onnxruntime: pip install yolo_prune_plugin[export]")
+
+
+@contextlib.contextmanager
+def torch_threads(threads: Optional[int]) -> Iterator[None]:
+    """torch intra-op threads set to ``threads`` (None: unchanged) while the block runs."""
+    old = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
-    tmp = Path(tempfile.mkdtemp(prefix="yolo-prune-bench-"))
-    rows: list[dict] = []
-    runners: list[dict[str, Any]] = []
     try:
-        x = torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
-        for i, f in enumerate(files):
-            model = load_export_model(f, "cpu", b)
-            row: dict[str, Any] = {"file": str(f), "name": f.name, "params": sum(p.numel() for p in model.parameters()),
-                                   "gflops": gflops(model, imgsz), "pt_bytes": f.stat().st_size, "onnx_bytes": None,
-                                   "imgsz": imgsz, "batch": batch, "threads": threads, "runs": runs,
-                                   "torch_device": str(dev)}
-            fns: dict[str, Any] = {}
-            if "torch" in backends:
-                xt = x.to(dev)
-
-                def run_torch(m: torch.nn.Module = model.to(dev), xi: torch.Tensor = xt) -> None:
-                    with torch.inference_mode():
-                        m(xi)
-                    sync()
-                fns["torch"] = run_torch
-            if "onnxruntime" in backends:
-                d = tmp / str(i)
-                d.mkdir()
-                onnx_path = _export_onnx(b, f, d, imgsz, batch)
-                row["onnx_bytes"] = onnx_path.stat().st_size
-                so = ort.SessionOptions()
-                if threads:
-                    so.intra_op_num_threads = threads
-                    so.inter_op_num_threads = 1
-                sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
-                feed = {sess.get_inputs()[0].name: x.numpy()}
-                fns["onnxruntime"] = (lambda s=sess, fd=feed: s.run(None, fd))
-            rows.append(row)
-            runners.append(fns)
-        times: list[dict[str, list[float]]] = [{k: [] for k in fns} for fns in runners]
-        for fns in runners:
-            for fn in fns.values():
-                for _ in range(warmup):
-                    fn()
-        total = runs * sum(len(fns) for fns in runners)
-        # on a terminal only (YOLO_PRUNE_PROGRESS=1/0 forces it), never hundreds of '\r' updates in a pipe or log
-        bar = progress_bar(desc="bench", total=total) if progress else None
-        for _ in range(runs):
-            for fns, t in zip(runners, times):
-                for k, fn in fns.items():
-                    t0 = time.perf_counter()
-                    fn()
-                    t[k].append((time.perf_counter() - t0) * 1000)
-                    if bar is not None:
-                        bar.update(1)
-        if bar is not None:
-            bar.close()
-        for row, t in zip(rows, times):
-            for k, ms in t.items():
-                row[f"{k}_median_ms"], row[f"{k}_p90_ms"] = _stats(ms)
-        for k in backends:
-            ref = rows[0].get(f"{k}_median_ms")
-            for row in rows:
-                med = row.get(f"{k}_median_ms")
-                row[f"{k}_speedup"] = round(ref / med, 3) if ref and med else None
+        yield
     finally:
-        torch.set_num_threads(old_threads)
-        shutil.rmtree(tmp, ignore_errors=True)
-    return rows
+        torch.set_num_threads(old)
+
+
+def bench_input(batch: int, imgsz: int) -> torch.Tensor:
+    """The seeded input every timed model gets."""
+    return torch.rand(batch, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0))
+
+
+def make_runner(f: Path, tmp: Path, x: torch.Tensor, backends: Sequence[str], dev: torch.device,
+                threads: Optional[int], b: Any) -> tuple[dict, dict[str, Callable[[], Any]]]:
+    """One checkpoint ready to time: its row (params, GFLOPs, sizes) and one call per backend (ONNX: exported
+    with YOLOv5's ``export.run`` into ``tmp``, which the caller deletes)."""
+    from ..backend.artifacts import load_export_model
+    from ..prune.channel import gflops
+
+    batch, imgsz = int(x.shape[0]), int(x.shape[-1])
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    model = load_export_model(f, "cpu", b)
+    row: dict[str, Any] = {"file": str(f), "name": f.name, "params": sum(p.numel() for p in model.parameters()),
+                           "gflops": gflops(model, imgsz), "pt_bytes": f.stat().st_size, "onnx_bytes": None,
+                           "imgsz": imgsz, "batch": batch, "threads": threads, "torch_device": str(dev)}
+    fns: dict[str, Callable[[], Any]] = {}
+    if "torch" in backends:
+        xt = x.to(dev)
+
+        def run_torch(m: torch.nn.Module = model.to(dev), xi: torch.Tensor = xt) -> None:
+            with torch.inference_mode():
+                m(xi)
+            sync()
+        fns["torch"] = run_torch
+    if "onnxruntime" in backends:
+        import onnxruntime as ort
+
+        tmp.mkdir(parents=True, exist_ok=True)
+        onnx_path = _export_onnx(b, f, tmp, imgsz, batch)
+        row["onnx_bytes"] = onnx_path.stat().st_size
+        so = ort.SessionOptions()
+        if threads:
+            so.intra_op_num_threads = threads
+            so.inter_op_num_threads = 1
+        sess = ort.InferenceSession(str(onnx_path), so, providers=["CPUExecutionProvider"])
+        feed = {sess.get_inputs()[0].name: x.numpy()}
+        fns["onnxruntime"] = (lambda s=sess, fd=feed: s.run(None, fd))
+    return row, fns
+
+
+def time_side_by_side(runners: Sequence[dict[str, Callable[[], Any]]], runs: int, warmup: int,
+                      progress: bool = False) -> list[dict[str, list[float]]]:
+    """``warmup`` untimed calls each, then ``runs`` rounds calling every runner once per round (round-robin, so
+    load changes hit all alike); milliseconds per call, per runner and backend."""
+    times: list[dict[str, list[float]]] = [{k: [] for k in fns} for fns in runners]
+    for fns in runners:
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+    # on a terminal only (YOLO_PRUNE_PROGRESS=1/0 forces it), never hundreds of '\r' updates in a pipe or log
+    bar = progress_bar(desc="bench", total=runs * sum(len(fns) for fns in runners)) if progress else None
+    for _ in range(runs):
+        for fns, t in zip(runners, times):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                fn()
+                t[k].append((time.perf_counter() - t0) * 1000)
+                if bar is not None:
+                    bar.update(1)
+    if bar is not None:
+        bar.close()
+    return times
 
 
 def format_bench_table(rows: Sequence[dict]) -> str:
@@ -180,4 +213,6 @@ def format_bench_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bench_files", "format_bench_table", "BACKENDS"]
+__all__ = ["bench_files", "format_bench_table", "make_runner", "time_side_by_side", "torch_threads", "bench_input",
+           "require_onnxruntime",
+           "BACKENDS"]

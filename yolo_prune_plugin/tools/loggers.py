@@ -115,8 +115,10 @@ def _png(path: str | Path) -> Any:
 
 def write_tensorboard(save_dir: str | Path, entries: Iterable[Mapping[str, Any]],
                       history: Optional[Iterable[Mapping[str, Any]]] = None,
-                      sweep: Optional[Mapping[str, Any]] = None) -> Optional[Path]:
-    """TensorBoard events in ``save_dir``; returns the events file, or None when tensorboard is not installed."""
+                      sweep: Optional[Mapping[str, Any]] = None,
+                      images: Optional[Mapping[str, str | Path]] = None) -> Optional[Path]:
+    """TensorBoard events in ``save_dir`` (``images``: tag -> PNG file, e.g. the budget plot); returns the events
+    file, or None when tensorboard is not installed."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:  # tensorboard is optional at run time
@@ -138,6 +140,9 @@ def write_tensorboard(save_dir: str | Path, entries: Iterable[Mapping[str, Any]]
                 f = (sweep.get("outputs") or {}).get(key)
                 if f and Path(f).is_file():
                     w.add_image(tag, _png(f), 0, dataformats="HWC")
+        for tag, f in (images or {}).items():
+            if Path(f).is_file():
+                w.add_image(tag, _png(f), 0, dataformats="HWC")
         w.flush()
         return Path(w.file_writer.event_writer._file_name)  # type: ignore[union-attr]
     finally:
@@ -180,7 +185,7 @@ def send_to_trackers(yolo_loggers: Any, scalars: Mapping[str, float], step: int 
 
 def log_results(save_dir: str | Path, entries: Iterable[Mapping[str, Any]],
                 history: Optional[Iterable[Mapping[str, Any]]] = None, sweep: Optional[Mapping[str, Any]] = None,
-                yolo_loggers: Any = None) -> dict[str, Any]:
+                yolo_loggers: Any = None, images: Optional[Mapping[str, str | Path]] = None) -> dict[str, Any]:
     """Write TensorBoard events and ``prune_results.csv`` in ``save_dir``; send the scalars to YOLOv5's trackers.
 
     Never raises for a logging problem (it is reported at WARNING); returns ``{"csv": path, "events": path or
@@ -193,7 +198,7 @@ def log_results(save_dir: str | Path, entries: Iterable[Mapping[str, Any]],
     except OSError as e:
         LOGGER.warning("yolo_prune_plugin: could not write %s in %s: %s", CSV_NAME, save_dir, e)
     try:
-        out["events"] = write_tensorboard(save_dir, entries, history, sweep)
+        out["events"] = write_tensorboard(save_dir, entries, history, sweep, images)
     except Exception as e:  # noqa: BLE001 - TensorBoard output is a convenience
         LOGGER.warning("yolo_prune_plugin: could not write TensorBoard events in %s: %s", save_dir, e)
     scalars: dict[str, float] = {}

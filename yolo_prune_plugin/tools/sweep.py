@@ -151,6 +151,16 @@ def _plt():
     return plt
 
 
+def save_figure(fig: Any, dest: Path, title: Optional[str] = None) -> None:
+    """``fig`` (with ``title`` above) written to ``dest`` as PNG atomically, then closed."""
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    with atomic_path(dest) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    _plt().close(fig)
+
+
 def _plot_sweep(result: dict, dest: Path) -> None:
     plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
@@ -166,11 +176,7 @@ def _plot_sweep(result: dict, dest: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Accuracy vs sparsity (imgsz {result['settings']['imgsz']})")
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, dest, f"Accuracy vs sparsity (imgsz {result['settings']['imgsz']})")
 
 
 def _plot_layers(layers: list[dict], point: str, dest: Path) -> None:
@@ -182,10 +188,7 @@ def _plot_layers(layers: list[dict], point: str, dest: Path) -> None:
     ax.set_ylabel("sparsity (%)")
     ax.set_ylim(0, 100)
     ax.set_title(f"Per-layer Conv2d sparsity at {point}")
-    fig.tight_layout()
-    with atomic_path(dest) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, dest)
 
 
 def run_sweep(weights: str | Path, data: str | Path | dict, amounts: Sequence[float] | str = "0.1,0.3,0.5",

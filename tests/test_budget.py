@@ -1,0 +1,200 @@
+"""tools/budget.py: the monotone search with fake evaluators (no model), and the target config."""
+
+from __future__ import annotations
+
+import pytest
+
+from yolo_prune_plugin.config import config_from_dict, load_config
+from yolo_prune_plugin.errors import ConfigError
+from yolo_prune_plugin.tools.budget import Budget, Point, format_trace, search
+
+DENSE = 0.40
+
+
+def drop_curve(boundary: float, power: float, max_drop: float = 0.01):
+    """A monotone evaluator whose mAP50-95 drop reaches ``max_drop`` exactly at ``boundary``; speed-up
+    ``1 / (1 - 0.8 a)``, size ``1 - a``. Records the amounts it was asked for."""
+    calls: list[float] = []
+
+    def evaluate(a: float) -> Point:
+        calls.append(a)
+        drop = max_drop * (a / boundary) ** power
+        return Point(a, {"P": 0.5, "R": 0.5, "mAP50": 0.6, "mAP50-95": DENSE - drop}, latency_ms=10 * (1 - 0.8 * a),
+                     speedup=1 / (1 - 0.8 * a), size=1 - a, seconds=1.0)
+    evaluate.calls = calls  # type: ignore[attr-defined]
+    return evaluate
+
+
+@pytest.mark.parametrize("power", [1, 2, 3, 5])
+@pytest.mark.parametrize("boundary", [0.05, 0.2, 0.33, 0.62, 0.88])
+def test_max_drop_finds_the_largest_amount_within_tolerance(boundary, power):
+    ev = drop_curve(boundary, power)
+    r = search(ev, Budget(DENSE, max_drop=0.01), max_amount=0.9, tolerance=0.02, max_evals=6)
+    assert r.chosen is not None and r.chosen.meets and r.chosen.drop <= 0.01 + 1e-9
+    assert boundary - 0.02 <= r.chosen.amount <= boundary
+    assert len(ev.calls) == r.evaluations <= 6 and len(set(ev.calls)) == len(ev.calls)
+
+
+def test_everything_within_budget_gives_the_top_of_the_range():
+    r = search(drop_curve(5.0, 1), Budget(DENSE, max_drop=0.01), max_amount=0.8, tolerance=0.02, max_evals=6)
+    assert 0.78 <= r.chosen.amount <= 0.8
+
+
+@pytest.mark.parametrize("speedup", [1.1, 1.25, 1.5, 2.0, 3.0])
+def test_min_speedup_alone_finds_the_smallest_amount(speedup):
+    true = (1 - 1 / speedup) / 0.8  # 1 / (1 - 0.8 a) = speedup
+    r = search(drop_curve(0.5, 2), Budget(DENSE, min_speedup=speedup), tolerance=0.02, max_evals=6)
+    assert r.chosen is not None and r.chosen.speedup >= speedup
+    assert true <= r.chosen.amount <= true + 0.02 + 1e-9 and r.evaluations <= 6
+
+
+def test_max_size_alone_and_combined_limits():
+    r = search(drop_curve(0.5, 2), Budget(DENSE, max_size=0.7), tolerance=0.02, max_evals=6)
+    assert 0.3 <= r.chosen.amount <= 0.32 and r.chosen.size <= 0.7
+    both = search(drop_curve(0.6, 2), Budget(DENSE, max_drop=0.01, min_speedup=1.5), tolerance=0.02, max_evals=6)
+    assert 0.58 <= both.chosen.amount <= 0.6 and both.chosen.speedup >= 1.5
+
+
+def test_non_monotone_evaluator_still_returns_a_point_within_budget():
+    """Accuracy that jumps up and down: the search may miss the boundary, never the budget."""
+    def evaluate(a: float) -> Point:
+        drop = 0.02 if int(a * 40) % 2 else 0.0  # fails on every other 0.025 band
+        return Point(a, {"mAP50-95": DENSE - drop}, speedup=1.0, size=1.0)
+    r = search(evaluate, Budget(DENSE, max_drop=0.01), tolerance=0.02, max_evals=6)
+    assert r.chosen is not None and r.chosen.meets
+    assert r.chosen.amount == max(p.amount for p in r.trace if p.meets)
+    assert all(p.meets == (DENSE - p.metrics["mAP50-95"] <= 0.01) for p in r.trace)
+
+
+def test_non_monotone_with_nothing_within_budget_reports_none():
+    r = search(lambda a: Point(a, {"mAP50-95": DENSE - 0.05 - a / 10}), Budget(DENSE, max_drop=0.01),
+               tolerance=0.02, max_evals=4)
+    assert r.chosen is None and r.closest is not None and r.evaluations == 4
+
+
+def test_impossible_budget_reports_the_closest_point():
+    ev = drop_curve(0.2, 2)  # 1.5x needs a = 0.42, where the drop is 0.044: no amount meets both
+    r = search(ev, Budget(DENSE, max_drop=0.01, min_speedup=1.5), tolerance=0.02, max_evals=6)
+    assert r.chosen is None and r.closest in r.trace and not r.closest.meets
+    assert r.evaluations <= 6
+    speed = search(drop_curve(0.2, 2), Budget(DENSE, min_speedup=9.0), max_amount=0.9, tolerance=0.02, max_evals=5)
+    assert speed.chosen is None and speed.closest.amount == max(p.amount for p in speed.trace)
+
+
+def test_relative_drop_and_trace_table():
+    b = Budget.from_target(config_from_dict({"target": {"max_drop": 0.05, "relative": True}}).target, DENSE)
+    assert b.max_drop == pytest.approx(0.02)
+    r = search(drop_curve(0.4, 2, max_drop=0.02), b, tolerance=0.02, max_evals=6)
+    text = format_trace(r, b)
+    assert sum(line.startswith("*") for line in text.splitlines()) == 1
+    assert "mAP50-95 drop <= 0.0200" in text and len(text.splitlines()) == r.evaluations + 3
+
+
+# ---------------------------------------------------------------------------------------------- config
+def test_target_config_round_trip_and_flags_replace_amount(tmp_path):
+    cfg = config_from_dict({"target": {"max_drop": 0.01}})
+    assert cfg.amount is None and cfg.target.active and config_from_dict(cfg.to_dict()) == cfg
+    assert load_config(None, target={"max_drop": 0.02}).amount is None  # a target flag replaces the default amount
+    y = tmp_path / "p.yaml"
+    y.write_text("method: global\n")
+    assert load_config(y, target={"max_drop": 0.02}).target.max_drop == 0.02
+    assert config_from_dict({"amount": 0.4}).target.active is False
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"target": {"max_drop": 0.01}, "amount": 0.3}, "'target' chooses the amount; remove 'amount'"),
+    ({"target": {"min_speedup": 1.5}}, "'target.min_speedup' needs 'structure: channel'"),
+    ({"target": {"max_size": 0.5}}, "'target.max_size' needs 'structure: channel'"),
+    ({"target": {"max_drop": 1.5}}, r"'target.max_drop' must be in \(0, 1\)"),
+    ({"target": {"min_speedup": 0.9}, "structure": "channel"}, r"'target.min_speedup' must be in \(1, 100\)"),
+    ({"target": {"max_drop": 0.01, "runtime": "tvm"}}, "'target.runtime' must be one of onnxruntime, torch"),
+    ({"target": {"max_drop": 0.01, "size_of": "flops"}}, "'target.size_of' must be one of params, onnx"),
+    ({"target": {"max_drop": 0.01, "max_evals": 1}}, "'target.max_evals' must be >= 2"),
+    ({"target": {"max_drop": 0.01, "search_images": 0}}, "'target.search_images' must be >= 1"),
+    ({"target": {"max_drop": 0.01, "after_finetune": True}}, "'target.after_finetune' .* not available yet"),
+    ({"target": {"min_speedup": 1.2, "relative": True}, "structure": "channel"}, "'target.relative' applies to"),
+    ({"target": {"max_drop": 0.01}, "schedule": {"final_amount": 0.5}}, "cannot drive 'schedule'"),
+    ({"target": {"max_dorp": 0.01}}, "unknown key 'target.max_dorp'; did you mean 'target.max_drop'"),
+    ({"amount": None}, "'amount' is null"),
+])
+def test_bad_target_config(data, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict(data)
+
+
+def test_target_knobs_without_a_limit_are_refused_by_preflight():
+    from yolo_prune_plugin.tools.budget_run import check_target
+
+    with pytest.raises(ConfigError, match="target: sets max_evals, tolerance but no budget"):
+        check_target(config_from_dict({"target": {"tolerance": 0.01, "max_evals": 4}}))
+    check_target(config_from_dict({"amount": 0.2}))
+
+
+def test_flags_win_over_the_yaml_amount_or_target(tmp_path):
+    y = tmp_path / "p.yaml"
+    y.write_text("amount: 0.5\n")
+    cfg = load_config(y, target={"max_drop": 0.01})
+    assert cfg.amount is None and cfg.target.max_drop == 0.01
+    y.write_text("target: {max_drop: 0.01}\n")
+    cfg = load_config(y, amount=0.4)
+    assert cfg.amount == 0.4 and not cfg.target.active
+    y.write_text("amount: 0.4\ntarget: {max_drop: 0.01}\n")
+    with pytest.raises(ConfigError, match="'target' chooses the amount"):
+        load_config(y)
+
+
+def test_final_check_after_finetune():
+    from yolo_prune_plugin.tools.budget_run import final_check
+
+    section = {"budget": {"max_drop": 0.004, "min_speedup": None, "max_size": None},
+               "options": {"max_drop": 0.01, "relative": True}, "chosen": {"drop": 0.003}}
+    f = final_check(section, {"mAP50-95": 0.4}, {"mAP50-95": 0.398}, finetuned=True)
+    assert f["on"] == "fine-tuned model" and f["meets"] and f["max_drop"] == pytest.approx(0.004)
+    assert not final_check(section, {"mAP50-95": 0.4}, {"mAP50-95": 0.39}, finetuned=False)["meets"]
+    assert final_check(section, None, {"mAP50-95": 0.39}, finetuned=False) is None
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--amount", "0.3", "--target-drop", "0.01"], "--amount and --target-\\*"),
+    (["--target-speedup", "1.5"], "'target.min_speedup' needs 'structure: channel'"),
+])
+def test_prune_flags(argv, match, tmp_path):
+    from yolo_prune_plugin.cli import _config_from_args, build_parser
+
+    ns = build_parser().parse_args(["prune", "--weights", "w.pt", *argv])
+    with pytest.raises(ConfigError, match=match):
+        _config_from_args(ns, "")
+
+
+def test_train_and_prune_flags_build_the_target():
+    from yolo_prune_plugin.cli import _config_from_args, build_parser
+
+    ns = build_parser().parse_known_args(["train", "--prune-target-speedup", "1.5", "--prune-target-size", "0.7",
+                                          "--prune-structure", "channel"])[0]
+    t = _config_from_args(ns, "prune-").target
+    assert (t.min_speedup, t.max_size, t.max_drop) == (1.5, 0.7, None)
+    ns = build_parser().parse_args(["prune", "--weights", "w.pt", "--target-drop", "0.02"])
+    cfg = _config_from_args(ns, "")
+    assert cfg.target.max_drop == 0.02 and cfg.amount is None
+
+
+def test_files_written_before_target_existed_still_match():
+    from yolo_prune_plugin.config import PruneConfig, config_equal
+
+    old = PruneConfig().to_dict()
+    del old["target"]
+    assert config_equal(old, PruneConfig().to_dict())
+    assert not config_equal(old, config_from_dict({"target": {"max_drop": 0.01}}).to_dict())
+
+
+def test_amounts_that_cannot_be_pruned_shrink_the_range():
+    """Channel pruning cannot remove more than about max_layer_ratio: those probes are errors, never chosen."""
+    ev = drop_curve(0.8, 1)
+
+    def evaluate(a: float) -> Point:
+        return Point(a, {}, error="cannot remove that much") if a > 0.5 else ev(a)
+    r = search(evaluate, Budget(DENSE, max_drop=0.01), max_amount=0.9, tolerance=0.02, max_evals=6)
+    assert r.chosen is not None and 0.48 <= r.chosen.amount <= 0.5
+    assert any(p.error for p in r.trace) and "not pruned" in format_trace(r, Budget(DENSE, max_drop=0.01))
+    fast = search(evaluate, Budget(DENSE, min_speedup=2.5), max_amount=0.9, tolerance=0.02, max_evals=6)
+    assert fast.chosen is None and not fast.closest.error and fast.closest.amount <= 0.5  # 2.5x needs 0.75

@@ -1,0 +1,150 @@
+"""Prune to a budget through the real pipeline: `yolo-prune prune --target-*` on real YOLOv5 models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from yolo_prune_plugin.cli import main
+from yolo_prune_plugin.report import validate_report
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def searched(shared, coco8_yaml, tmp_path_factory):
+    """`yolo-prune prune --target-drop 0.02` on the released yolov5n, coco8 at 96 px, global magnitude."""
+    folder = tmp_path_factory.mktemp("budget")
+    weights = folder / "best.pt"
+    weights.write_bytes((shared / "weights" / "yolov5n.pt").read_bytes())
+    cfg = folder / "prune.yaml"
+    cfg.write_text("target: {max_evals: 3, max_drop: 0.5}\n")  # the flag below overrides max_drop
+    rc = main(["prune", "--weights", str(weights), "--data", str(coco8_yaml), "--img", "96", "--device", "cpu",
+               "--workers", "0", "--method", "global", "--config", str(cfg), "--target-drop", "0.02"])
+    assert rc == 0
+    return folder
+
+
+def test_target_drop_writes_a_file_within_the_budget(searched):
+    report = json.loads((searched / "prune_report.json").read_text())
+    entry = validate_report(report)[0]
+    t = entry.target
+    assert t["options"]["max_drop"] == 0.02 and t["options"]["max_evals"] == 3 and t["met"] is True
+    assert 1 <= t["evaluations"] == len(t["trace"]) <= 3 and t["seconds"] > 0
+    assert entry.amount == t["amount"] == t["chosen"]["amount"] and 0 < entry.amount <= 0.9
+    assert abs(entry.sparsity_after["sparsity"] - entry.amount) < 1e-3  # the file holds the chosen amount
+    for p in t["trace"]:
+        assert set(p["metrics"]) == {"P", "R", "mAP50", "mAP50-95"} and p["seconds"] > 0
+        assert p["meets"] == (p["drop"] <= 0.02)
+    assert t["final"]["meets"] is True and "selection bias" in t["selection_bias"]
+    assert entry.metrics_before["mAP50-95"] - entry.metrics_after["mAP50-95"] <= 0.02
+    assert t["final"]["drop"] == pytest.approx(entry.metrics_before["mAP50-95"] - entry.metrics_after["mAP50-95"],
+                                               abs=1e-6)
+    saved = torch.load(searched / "best_pruned.pt", weights_only=False)["prune"]
+    assert saved["target"]["trace"] == t["trace"] and saved["config"]["amount"] is None
+
+
+def test_trace_and_plot_are_in_the_run_folder(searched):
+    png, rows = searched / "budget_best.png", (searched / "budget_best.csv").read_text().splitlines()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    report = json.loads((searched / "prune_report.json").read_text())
+    assert len(rows) == 1 + report["results"][0]["target"]["evaluations"]
+    assert sum(r.endswith(",True,") for r in rows) == 1  # the chosen point is marked
+    assert report["results"][0]["target"]["outputs"]["png"] == str(png)
+
+
+def test_impossible_budget_writes_nothing_and_says_why(small_model, tiny_data, tmp_path, capsys):
+    """1/50 of the latency cannot be reached: the closest point is named, no file is written."""
+    from conftest import save_checkpoint
+
+    weights = save_checkpoint(small_model, tmp_path / "best.pt")
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text("target: {max_evals: 2}\nchannel: {importance: l1}\nbn_recalibration: {images: 0}\n")
+    rc = main(["prune", "--weights", str(weights), "--data", str(tiny_data), "--img", "64", "--device", "cpu",
+               "--workers", "0", "--batch-size", "4", "--structure", "channel", "--config", str(cfg),
+               "--target-speedup", "50"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert rc == 1, err
+    assert err.startswith("yolo-prune: error: target: no amount in [0, 0.9] meets speed-up >= 50.00x (2 evaluations")
+    assert "closest: amount 0." in err and "nothing written" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "prune.yaml"]
+
+
+def test_target_with_amount_is_refused_before_any_work(small_ckpt, tiny_data, capsys):
+    rc = main(["prune", "--weights", str(small_ckpt), "--data", str(tiny_data), "--amount", "0.3",
+               "--target-drop", "0.01"])
+    assert rc == 2 and "a fixed amount and a budget are alternatives" in capsys.readouterr().err
+    assert not small_ckpt.with_name("best_pruned.pt").exists()
+
+
+def test_register_and_api_take_a_target(backend, small_ckpt, tmp_path):
+    import shlex
+
+    from yolo_prune_plugin import load_config, register
+    from yolo_prune_plugin.errors import ConfigError
+
+    plugin = register(backend.Callbacks(), target={"max_drop": 0.01})
+    assert plugin.config.target.max_drop == 0.01 and plugin.config.amount is None
+    retry = shlex.split(plugin.retry_command(tmp_path / "weights" / "best.pt").splitlines()[0])
+    assert retry[2] == "--config" and load_config(retry[3]) == plugin.config  # the retry searches the same budget
+    from yolo_prune_plugin import prune
+
+    with pytest.raises(ConfigError, match="target: the budget search evaluates every candidate"):
+        prune(small_ckpt, None, target={"max_drop": 0.01})
+
+
+def test_demo_ends_with_a_budget_search(small_model, tmp_path, caplog):
+    import logging
+
+    from conftest import save_checkpoint
+    from yolo_prune_plugin.demo import demo_budget
+    from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
+
+    caplog.set_level(logging.INFO, logger="yolo_prune_plugin")
+    data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())
+    (tmp_path / "exp" / "weights").mkdir(parents=True)
+    ck = save_checkpoint(small_model, tmp_path / "exp" / "weights" / "best.pt")
+    out = demo_budget(ck, data, imgsz=64, device="cpu", target={"max_evals": 2})
+    assert out["png"] == str(tmp_path / "exp" / "budget" / "budget_best.png")
+    assert (tmp_path / "exp" / "weights" / "best_budget.pt").is_file()
+    assert out["entry"].structure == "channel" and out["entry"].target["evaluations"] == 2
+    assert "The fastest channel-pruned model within 1 mAP50-95 point" in caplog.text and "faster in ONNX" in caplog.text
+
+
+def test_train_end_hook_searches_the_budget(backend, tmp_path):
+    """`yolo-prune train --prune-target-drop` on a tiny real training run: the train-end entry holds the search."""
+    from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
+
+    data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())
+    o = TINY.train_overrides(data, tmp_path / "runs", "exp", yolov5_root=backend.root)
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text("method: global\ntarget: {max_evals: 2}\n")
+    rc = main(["train", "--data", o["data"], "--cfg", o["cfg"], "--weights", "", "--img", str(o["imgsz"]),
+               "--epochs", "1", "--batch-size", str(o["batch_size"]), "--workers", "0", "--device", "cpu",
+               "--noplots", "--project", o["project"], "--name", "exp", "--prune-config", str(cfg),
+               "--prune-target-drop", "0.05"])
+    assert rc == 0
+    run = tmp_path / "runs" / "exp"
+    entry = validate_report(json.loads((run / "prune_report.json").read_text()))[0]
+    assert entry.target["evaluations"] == 2 and entry.target["options"]["max_drop"] == 0.05
+    assert entry.metrics_before_source == "YOLOv5's final validation"
+    assert (run / "budget_best.png").is_file() and (run / "weights" / "best_pruned.pt").is_file()
+
+
+def test_search_images_are_a_seeded_subset_of_val(backend, tiny_data, tmp_path):
+    from yolo_prune_plugin.backend.data import image_files
+    from yolo_prune_plugin.backend.evaluation import make_settings
+    from yolo_prune_plugin.tools.budget_run import search_settings
+
+    settings = make_settings(tiny_data, 64, 4, "cpu", workers=0, backend=backend)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    sub, n, total = search_settings(settings, 1, 0, tmp_path / "a")
+    again, _, _ = search_settings(settings, 1, 0, tmp_path / "b")
+    val = image_files(settings.data["val"])
+    assert (n, total) == (1, len(val)) and len(val) > 1
+    chosen = image_files(sub.data["val"])
+    assert len(chosen) == 1 and set(chosen) <= set(val) and chosen == image_files(again.data["val"])
+    assert search_settings(settings, None, 0, tmp_path)[0] is settings

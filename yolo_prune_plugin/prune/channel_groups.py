@@ -1,0 +1,141 @@
+"""Torch-Pruning's view of a YOLOv5 model: dependency groups of coupled channels, their importance and MACs,
+channel counts and GFLOPs (used by :mod:`yolo_prune_plugin.prune.channel` and by the tools that measure a model)."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from .registry import CHANNEL_IMPORTANCES as IMPORTANCES
+from .unstructured import conv_layers
+
+
+def _tp() -> Any:
+    try:
+        return importlib.import_module("torch_pruning")
+    except ImportError as e:  # pragma: no cover - optional dependency
+        raise ConfigError("structure: channel needs Torch-Pruning: pip install torch-pruning==1.6.1 "
+                          "(or yolo_prune_plugin[structured])") from e
+
+
+# --------------------------------------------------------------------------------------------------
+# measurements
+# --------------------------------------------------------------------------------------------------
+def gflops(model: nn.Module, imgsz: int = 640) -> Optional[float]:
+    """GFLOPs at ``imgsz`` computed exactly as YOLOv5's ``model_info`` does (thop at stride size, scaled)."""
+    try:
+        import thop
+    except ImportError:  # pragma: no cover
+        return None
+    p = next(model.parameters())
+    stride = max(int(model.stride.max()), 32) if hasattr(model, "stride") else 32
+    im = torch.empty((1, p.shape[1] if p.dim() > 1 else 3, stride, stride), device=p.device, dtype=p.dtype)
+    m = copy.deepcopy(model)
+    for mod in m.modules():  # a (re)loaded model may have no FLOP-counter buffers; thop adds its own
+        for k in ("total_ops", "total_params"):
+            mod._buffers.pop(k, None)
+    with torch.no_grad():
+        flops = thop.profile(m, inputs=(im,), verbose=False)[0] / 1e9 * 2
+    return round(flops * imgsz / stride * imgsz / stride, 3)
+
+
+def channel_counts(model: nn.Module) -> dict[str, list[int]]:
+    """``{conv name: [out_channels, in_channels]}`` for every Conv2d of ``model``."""
+    return {n: [m.out_channels, m.in_channels] for n, m in conv_layers(model)}
+
+
+def _weights(model: nn.Module, names: Sequence[str]) -> int:
+    mods = dict(model.named_modules())
+    return sum(mods[n].weight.numel() for n in names)
+
+
+# --------------------------------------------------------------------------------------------------
+# channel pruning
+# --------------------------------------------------------------------------------------------------
+def _importance(name: str) -> Any:
+    tp = _tp()
+    I = tp.importance  # noqa: E741
+    if name == "l1":
+        return I.GroupMagnitudeImportance(p=1)
+    if name == "l2":
+        return I.GroupMagnitudeImportance(p=2)
+    if name == "bn":
+        return I.BNScaleImportance()
+    if name == "lamp":
+        return I.LAMPImportance(p=2)
+    if name == "taylor":
+        return I.GroupTaylorImportance()
+    raise ConfigError(f"importance {name!r} is unknown; expected one of {', '.join(IMPORTANCES)}")
+
+
+def detect_output_convs(model: nn.Module) -> list[nn.Module]:
+    """Detect's output convolutions (their channel count is anchors x (5 + classes): never pruned)."""
+    det = model.model[-1]
+    return list(det.m) if hasattr(det, "m") else []
+
+
+def _build_groups(model: nn.Module, ignored: list[nn.Module], imgsz: int) -> tuple[Any, list]:
+    tp = _tp()
+    p = next(model.parameters())
+    example = torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype)
+    flags = [(q, q.requires_grad) for q in model.parameters()]
+    for q, _ in flags:  # tracing follows grad_fn: loaded checkpoints have requires_grad False
+        q.requires_grad_(True)
+    try:
+        dg = tp.DependencyGraph().build_dependency(model, example_inputs=example)
+    finally:
+        for q, f in flags:
+            q.requires_grad_(f)
+    names = {m: n for n, m in model.named_modules()}
+    groups = []
+    for g in dg.get_all_groups(ignored_layers=ignored, root_module_types=[nn.Conv2d]):
+        root = g[0].dep.target.module
+        groups.append((names[root], g))
+    return dg, groups
+
+
+def channel_macs(model: nn.Module, groups: list, dg: Any, imgsz: int) -> dict[str, float]:
+    """Multiply-accumulates (at ``imgsz``) that one channel of each group costs, summed over its Conv2d members.
+
+    For each group ``(root name, group)`` from :func:`_build_groups`: an output channel of a member conv costs
+    ``k*k*in/groups`` MACs per output position, an input channel of a consumer conv ``k*k*out/groups``; both
+    times that conv's output positions (measured by one forward pass at ``imgsz``). Linear in ``imgsz**2``, so
+    the ratios between groups do not depend on ``imgsz``.
+    """
+    hw: dict[nn.Module, int] = {}
+
+    def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
+        hw[mod] = int(out.shape[-1] * out.shape[-2])
+
+    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    p = next(model.parameters())
+    was = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hs:
+            h.remove()
+        model.train(was)
+    cost: dict[str, float] = {}
+    for name, g in groups:
+        seen, c = set(), 0.0
+        for item in g:
+            mod = item.dep.target.module
+            if not isinstance(mod, nn.Conv2d) or mod not in hw:
+                continue
+            out = bool(dg.is_out_channel_pruning_fn(item.dep.handler))
+            if (id(mod), out) in seen:
+                continue
+            seen.add((id(mod), out))
+            k = mod.kernel_size[0] * mod.kernel_size[1]
+            per = k * (mod.in_channels if out else mod.out_channels) / mod.groups
+            c += per * hw[mod]
+        cost[name] = max(c, 1.0)
+    return cost

@@ -1,0 +1,195 @@
+"""The pipeline's stages: prune a checkpoint's model (zeros or channels, recalibration / reconstruction) and
+fine-tune it in YOLOv5's own loop; :mod:`yolo_prune_plugin.pipeline` runs them, evaluates, writes and reports."""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .backend.evaluation import EvalSettings
+from .backend.loading import Backend, load_checkpoint
+from .config import DATA_AWARE_METHODS, PruneConfig
+from .errors import PruneError
+from .prune.unstructured import conv_layers, prune_model, sparsity_stats
+from .report import ReportEntry
+from .tools.heldout import channel_data_needs, overlap_plan
+
+LOGGER = logging.getLogger("yolo_prune_plugin")
+
+
+@dataclass
+class RunContext:
+    """Where and how one pipeline run works: resolved once by the caller."""
+
+    backend: Backend
+    device: torch.device
+    imgsz: int
+    settings: Optional[EvalSettings] = None  # evaluation (and calibration) data; None: nothing evaluated
+    opt: dict = field(default_factory=dict)  # YOLOv5 train options of the run (fine-tune inherits them)
+
+    @property
+    def export_device(self) -> str:
+        return str(self.device.index or 0) if self.device.type == "cuda" else "cpu"
+
+
+# --------------------------------------------------------------------------------------------------
+# stages
+# --------------------------------------------------------------------------------------------------
+def source_model(ckpt: Mapping[str, Any]) -> nn.Module:
+    """The model YOLOv5 would deploy from a checkpoint: ``ema`` first, else ``model``."""
+    return ckpt.get("ema") or ckpt["model"]
+
+
+def prune_stage(ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext,
+                cache: Optional[dict] = None) -> tuple[nn.Module, dict]:
+    """A float copy of the checkpoint's model on the run's device, pruned as ``config`` says (zeros, or channels
+    removed), BatchNorm statistics re-estimated when configured. Returns the model and what was done.
+    ``cache``: calibration images kept across calls (a budget search prunes many amounts)."""
+    from .prune.calibration import load_calibration_images, resolve_method
+
+    model = copy.deepcopy(source_model(ckpt)).float().to(ctx.device)
+    c = config.calibration
+    done: dict[str, Any] = {"stats_before": sparsity_stats(model, conv_layers(model, config.include,
+                                                                              config.exclude)).to_dict(per_layer=False)}
+    plan = _cached(cache, "overlap", lambda: overlap_plan(config, ctx.settings.data)) if ctx.settings is not None else {}
+    if config.structure == "channel":
+        done.update(_channel_prune(model, config, ctx, plan, cache))
+    else:
+        calibration = None
+        first = cache is None or "method" not in cache  # said once per search
+        method, why = _cached(cache, "method", lambda: resolve_method(
+            config.method, ctx.settings.data if ctx.settings else None, c.images, c.allow_overlap))
+        if why and first:
+            LOGGER.info("yolo_prune_plugin: method %s", why)
+        if method in DATA_AWARE_METHODS:
+            data = _calibration_data(ctx, f"method {method!r}")
+            calibration = _cached(cache, "images", lambda: load_calibration_images(
+                data, ctx.imgsz, n=c.images, batch_size=c.batch_size, seed=c.seed, device=ctx.device,
+                allow_overlap=c.allow_overlap))
+        result = prune_model(model, config.amount, method, config.include, config.exclude,
+                             calibration=calibration, options=config.obs)
+        details = {**result.extra, "auto": why} if why else result.extra
+        done.update(seconds=round(result.seconds, 3), details=details, method=method)
+    if plan:
+        done["details"] = {**done["details"], "overlap": plan}
+    n = config.bn_recalibration.count(config.structure)
+    if n and "reconstruction" in done:
+        LOGGER.info("BatchNorm statistics kept: the reconstruction matched the dense pre-BatchNorm outputs")
+    elif n:
+        from .prune.bn_recalibration import recalibrate_bn
+
+        data = _calibration_data(ctx, "bn_recalibration")
+        images = _cached(cache, "bn", lambda: load_calibration_images(
+            data, ctx.imgsz, n=n, batch_size=config.bn_recalibration.batch_size, seed=c.seed, device=ctx.device,
+            allow_overlap=c.allow_overlap or "bn_recalibration" in plan))
+        done["recalibration"] = recalibrate_bn(model, images, config.bn_recalibration.batch_size)
+        LOGGER.info("BatchNorm statistics re-estimated on %d train images (%d layers)", len(images),
+                    done["recalibration"]["layers"])
+    return model.eval(), done
+
+
+def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan: Mapping[str, str],
+                   cache: Optional[dict] = None) -> dict:
+    """``structure: channel``: channel pruning (in place), then reconstruction / mean compensation against the dense
+    model on the calibration images when configured. ``plan``: the overlap decisions (:func:`overlap_plan`): a
+    default that would fit the evaluation images falls back. ``cache``: see :func:`prune_stage`. Returns what was
+    done."""
+    from .prune.calibration import load_calibration_batch
+    from .prune.channel import FALLBACK_IMPORTANCE, channel_prune
+
+    ch = config.channel.resolved(ctx.settings is not None and "channel.reconstruct" not in plan)
+    c = config.calibration
+    imp = FALLBACK_IMPORTANCE if "channel.importance" in plan else ch.importance
+    calibration = None
+    needs = channel_data_needs(config, ch)
+    if needs or (imp is None and ctx.settings is not None):
+        data = _calibration_data(ctx, needs[0] if needs else "channel importance 'taylor'")
+        calibration = _cached(cache, "batch", lambda: load_calibration_batch(
+            data, ctx.imgsz, n=c.images, seed=c.seed, allow_overlap=c.allow_overlap))
+    dense = copy.deepcopy(model) if ch.reconstruct or ch.compensate else None
+    res = channel_prune(model, config.amount, importance=imp, round_to=ch.round_to, include=config.include,
+                        exclude=config.exclude, calibration=calibration, max_layer_ratio=ch.max_layer_ratio,
+                        imgsz=ctx.imgsz, cost_aware=ch.cost_aware, round_share=ch.round_share,
+                        allocation=ch.allocation, cache=None if cache is None else _cached(cache, "channel", dict))
+    done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True)}
+    if dense is not None:
+        from .prune.reconstruction import reconstruct_layers
+
+        images = calibration[0].to(ctx.device)
+        rec = reconstruct_layers(model, dense, images, kept=res.kept, refit=ch.reconstruct, compensate=ch.compensate)
+        done["reconstruction"] = rec
+        done["channels"]["reconstruction"] = {k: v for k, v in rec.items() if k not in ("errors", "errors_before")}
+        done["seconds"] = round(res.seconds + rec["seconds"], 3)
+        LOGGER.info("Reconstructed %d layers against the dense model on %d train images (%s s)", rec["layers"],
+                    rec["images"], rec["seconds"])
+    return done
+
+
+def _cached(cache: Optional[dict], key: str, load: Any) -> Any:
+    """``load()``, kept in ``cache`` under ``key`` when a cache is given."""
+    if cache is None:
+        return load()
+    if key not in cache:
+        cache[key] = load()
+    return cache[key]
+
+
+def _calibration_data(ctx: RunContext, what: str) -> dict:
+    if ctx.settings is None:
+        raise PruneError(f"{what} needs train-split images: pass --data (or set bn_recalibration.images: 0)")
+    return ctx.settings.data
+
+
+def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: PruneConfig,
+                   ctx: RunContext, dense: Optional[nn.Module] = None) -> tuple[dict, nn.Module]:
+    """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held (``finetune.distill``: from
+    ``dense``, the unpruned model); the fine-tuned checkpoint and its model. YOLOv5's own final validation of the
+    fine-tune run is not reused: it runs with YOLOv5's NMS time limit, and every "after" number the plugin reports
+    comes from its own validation without that limit."""
+    from .training.finetune import finetune_checkpoint
+    from .training.masks import count_leaks, count_masked, zero_masks
+
+    ft_cfg = config.finetune
+    project, name, hyp_path = finetune_location(Path(entry.checkpoint))
+    channel = config.structure == "channel"  # a smaller dense architecture: trained as it is, no mask to hold
+    masks = {} if channel else zero_masks(model, config.include, config.exclude)
+    ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
+                             include=config.include, exclude=config.exclude, masks=masks or None,
+                             warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel,
+                             teacher=dense if ft_cfg.distill else None, distill_weight=ft_cfg.distill_weight)
+    ckpt = load_checkpoint(ft.best, ctx.backend)
+    tuned = source_model(ckpt).float()
+    if channel and _channels(tuned) != _channels(model):
+        raise PruneError(f"{ft.best}: the fine-tuned model lost the pruned architecture (channel counts differ); "
+                         f"{out} still holds the one-shot pruned model")
+    leaks = dict(ft.leaks)
+    leaks["best_pruned.pt"] = count_leaks(tuned, masks)
+    entry.finetune = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
+                      "warmup": ft.warmup, "loop": ft.loop, "distill": ft.distill, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
+                      "masked_weights": count_masked(masks), "seconds": round(ft.seconds, 1),
+                      "history": ft.history}
+    entry.leaks = leaks
+    if sum(leaks.values()):
+        raise PruneError(f"{ft.best}: pruned weights became non-zero during fine-tuning ({leaks}); "
+                         f"{out} still holds the one-shot pruned model")
+    return ckpt, tuned
+
+
+def finetune_location(checkpoint: Path) -> tuple[Path, str, Optional[Path]]:
+    """Where the fine-tune of ``checkpoint`` runs: (project, name, hyp file). A YOLOv5 run's
+    ``<run>/weights/best.pt``: ``<run>_finetune`` beside the run, hyp in ``<run>/hyp_finetune.yaml``; any other file
+    (``yolo-prune prune``): ``<stem>_finetune`` beside it (YOLOv5 increments the name, nothing is overwritten)."""
+    if checkpoint.parent.name == "weights":
+        run_dir = checkpoint.parent.parent
+        return run_dir.parent, f"{run_dir.name}_finetune", run_dir / "hyp_finetune.yaml"
+    return checkpoint.parent, f"{checkpoint.stem}_finetune", None
+
+
+def _channels(model: nn.Module) -> list[tuple[int, int]]:
+    return [(m.out_channels, m.in_channels) for _, m in conv_layers(model)]
