@@ -268,6 +268,7 @@ ISSUE17_ROWS = {  # name -> channel options (cumulative); every row uses 32 cali
     "reconstruct": {"allocation": "sensitivity", "reconstruct": True, "compensate": False},
     "compensate": {"allocation": "sensitivity", "reconstruct": True, "compensate": True},
     "global_compensate": {"allocation": "global", "reconstruct": True, "compensate": True},  # allocation off again
+    "default_now": {},  # today's defaults: global allocation, round_share 0.125, reconstruction (data given)
 }
 
 

@@ -99,3 +99,21 @@ def test_explicit_data_aware_choice_is_refused_before_training(same_yaml, tiny_c
     assert rc == 2 and train_spy == []  # no epoch ran
     assert len(err) == 1 and err[0].startswith(f"yolo-prune: error: {key} fits the pruned model")
     assert "calibration.allow_overlap: true" in err[0] and "disjoint train and val splits" in err[0]
+
+
+def test_three_line_path_refuses_an_explicit_choice_before_the_first_epoch(backend, same_yaml, tiny_cfg, tmp_path):
+    """``register(callbacks)`` + ``train.main`` (no api.preflight): the overlap is decided at
+    ``on_pretrain_routine_start``, so an explicit ``method: obs`` stops YOLOv5 before any epoch."""
+    from yolo_prune_plugin import register
+    from yolo_prune_plugin.api import train_opt
+    from yolo_prune_plugin.config import config_from_dict
+    from yolo_prune_plugin.errors import ConfigError
+
+    opt = train_opt(backend=backend, data=str(same_yaml), cfg=str(tiny_cfg), weights="", imgsz=64, epochs=1,
+                    batch_size=4, workers=0, device="cpu", noplots=True, noautoanchor=True,
+                    project=str(tmp_path / "runs"), name="exp")
+    callbacks = backend.Callbacks()
+    register(callbacks, config_from_dict({"method": "obs", "amount": 0.3}))
+    with pytest.raises(ConfigError, match="method: obs fits the pruned model to its calibration images"):
+        backend.train.main(opt, callbacks=callbacks)
+    assert not list((tmp_path / "runs").rglob("*.pt"))  # no epoch ran, nothing saved

@@ -20,12 +20,14 @@ from typing import Any, Callable, Optional
 import yaml
 
 from .backend.distributed import is_main_process, rank
-from .backend.evaluation import Metrics
+from .backend.evaluation import Metrics, resolve_data
 from .backend.loading import Backend, backend_of_callbacks, first_line, get_backend, load_checkpoint
 from .backend.patches import driving_yolov5
+from .backend.training_loop import running_train_opt
 from .config import PruneConfig, ScheduleOptions, load_config
 from .errors import PruneError
 from .report import ReportEntry
+from .tools.heldout import overlap_plan
 from .tools.loggers import find_yolo_loggers
 from .utils.files import atomic_write_text
 
@@ -61,6 +63,7 @@ class PrunePlugin:
         self.error: Optional[BaseException] = None
         self.ran = False
         self.callbacks: Any = None  # set by register(): YOLOv5's Loggers (trackers) are found on it
+        self._overlap_checked = False  # see on_pretrain_routine_start
         self._resolved_opt: dict = {}  # training options as the hook found them (for the retry command)
         self._best: Any = None  # best.pt of the run being pruned (for the retry command)
         self._scope = contextlib.ExitStack()  # the compat patches while YOLOv5 trains (3-line path)
@@ -89,10 +92,18 @@ class PrunePlugin:
 
     # -- YOLOv5 hooks -----------------------------------------------------------------------------
     def on_pretrain_routine_start(self) -> None:
-        """Training begins: YOLOv5 7.0.x needs the compat patches (offline font, Pillow, numpy) until it ends."""
+        """Training begins: YOLOv5 7.0.x needs the compat patches (offline font, Pillow, numpy) until it ends.
+        Registered without the run's options (``register(callbacks)`` + ``train.main``, where ``api.preflight``
+        did not run), the train/val overlap decisions are made now, before the first epoch: an explicit choice
+        that needs disjoint splits raises here and training does not start."""
         if not self._scoped:
             self._scope.enter_context(driving_yolov5(self.backend))
             self._scoped = True
+        if self.opt is None and not self._overlap_checked and is_main_process():
+            self._overlap_checked = True
+            opt = running_train_opt()
+            if opt is not None and getattr(opt, "data", None) and not getattr(opt, "resume", False):
+                overlap_plan(self.config, resolve_data(opt.data, self.backend))
 
     def on_train_start(self) -> None:
         if self.regularizer is not None:

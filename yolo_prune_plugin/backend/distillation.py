@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ..errors import PruneError
 from .loading import Backend
-from .patches import Patch
+from .patches import replaced
 
 #: teacher predictions above this objectness are "confident": their boxes are regression targets
 CONFIDENT = 0.5
@@ -174,9 +174,5 @@ def distilled_loss(backend: Backend, teacher: nn.Module, weight: float) -> Itera
         stats.teacher_mb = sum(q.numel() * q.element_size() for q in stats.teacher.parameters()) / 2 ** 20
         return DistillLoss(original(model, autobalance), stats.teacher, stats, bbox_iou)
 
-    p = Patch()
-    p.set(backend.train, "ComputeLoss", factory)
-    try:
+    with replaced(backend.train, "ComputeLoss", factory):
         yield stats
-    finally:
-        p.undo()

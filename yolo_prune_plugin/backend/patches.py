@@ -61,6 +61,17 @@ class Patch:
                 setattr(obj, name, old)
 
 
+@contextlib.contextmanager
+def replaced(obj: Any, name: str, value: Any) -> Iterator[None]:
+    """``obj.name`` is ``value`` while the block runs, and what it was again afterwards (also on exceptions)."""
+    p = Patch()
+    p.set(obj, name, value)
+    try:
+        yield
+    finally:
+        p.undo()
+
+
 class _CompatScope:
     """Reentrant: the patches of :func:`compat_patches` are applied on the first enter, undone on the last exit."""
 

@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, PruneError
 from .loading import Backend, get_backend, is_detection_model, load_checkpoint
-from .patches import Patch
+from .patches import replaced
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -84,6 +84,21 @@ def _train_frame() -> Any:
         del frame
     raise PruneError("could not find YOLOv5's train() objects (model, optimizer, EMA) from the callback; the "
                      "recovery modes need YOLOv5 7.0.x's train.py")
+
+
+def running_train_opt() -> Any:
+    """The ``opt`` of the YOLOv5 ``train()`` whose callback is running now (from ``on_pretrain_routine_start``
+    on), None outside one."""
+    frame = inspect.currentframe()
+    try:
+        f = frame.f_back if frame is not None else None
+        while f is not None:
+            if f.f_code.co_name == "train" and "opt" in f.f_locals and "hyp" in f.f_locals:
+                return f.f_locals["opt"]
+            f = f.f_back
+    finally:
+        del frame
+    return None
 
 
 def training_objects(backend: Backend) -> TrainingObjects:
@@ -221,12 +236,8 @@ def keep_checkpoint_architecture(backend: Backend, weights: str | Path) -> Itera
         LOGGER.info("yolo_prune_plugin: training the channel-pruned architecture of %s (not its YAML)", wpath.name)
         return m
 
-    p = Patch()
-    p.set(backend.train, "Model", factory)
-    try:
+    with replaced(backend.train, "Model", factory):
         yield src
-    finally:
-        p.undo()
 
 
 def add_gradient_hook(optimizer: torch.optim.Optimizer, fn: Callable[[], None]) -> Any:
