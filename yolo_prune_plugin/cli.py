@@ -71,21 +71,22 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    help="fine-tune epochs after pruning, in YOLOv5's own training loop on the data's train split")
     p.add_argument(f"--{prefix}finetune-distill", action="store_true", default=None,
                    help="distil from the unpruned model during the fine-tune (config: finetune.distill)")
-    for key, metavar, what in TARGET_FLAGS:
-        p.add_argument(f"--{prefix}target-{key}", type=float, metavar=metavar, help=what + " (instead of an amount)")
+    for flag, key, metavar, what in TARGET_FLAGS:
+        p.add_argument(f"--{prefix}target-{flag}", type=float, metavar=metavar,
+                       help=f"{what} (target.{key}; instead of an amount)")
 
 
 #: budget flags: ``--target-drop`` (prune) / ``--prune-target-drop`` (train) -> ``target.max_drop``, ...
-TARGET_FLAGS = (("drop", "D", "largest mAP50-95 drop from the dense model, e.g. 0.01 (target.max_drop)"),
-                ("speedup", "X", "smallest ONNX Runtime speed-up, e.g. 1.5; structure channel (target.min_speedup)"),
-                ("size", "R", "largest params ratio pruned/dense, e.g. 0.6; structure channel (target.max_size)"))
-_TARGET_KEYS = {"drop": "max_drop", "speedup": "min_speedup", "size": "max_size"}
+TARGET_FLAGS = (("drop", "max_drop", "D", "largest mAP50-95 drop from the dense model, e.g. 0.01"),
+                ("speedup", "min_speedup", "X", "smallest ONNX Runtime speed-up, e.g. 1.5; structure channel"),
+                ("size", "max_size", "R", "largest params ratio pruned/dense, e.g. 0.6; structure channel"))
+_TARGET_KEYS = {flag: key for flag, key, _, _ in TARGET_FLAGS}
 
 
 def _target_override(ns: argparse.Namespace, prefix: str) -> Optional[dict]:
     """``--target-*`` flags as a ``target`` override (None when none is given)."""
     pre = prefix.replace("-", "_")
-    given = {_TARGET_KEYS[k]: getattr(ns, f"{pre}target_{k}", None) for k, _, _ in TARGET_FLAGS}
+    given = {key: getattr(ns, f"{pre}target_{flag}", None) for flag, key, _, _ in TARGET_FLAGS}
     given = {k: v for k, v in given.items() if v is not None}
     return given or None
 
