@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Run every CUDA code path of the plugin once on one GPU (< 5 min) and print one line per path.
 
-    python scripts/check_gpu.py [--shared ../shared] [--device 0] [--img 320]
+    python scripts/check_gpu.py [--shared ../shared] [--device 0] [--img 320] [--logs DIR]
 
 Paths: prune (global, obs) on CUDA with half-precision evaluation as YOLOv5's final validation does it (and
 YOLOv5's own ``val.py --half`` on the written file reproduces the numbers); a 1-epoch ``yolo-prune train
@@ -23,14 +23,25 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+LOGS: list[Path] = []  # --logs: every subprocess's full output is written there
+
+
+def _run(cmd: list[str], timeout: float) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=str(ROOT))
+    if LOGS:
+        LOGS[0].mkdir(parents=True, exist_ok=True)
+        with open(LOGS[0] / "check_gpu_subprocesses.log", "a") as f:
+            f.write(f"\n===== {' '.join(cmd)}\n===== exit {r.returncode}\n{r.stdout}\n{r.stderr}\n")
+    return r
 
 
 def _cli(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.run([sys.executable, "-m", "yolo_prune_plugin.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=str(ROOT))
+    return _run([sys.executable, "-m", "yolo_prune_plugin.cli", *args], timeout)
 
 
 def _why(r: subprocess.CompletedProcess) -> str:
@@ -43,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shared", default=os.environ.get("YOLO_PRUNE_SHARED", str(ROOT.parent / "shared")))
     ap.add_argument("--device", default="0")
     ap.add_argument("--img", type=int, default=320)
+    ap.add_argument("--logs", default=None, help="folder to write every subprocess's full output into")
     a = ap.parse_args(argv)
+    if a.logs:
+        LOGS.append(Path(a.logs))
 
     import torch
 
@@ -56,10 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     if not weights.is_file() or not data_yaml.is_file():
         print(f"check_gpu: failed: needs {weights} and {data_yaml} (pass --shared)")
         return 1
-    from yolo_prune_plugin.backend.evaluation import write_absolute_data_yaml
+    from yolo_prune_plugin.tools.heldout import split_data_yaml
 
     work = Path(tempfile.mkdtemp(prefix="yolo_prune_gpu_"))
-    data = write_absolute_data_yaml(data_yaml, work / "data")
+    # coco128's train and val are the same images, and the data-aware paths (obs, sensitivity, Taylor,
+    # reconstruction) refuse that: calibrate/train on the first 64, validate on the other 64
+    data = split_data_yaml(data_yaml, work / "data", calibration=64, evaluation=64, split="train")
     dev, img = a.device, str(a.img)
     print(f"check_gpu: {torch.cuda.get_device_name(int(dev.split(',')[0]))}, torch {torch.__version__}, work {work}")
     results: list[tuple[str, bool, str]] = []
@@ -75,13 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
         results.append((name, ok, msg))
 
-    def prune(method: str) -> dict:
-        d = work / f"prune_{method}"
+    def prune(method: str, *extra: str, name: str = "", amount: str | None = "0.3") -> dict:
+        d = work / f"prune_{name or method}"
         d.mkdir()
         w = d / "yolov5n.pt"
         shutil.copy(weights, w)
-        r = _cli("prune", "--weights", str(w), "--data", str(data), "--img", img, "--device", dev, "--amount",
-                 "0.3", "--method", method, "--workers", "4")
+        r = _cli("prune", "--weights", str(w), "--data", str(data), "--img", img, "--device", dev, "--method",
+                 method, "--workers", "4", *(("--amount", amount) if amount else ()), *extra)
         if r.returncode != 0:
             raise RuntimeError(_why(r))
         entry = json.loads((d / "prune_report.json").read_text())["results"][0]
@@ -99,14 +115,26 @@ def main(argv: list[str] | None = None) -> int:
         e = prune("obs")
         return f"mAP50-95 {e['metrics_after']['mAP50-95']:.4f}, {e['prune_seconds']:.1f}s"
 
+    def channel(name: str, config: str, amount: str | None = "0.3") -> Callable[[], str]:
+        """``yolo-prune prune --structure channel`` with one config variant (each runs other CUDA code)."""
+        def run() -> str:
+            cfg = work / f"{name}.yaml"
+            cfg.write_text(config + "\n")
+            e = prune("global", "--structure", "channel", "--config", str(cfg), name=name, amount=amount)
+            return (f"mAP50-95 {e['metrics_after']['mAP50-95']:.4f}, params "
+                    f"{(e.get('channels') or {}).get('params_after')}, {e['prune_seconds']:.1f}s")
+        return run
+
     def half_eval_matches_val() -> str:
         from yolo_prune_plugin.backend.loading import get_backend
+        from yolo_prune_plugin.backend.patches import driving_yolov5
 
         b = get_backend()
         out = work / "prune_global" / "yolov5n_pruned.pt"
         entry = json.loads((work / "prune_global" / "prune_report.json").read_text())["results"][0]
-        r = b.val.run(data=str(data), weights=str(out), imgsz=int(img), batch_size=32, iou_thres=0.6, device=dev,
-                      half=True, workers=4, project=str(work / "val"), plots=False)[0]
+        with driving_yolov5(b):  # offline: YOLOv5's val would try to download Arial.ttf
+            r = b.val.run(data=str(data), weights=str(out), imgsz=int(img), batch_size=32, iou_thres=0.6,
+                          device=dev, half=True, workers=4, project=str(work / "val"), plots=False)[0]
         d = abs(r[3] - entry["metrics_after"]["mAP50-95"])
         if d > 0.002:
             raise RuntimeError(f"YOLOv5 val.py --half gives {r[3]:.4f}, report says "
@@ -141,16 +169,32 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ft['history'][0].get('loss_teacher')}, {ft['history'][0]['epoch_s']} s/epoch (this process peak "
                 f"{peak:.0f} MB)")
 
+    def train_channel(name: str, config: str, epochs: str = "2") -> Callable[[], str]:
+        """``yolo-prune train --prune-structure channel`` with a training-time option (regularise, schedule)."""
+        def run() -> str:
+            cfg = work / f"{name}.yaml"
+            cfg.write_text(config + "\n")
+            r = _cli("train", "--data", str(data), "--weights", str(weights), "--img", img, "--epochs", epochs,
+                     "--batch-size", "16", "--device", dev, "--workers", "4", "--project", str(work / "runs"),
+                     "--name", name, "--prune-config", str(cfg), timeout=400)
+            if r.returncode != 0:
+                raise RuntimeError(_why(r))
+            rep = json.loads((work / "runs" / name / "prune_report.json").read_text())
+            e = rep["results"][0]
+            hist = [h for h in rep.get("history") or [] if isinstance(h, dict)]
+            return (f"mAP50-95 {(e.get('metrics_after') or {}).get('mAP50-95')}, params "
+                    f"{(e.get('channels') or {}).get('params_after')}, history keys "
+                    f"{sorted({k for h in hist for k in h})[:8]}")
+        return run
+
     def torchrun_schedule() -> str:
         """The real DDP path with one process: torch.distributed.run -> yolo-prune train with a schedule."""
         cfg = work / "schedule.yaml"
         cfg.write_text("schedule: {final_amount: 0.3, start_epoch: 0, end_epoch: 1}\n")
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m",
-                            "yolo_prune_plugin.cli", "train", "--data", str(data), "--weights", str(weights), "--img",
-                            img, "--epochs", "2", "--batch-size", "16", "--device", dev, "--workers", "4",
-                            "--project", str(work / "runs"), "--name", "ddp", "--prune-config", str(cfg)],
-                           capture_output=True, text=True, timeout=400, env=env, cwd=str(ROOT))
+        r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m",
+                  "yolo_prune_plugin.cli", "train", "--data", str(data), "--weights", str(weights), "--img", img,
+                  "--epochs", "2", "--batch-size", "16", "--device", dev, "--workers", "4", "--project",
+                  str(work / "runs"), "--name", "ddp", "--prune-config", str(cfg)], 400)
         if r.returncode != 0:
             raise RuntimeError(_why(r))
         entry = json.loads((work / "runs" / "ddp" / "prune_report.json").read_text())["results"][0]
@@ -174,12 +218,21 @@ def main(argv: list[str] | None = None) -> int:
         return (r.stdout.strip().splitlines() or [""])[-1][:200]
 
     path("prune global (cuda)", prune_global)
-    path("prune obs (cuda)", prune_obs)
     path("half eval = YOLOv5 val --half", half_eval_matches_val)
-    path("train 1 epoch + prune", train)
+    path("export onnx --half", export_half)
+    path("channel default (cuda)", channel("ch_default", "evaluate: true"))
     path("finetune + distill (cuda)", finetune_distill)
     path("torchrun 1 GPU schedule", torchrun_schedule)
-    path("export onnx --half", export_half)
+    path("train channel regularize", train_channel("regularize", "structure: channel\n"
+                                                   "channel: {regularize: {weight: 0.0001, from_epoch: 0}}"))
+    path("channel sensitivity+comp", channel("ch_sens", "channel: {allocation: sensitivity, compensate: true}"))
+    path("prune obs (cuda)", prune_obs)
+    path("train 1 epoch + prune", train)
+    path("train channel schedule", train_channel("ch_schedule", "structure: channel\n"
+                                                 "schedule: {final_amount: 0.3, start_epoch: 0, end_epoch: 1}"))
+    path("channel l1 cost-aware bnrecal", channel("ch_l1", "channel: {importance: l1, cost_aware: 0.1, reconstruct: "
+                                                          "false}\nbn_recalibration: {images: 16}"))
+    path("budget search (cuda)", channel("ch_target", "target: {max_size: 0.8, max_evals: 3}", None))
     path("bench (gpu)", bench)
     failed = [n for n, ok, _ in results if not ok]
     print(f"check_gpu: {len(results) - len(failed)} ok, {len(failed)} failed" + (f": {', '.join(failed)}" if failed

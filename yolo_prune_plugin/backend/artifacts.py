@@ -259,6 +259,23 @@ def _run_artifact(path: Path, fmt: str, im: torch.Tensor, device: str) -> torch.
     return _first_output(y).float().cpu()
 
 
+#: FP16 artefacts: allowed relative output difference on top of ``atol`` (measured: yolov5n at 320, fp16 vs fp32,
+#: worst element 0.76 px at 151 px, i.e. 0.5 %; a wrong weight moves outputs by tens of per cent).
+HALF_RTOL = 0.02
+
+
+def output_mismatch(got: torch.Tensor, expected: torch.Tensor, atol: float, half: bool = False) -> str:
+    """``""`` when every output is within ``atol`` (plus :data:`HALF_RTOL` of its value for an FP16 artefact) of
+    the pruned model's, else the message that says by how much it is not."""
+    diff = (got.float() - expected.float()).abs()
+    tol = atol + (HALF_RTOL * expected.float().abs() if half else 0.0)
+    worst = float(diff.max()) if diff.numel() else 0.0
+    if np.isfinite(worst) and bool((diff <= tol).all()):
+        return ""
+    return (f"outputs differ by up to {worst:.3g} (atol {atol:g}" + (f" + {HALF_RTOL:g} x |output| for FP16)"
+                                                                     if half else ")"))
+
+
 def verify_artifact(path: str | Path, pruned_model: nn.Module | str | Path, imgsz: int | Sequence[int] = 640,
                     atol: float = 1e-3, fmt: Optional[str] = None, device: str = "cpu",
                     backend: Optional[Backend] = None, _cache: Optional[dict] = None) -> ArtifactReport:
@@ -274,7 +291,8 @@ def verify_artifact(path: str | Path, pruned_model: nn.Module | str | Path, imgs
     whose ``original_name`` is ``Conv2d``; biases, BatchNorm parameters/buffers and Detect buffers are not. On the
     pruned model it is ``weight`` of every ``nn.Conv2d`` after fusion. Both sides must also agree on the number
     of Conv layers and Conv weights, so a missing or extra layer fails too.
-    FP16 artefacts (``half``) differ from the fp32 model by far more than 1e-3: pass a larger ``atol``.
+    FP16 artefacts (``half``) differ from the fp32 model by far more than 1e-3 (box coordinates in pixels keep
+    about three significant digits): for them each output may also differ by :data:`HALF_RTOL` of its value.
     ``imgsz`` is used only when the artefact's input size is not fixed (dynamic ONNX).
 
     Returns a report with ``ok=False`` and a message when the counts differ or an output differs by more than
@@ -337,8 +355,9 @@ def verify_artifact(path: str | Path, pruned_model: nn.Module | str | Path, imgs
         problems.append(f"output shape {tuple(got_out.shape)} != {tuple(expected.shape)}")
     else:
         report.max_abs_diff = float((got_out - expected).abs().max())
-        if not np.isfinite(report.max_abs_diff) or report.max_abs_diff > atol:
-            problems.append(f"outputs differ by up to {report.max_abs_diff:.3g} (atol {atol:g})")
+        problem = output_mismatch(got_out, expected, atol, half)
+        if problem:
+            problems.append(problem)
     report.ok = not problems
     sp = report.sparsity or 0.0
     report.message = ("; ".join(problems) if problems else

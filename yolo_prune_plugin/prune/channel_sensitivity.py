@@ -75,7 +75,7 @@ def _channel_energy(conv: nn.Conv2d, H: torch.Tensor, mu: torch.Tensor, centered
         H = H - m[:, None] * m[None, :]
     G = H * (W.T @ W)
     c = conv.in_channels
-    return G.reshape(c, k, c, k).sum((1, 3))
+    return G.reshape(c, k, c, k).sum((1, 3)).cpu()  # small (c, c); the allocation's bookkeeping is on the CPU
 
 
 def sensitivity_scores(model: nn.Module, groups: list, dg: Any, scores: dict[str, torch.Tensor],

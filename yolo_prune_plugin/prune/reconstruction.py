@@ -51,7 +51,7 @@ def _fit(X: torch.Tensor, y: torch.Tensor, W0: torch.Tensor, *, refit: bool, int
     if not refit:
         return W0, (y - X @ W0.T).mean(0) if intercept else None
     if intercept:
-        X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype)], 1)
+        X = torch.cat([X, torch.ones(len(X), 1, dtype=X.dtype, device=X.device)], 1)
     H = X.T @ X
     H.diagonal().add_(damp * H.diagonal().mean().clamp_min(1e-12))
     W = torch.linalg.solve(H, X.T @ y)  # (cols[+1], out)
@@ -63,7 +63,7 @@ def _refit(conv: nn.Conv2d, bn: Optional[nn.BatchNorm2d], X: torch.Tensor, y: to
     """Refit / compensate one conv (in place) from im2col rows ``X`` and dense targets ``y``; relative output error
     (after, before)."""
     bn = bn if conv.bias is None else None
-    b0 = conv.bias.double() if conv.bias is not None else torch.zeros(y.shape[1], dtype=X.dtype)
+    b0 = conv.bias.double() if conv.bias is not None else torch.zeros(y.shape[1], dtype=X.dtype, device=X.device)
     W0 = conv.weight.flatten(1).double()
     energy = y.pow(2).mean().clamp_min(1e-12)
     before = float((X @ W0.T + b0 - y).pow(2).mean() / energy)
