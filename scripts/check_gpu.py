@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Run every CUDA code path of the plugin once on one GPU (< 5 min) and print one line per path.
+"""Run every CUDA code path of the plugin once on one GPU (about 6 min on an H200) and print one line per path.
 
     python scripts/check_gpu.py [--shared ../shared] [--device 0] [--img 320] [--logs DIR]
 
@@ -7,7 +7,9 @@ Paths: prune (global, obs) on CUDA with half-precision evaluation as YOLOv5's fi
 YOLOv5's own ``val.py --half`` on the written file reproduces the numbers); a 1-epoch ``yolo-prune train
 --device 0 --prune-amount 0.3`` on coco128 with its report; ``yolo-prune prune --structure channel
 --finetune-epochs 1 --finetune-distill`` (teacher in fp16); ``torch.distributed.run --nproc_per_node 1`` through
-``yolo-prune train`` with a schedule (YOLOv5's DDP mode, the plugin's rank logic); a half ONNX export with verification;
+``yolo-prune train`` with a schedule and with a channel prune + fine-tune at train end (YOLOv5's DDP mode, the plugin's
+rank logic, the fine-tune as one process on rank 0); channel variants (sensitivity, L1 cost-aware, a budget search),
+``channel.regularize`` and a channel schedule in ``yolo-prune train``; a half ONNX export with verification;
 ``yolo-prune bench`` on the GPU when that command exists. Each path runs as its own ``yolo-prune`` process.
 Exit status 1 if any path failed; without CUDA it says so and exits 0.
 """
@@ -187,18 +189,21 @@ def main(argv: list[str] | None = None) -> int:
                     f"{sorted({k for h in hist for k in h})[:8]}")
         return run
 
-    def torchrun_schedule() -> str:
-        """The real DDP path with one process: torch.distributed.run -> yolo-prune train with a schedule."""
-        cfg = work / "schedule.yaml"
-        cfg.write_text("schedule: {final_amount: 0.3, start_epoch: 0, end_epoch: 1}\n")
-        r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m",
-                  "yolo_prune_plugin.cli", "train", "--data", str(data), "--weights", str(weights), "--img", img,
-                  "--epochs", "2", "--batch-size", "16", "--device", dev, "--workers", "4", "--project",
-                  str(work / "runs"), "--name", "ddp", "--prune-config", str(cfg)], 400)
-        if r.returncode != 0:
-            raise RuntimeError(_why(r))
-        entry = json.loads((work / "runs" / "ddp" / "prune_report.json").read_text())["results"][0]
-        return f"DDP schedule: sparsity {entry['sparsity_after']['sparsity']:.3f}, leaks {entry.get('leaks')}"
+    def torchrun(name: str, config: str, epochs: str) -> Callable[[], str]:
+        """The real DDP path with one process: torch.distributed.run -> yolo-prune train (YOLOv5's DDP mode)."""
+        def run() -> str:
+            cfg = work / f"{name}.yaml"
+            cfg.write_text(config + "\n")
+            r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m",
+                      "yolo_prune_plugin.cli", "train", "--data", str(data), "--weights", str(weights), "--img", img,
+                      "--epochs", epochs, "--batch-size", "16", "--device", dev, "--workers", "4", "--project",
+                      str(work / "runs"), "--name", name, "--prune-config", str(cfg)], 400)
+            if r.returncode != 0:
+                raise RuntimeError(_why(r))
+            e = json.loads((work / "runs" / name / "prune_report.json").read_text())["results"][0]
+            return (f"{e['mode']}: sparsity {e['sparsity_after']['sparsity']:.3f}, mAP50-95 "
+                    f"{(e.get('metrics_after') or {}).get('mAP50-95')}, leaks {e.get('leaks')}")
+        return run
 
     def export_half() -> str:
         src = work / "prune_global" / "yolov5n_pruned.pt"
@@ -222,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     path("export onnx --half", export_half)
     path("channel default (cuda)", channel("ch_default", "evaluate: true"))
     path("finetune + distill (cuda)", finetune_distill)
-    path("torchrun 1 GPU schedule", torchrun_schedule)
+    path("torchrun 1 GPU schedule", torchrun("ddp", "schedule: {final_amount: 0.3, start_epoch: 0, end_epoch: 1}",
+                                             "2"))
+    path("torchrun 1 GPU + finetune", torchrun("ddp_ft", "structure: channel\nfinetune: {epochs: 1}", "1"))
     path("train channel regularize", train_channel("regularize", "structure: channel\n"
                                                    "channel: {regularize: {weight: 0.0001, from_epoch: 0}}"))
     path("channel sensitivity+comp", channel("ch_sens", "channel: {allocation: sensitivity, compensate: true}"))

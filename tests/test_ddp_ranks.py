@@ -73,3 +73,55 @@ def test_rank_from_the_environment_without_a_process_group(monkeypatch, env, mai
     assert D.is_main_process() is main
     assert not D.distributed() and D.from_rank0("x") == "x"  # no group: single-process behaviour
     D.check_identical("anything", "no-op")
+
+
+def _as_if_launched_by_torchrun(backend, monkeypatch) -> dict:
+    """Rank 0 of two, as ``torch.distributed.run`` starts it: the environment, and YOLOv5's rank globals (read once
+    at import) saying so. Returns ``{module: its rank globals}`` as set."""
+    import importlib
+
+    from yolo_prune_plugin.backend import distributed as D
+
+    launched = {"LOCAL_RANK": 0, "RANK": 0, "WORLD_SIZE": 2}
+    for k, v in launched.items():
+        monkeypatch.setenv(k, str(v))
+    seen = {}
+    for rel in D._RANK_MODULES:
+        mod = importlib.import_module(backend.prefix + rel)
+        for k, v in launched.items():
+            if hasattr(mod, k):
+                monkeypatch.setattr(mod, k, v)
+                seen.setdefault(rel, {})[k] = v
+    return seen
+
+
+@pytest.mark.parametrize("single", [True, False])
+def test_finetune_after_ddp_runs_on_rank0_as_one_process(backend, tiny_model, tiny_data, tiny_cfg, tmp_path,
+                                                         monkeypatch, single):
+    """The train-end fine-tune of a DDP run: YOLOv5's ``main`` would set up DDP again (a second process group, and
+    on this CPU its 'insufficient CUDA devices' assert); the plugin runs it as one process on rank 0 and gives YOLOv5
+    its rank globals and the environment back afterwards. ``single=False`` is the control without that."""
+    import importlib
+
+    from yolo_prune_plugin import api
+    from yolo_prune_plugin.backend import distributed as D
+    from yolo_prune_plugin.training import finetune as F
+
+    from conftest import save_checkpoint
+
+    w = save_checkpoint(tiny_model, tmp_path / "dense.pt")
+    opt = api.train_opt([], backend, data=str(tiny_data), cfg=str(tiny_cfg), weights="", imgsz=64, batch_size=2,
+                        device="cpu", workers=0, noplots=True, noautoanchor=True, project=str(tmp_path), name="base")
+    seen = _as_if_launched_by_torchrun(backend, monkeypatch)
+    if not single:
+        monkeypatch.setattr(F, "launched_distributed", lambda: False)
+        with pytest.raises(AssertionError, match="CUDA"):
+            F.finetune_checkpoint(w, opt, 1, masks=None, project=tmp_path, name="ft", backend=backend)
+        return
+    assert D.launched_distributed()
+    res = F.finetune_checkpoint(w, opt, 1, masks=None, project=tmp_path, name="ft", backend=backend)
+    assert [r["epoch"] for r in res.history] == [0] and res.best.is_file()
+    for rel, values in seen.items():  # undone: YOLOv5 and the environment say rank 0 of 2 again
+        mod = importlib.import_module(backend.prefix + rel)
+        assert {k: getattr(mod, k) for k in values} == values
+    assert (os.environ["LOCAL_RANK"], os.environ["RANK"], os.environ["WORLD_SIZE"]) == ("0", "0", "2")

@@ -349,7 +349,6 @@ def test_resumed_schedule_reports_before_as_absent_with_the_reason(backend, tiny
 @pytest.mark.parametrize("cfg,env,opt_epochs,match", [
     ({"method": "obs", "schedule": {"end_epoch": 2, "final_amount": 0.5}}, {}, 5, "data-aware"),
     ({"schedule": {"end_epoch": 5, "final_amount": 0.5}}, {}, 5, "end_epoch"),
-    ({"finetune": {"epochs": 2}}, {"WORLD_SIZE": "2"}, 5, "DDP"),
 ])
 def test_register_rejects_unusable_configs(backend, monkeypatch, cfg, env, opt_epochs, match):
     for k, v in env.items():

@@ -325,7 +325,7 @@ def register(callbacks: Any, config: Optional[PruneConfig] = None, opt: Any = No
 
     One-shot, fine-tune (``finetune.epochs``), schedule (``schedule.final_amount``), sweep and export all come
     from the config; ``overrides`` are config keys (``amount=0.5``) applied on top. A mode that cannot run in
-    this context (fine-tune under DDP, a schedule that ends after ``opt.epochs``) raises
+    this context (a schedule that ends after ``opt.epochs``, a channel schedule under DDP) raises
     :class:`~yolo_prune_plugin.errors.ConfigError` here, before any epoch. Registering also makes YOLOv5's own
     checkpoint loads work on torch >= 2.6 (the plugin's allow-list, process-wide).
     """

@@ -9,9 +9,10 @@ of more than one rank both are no-ops, so single-process runs are unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 import torch.distributed as dist
@@ -66,3 +67,46 @@ def check_identical(digest: str, what: str) -> None:
     if len(set(gathered)) > 1:
         raise PruneError(f"{what} differ between DDP ranks ({', '.join(f'rank {i}: {d}' for i, d in enumerate(gathered))}); "
                          "the ranks would train different models")
+
+
+#: YOLOv5 modules that read the rank variables once, at import (relative to the backend's prefix).
+_RANK_MODULES = ("train", "utils.torch_utils", "utils.dataloaders", "utils.general", "utils.loggers", "utils.plots")
+_SINGLE = {"LOCAL_RANK": -1, "RANK": -1, "WORLD_SIZE": 1}
+
+
+def launched_distributed() -> bool:
+    """This process was started by ``torch.distributed.run`` (``LOCAL_RANK`` set): YOLOv5's ``main`` would set up
+    DDP (and initialise a process group) on every call."""
+    return int(os.getenv("LOCAL_RANK", -1)) != -1
+
+
+@contextlib.contextmanager
+def single_process(backend: Any) -> Iterator[str]:
+    """Run a second YOLOv5 ``train.main`` in this process as a single-process training (the fine-tune after a DDP
+    run, on rank 0 alone): YOLOv5's rank globals and the environment say -1 / -1 / 1 while the block runs, and what
+    they were afterwards (also on exceptions). Yields the device to train on (this process's CUDA device, never
+    the run's ``--device 0,1``, which would start DataParallel)."""
+    import importlib
+
+    from .patches import Patch
+
+    p = Patch()
+    env = {k: os.environ.get(k) for k in _SINGLE}
+    try:
+        for rel in _RANK_MODULES:
+            try:
+                mod = importlib.import_module(backend.prefix + rel)
+            except ImportError:
+                continue
+            for k, v in _SINGLE.items():
+                if hasattr(mod, k):
+                    p.set(mod, k, v)
+        os.environ.update({k: str(v) for k, v in _SINGLE.items()})
+        yield str(torch.cuda.current_device()) if torch.cuda.is_available() and torch.cuda.is_initialized() else ""
+    finally:
+        p.undo()
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

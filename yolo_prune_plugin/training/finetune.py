@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn as nn
 import yaml
 
 from ..backend.distillation import OOM_MESSAGE, distilled_loss
+from ..backend.distributed import launched_distributed, single_process
 from ..backend.loading import Backend, get_backend
 from ..backend.patches import driving_yolov5
 from ..backend.training_loop import keep_checkpoint_architecture, steady_training_loop, train_opt
@@ -227,6 +227,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     try:
         with contextlib.ExitStack() as scope:
             scope.enter_context(driving_yolov5(b))
+            if launched_distributed():  # after a DDP training: rank 0 fine-tunes alone, as one process
+                opt.device = scope.enter_context(single_process(b)) or opt.device
             if keep_architecture:
                 scope.enter_context(keep_checkpoint_architecture(b, weights))
             if teacher is not None:
@@ -285,7 +287,3 @@ def check_recovery(config: PruneConfig, opt: Any = None) -> None:
         if epochs is not None and s.end_epoch >= int(epochs):
             raise ConfigError(f"schedule.end_epoch ({s.end_epoch}) must be < --epochs ({epochs}) so the final "
                               "sparsity is reached before training ends")
-    if config.finetune.epochs and int(os.getenv("WORLD_SIZE", 1)) > 1:
-        raise ConfigError("finetune: the fine-tune after pruning runs a second single-process training and cannot "
-                          "run under DDP; set finetune.epochs: 0 here and fine-tune the result on one GPU afterwards "
-                          "(yolo-prune prune --weights .../best.pt --data ... --finetune-epochs N)")
