@@ -63,25 +63,30 @@ def _split_yamls(src: Path, out: Path, eval_split: str, select: int) -> tuple[Pa
     return train, p
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def common_arguments(ap: argparse.ArgumentParser, out: str) -> None:
+    """The data, model and machine options shared with ``benchmark_regularize.py`` (same split, same recipe)."""
     ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov5n-cornpest.pt"))
     ap.add_argument("--data", default=str(SHARED / "data" / "cornpest.yaml"))
     ap.add_argument("--eval-split", default="test", help="split to evaluate on (never trained on; default test)")
     ap.add_argument("--imgsz", type=int, default=416, help="train and evaluation image size (default 416)")
-    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--select", type=int, default=32,
                     help="images of the data's val split for YOLOv5's per-epoch validation (best.pt pick; default 32)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--device", default="")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    common_arguments(ap, "runs/benchmark_recovery")
+    ap.add_argument("--epochs", type=int, default=10)
     ap.add_argument("--rows", default="channel:0.5,channel:0.5:distill,dense,channel:0.3",
                     help="comma-separated rows in the order they run: STRUCTURE_OR_METHOD:AMOUNT[:distill], or dense "
                     "(the dense fine-tune reference)")
     ap.add_argument("--lr-scale", type=float, default=0.1)
     ap.add_argument("--distill-weight", type=float, default=1.0)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--device", default="")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="runs/benchmark_recovery")
     args = ap.parse_args(argv)
     import torch
 

@@ -26,27 +26,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from benchmark_recovery import SHARED, _split_yamls  # noqa: E402  (one data split for both benchmarks)
+from benchmark_recovery import _split_yamls, common_arguments  # noqa: E402  (one data split, one recipe)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--weights", default=str(SHARED / "weights" / "yolov5n-cornpest.pt"))
-    ap.add_argument("--data", default=str(SHARED / "data" / "cornpest.yaml"))
-    ap.add_argument("--eval-split", default="test")
-    ap.add_argument("--imgsz", type=int, default=416)
+    common_arguments(ap, "runs/benchmark_regularize")
     ap.add_argument("--epochs", type=int, default=20)
     ap.add_argument("--amount", type=float, default=0.5)
     ap.add_argument("--weight", type=float, default=0.05, help="channel.regularize.weight of the penalty row")
     ap.add_argument("--from-epoch", type=int, default=5, help="channel.regularize.from_epoch of the penalty row")
     ap.add_argument("--rows", default="penalty,control", help="comma-separated: penalty, control")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
-    ap.add_argument("--select", type=int, default=32)
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--device", default="")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default="runs/benchmark_regularize")
     args = ap.parse_args(argv)
     import torch
 
