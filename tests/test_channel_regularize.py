@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 
+import numpy as np
 import pytest
 import torch
 
@@ -78,3 +80,25 @@ def test_penalty_is_logged_per_epoch_in_a_real_training_run(backend, tiny_data, 
     hist = report["history"]
     assert [r["epoch"] for r in hist] == [1] and hist[0]["regularize_penalty"] > 0 and hist[0]["regularize_channels"] > 0
     assert abs(report["results"][0]["channels"]["achieved"] - 0.3) <= 0.02
+
+
+@pytest.mark.parametrize("fitness, pruned", [((0.5, 0.4), "last.pt"), ((0.5, 0.6), "best.pt")])
+def test_best_saved_before_the_penalty_is_not_what_gets_pruned(backend, tmp_path, caplog, fitness, pruned):
+    """Fine-tuning a converged model, YOLOv5's best.pt is often an early epoch: from before ``from_epoch`` it carries
+    no regularisation (measured: the penalty row then equalled its control to the last digit). The train-end prune
+    takes last.pt then, and says so; a best.pt from a penalised epoch is pruned as usual."""
+    from yolo_prune_plugin.callbacks import register
+
+    plugin = register(backend.Callbacks(), config_from_dict(
+        {"structure": "channel", "channel": {"regularize": {"weight": 0.01, "from_epoch": 1}}}))
+    last, best = tmp_path / "last.pt", tmp_path / "best.pt"
+    for f in (last, best):
+        f.write_bytes(b"")
+    best_fitness = 0.0
+    for epoch, fi in enumerate(fitness):  # as YOLOv5's train(): best_fitness, then on_model_save(..., fi)
+        best_fitness = max(best_fitness, fi)
+        plugin.on_model_save(last, epoch, epoch == len(fitness) - 1, np.array([best_fitness]), np.array([fi]))
+    plugin.regularizer.history = [{"epoch": 1, "regularize_penalty": 1.0, "regularize_channels": 8}]
+    with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
+        assert plugin.checkpoints(last, best) == [tmp_path / pruned]
+    assert ("before channel.regularize's penalty began" in caplog.text) == (pruned == "last.pt")

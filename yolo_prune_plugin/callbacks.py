@@ -87,7 +87,7 @@ class PrunePlugin:
         if self.mode == "schedule":
             names += ["on_train_start", "on_train_epoch_start", "on_fit_epoch_end", "on_model_save"]
         elif self.regularizer is not None:
-            names += ["on_train_start", "on_train_epoch_start", "on_fit_epoch_end"]
+            names += ["on_train_start", "on_train_epoch_start", "on_fit_epoch_end", "on_model_save"]
         return {n: getattr(self, n) for n in names}
 
     # -- YOLOv5 hooks -----------------------------------------------------------------------------
@@ -125,7 +125,9 @@ class PrunePlugin:
             self._guard("schedule bookkeeping", lambda: self.gradual.fit_epoch_end(log_vals, epoch, fi))
 
     def on_model_save(self, last: Any, epoch: int, final_epoch: Any, best_fitness: Any, fi: Any) -> None:
-        if is_main_process():
+        if self.regularizer is not None:
+            self.regularizer.model_save(epoch, best_fitness, fi)
+        elif is_main_process():
             self._guard("schedule bookkeeping", lambda: self.gradual.model_save(last, epoch, fi))
 
     def on_train_end(self, last: Any, best: Any, epoch: int, results: Any) -> None:
@@ -179,6 +181,11 @@ class PrunePlugin:
         out: list[Path] = []
         for name in self.config.checkpoints:
             f = best if name == "best" else last
+            if name == "best" and self.regularizer is not None and self.regularizer.best_before_penalty():
+                LOGGER.info("yolo_prune_plugin: %s is from epoch %d, before channel.regularize's penalty began "
+                            "(epoch %d): pruning %s, the regularised model, instead", best.name,
+                            self.regularizer.best_epoch, self.regularizer.history[0]["epoch"], last.name)
+                f = last
             if not f.is_file() and name == "best" and last.is_file():
                 LOGGER.info("yolo_prune_plugin: %s not found, pruning %s instead", best.name, last.name)
                 f = last

@@ -16,6 +16,7 @@ import copy
 import logging
 from typing import Any, Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -58,6 +59,7 @@ class ChannelRegularizer:
         self.epoch = 0
         self.targets: dict[str, torch.Tensor] = {}
         self.history: list[dict] = []
+        self.best_epoch: Optional[int] = None  # the epoch whose state YOLOv5 saved as best.pt
         self._handle: Any = None
 
     def train_start(self) -> None:
@@ -100,6 +102,15 @@ class ChannelRegularizer:
         if self.targets:
             self.history.append({"epoch": int(epoch), "regularize_penalty": round(self.penalty(), 6),
                                  "regularize_channels": int(sum(len(v) for v in self.targets.values()))})
+
+    def model_save(self, epoch: int, best_fitness: Any, fi: Any) -> None:
+        """``on_model_save``: YOLOv5 wrote ``best.pt`` this epoch when ``fi == best_fitness``."""
+        if np.asarray(fi, dtype=float).ravel()[0] == np.asarray(best_fitness, dtype=float).ravel()[0]:
+            self.best_epoch = int(epoch)
+
+    def best_before_penalty(self) -> bool:
+        """``best.pt`` was saved before the penalty's first epoch (it carries none of the regularisation)."""
+        return self.best_epoch is not None and bool(self.history) and self.best_epoch < self.history[0]["epoch"]
 
     def close(self) -> None:
         if self._handle is not None:
