@@ -93,13 +93,13 @@ def main(argv: list[str] | None = None) -> int:
         print(line, flush=True)
         results.append((name, ok, msg))
 
-    def prune(method: str, *extra: str, name: str = "", amount: str | None = "0.3") -> dict:
+    def prune(method: str, *extra: str, name: str = "", amount: str | None = "0.3", timeout: float = 240) -> dict:
         d = work / f"prune_{name or method}"
         d.mkdir()
         w = d / "yolov5n.pt"
         shutil.copy(weights, w)
         r = _cli("prune", "--weights", str(w), "--data", str(data), "--img", img, "--device", dev, "--method",
-                 method, "--workers", "4", *(("--amount", amount) if amount else ()), *extra)
+                 method, "--workers", "4", *(("--amount", amount) if amount else ()), *extra, timeout=timeout)
         if r.returncode != 0:
             raise RuntimeError(_why(r))
         entry = json.loads((d / "prune_report.json").read_text())["results"][0]
@@ -117,12 +117,16 @@ def main(argv: list[str] | None = None) -> int:
         e = prune("obs")
         return f"mAP50-95 {e['metrics_after']['mAP50-95']:.4f}, {e['prune_seconds']:.1f}s"
 
+    def config_file(name: str, config: str) -> str:
+        cfg = work / f"{name}.yaml"
+        cfg.write_text(config + "\n")
+        return str(cfg)
+
     def channel(name: str, config: str, amount: str | None = "0.3") -> Callable[[], str]:
         """``yolo-prune prune --structure channel`` with one config variant (each runs other CUDA code)."""
         def run() -> str:
-            cfg = work / f"{name}.yaml"
-            cfg.write_text(config + "\n")
-            e = prune("global", "--structure", "channel", "--config", str(cfg), name=name, amount=amount)
+            e = prune("global", "--structure", "channel", "--config", config_file(name, config), name=name,
+                      amount=amount)
             return (f"mAP50-95 {e['metrics_after']['mAP50-95']:.4f}, params "
                     f"{(e.get('channels') or {}).get('params_after')}, {e['prune_seconds']:.1f}s")
         return run
@@ -154,16 +158,8 @@ def main(argv: list[str] | None = None) -> int:
         return f"sparsity {entry['sparsity_after']['sparsity']:.3f}, report {rep}"
 
     def finetune_distill() -> str:
-        d = work / "finetune"
-        d.mkdir()
-        w = d / "yolov5n.pt"
-        shutil.copy(weights, w)
-        r = _cli("prune", "--weights", str(w), "--data", str(data), "--img", img, "--device", dev, "--amount", "0.3",
-                 "--structure", "channel", "--finetune-epochs", "1", "--finetune-distill", "--batch-size", "16",
-                 "--workers", "4", timeout=400)
-        if r.returncode != 0:
-            raise RuntimeError(_why(r))
-        ft = json.loads((d / "prune_report.json").read_text())["results"][0]["finetune"]
+        ft = prune("global", "--structure", "channel", "--finetune-epochs", "1", "--finetune-distill",
+                   "--batch-size", "16", name="finetune", timeout=400)["finetune"]
         if ft["distill"]["teacher_dtype"] != "torch.float16":
             raise RuntimeError(f"teacher ran as {ft['distill']['teacher_dtype']}, not fp16 on CUDA")
         peak = torch.cuda.max_memory_allocated() / 2 ** 20
@@ -171,17 +167,22 @@ def main(argv: list[str] | None = None) -> int:
                 f"{ft['history'][0].get('loss_teacher')}, {ft['history'][0]['epoch_s']} s/epoch (this process peak "
                 f"{peak:.0f} MB)")
 
+    def train_report(name: str, config: str, epochs: str, ddp: bool = False) -> dict:
+        """``yolo-prune train --prune-config`` (under ``torch.distributed.run --nproc_per_node 1``: YOLOv5's DDP
+        mode, when ``ddp``); its prune_report.json."""
+        launch = ("torch.distributed.run", "--nproc_per_node", "1", "-m") if ddp else ()
+        r = _run([sys.executable, "-m", *launch, "yolo_prune_plugin.cli", "train", "--data", str(data), "--weights",
+                  str(weights), "--img", img, "--epochs", epochs, "--batch-size", "16", "--device", dev, "--workers",
+                  "4", "--project", str(work / "runs"), "--name", name, "--prune-config", config_file(name, config)],
+                 400)
+        if r.returncode != 0:
+            raise RuntimeError(_why(r))
+        return json.loads((work / "runs" / name / "prune_report.json").read_text())
+
     def train_channel(name: str, config: str, epochs: str = "2") -> Callable[[], str]:
         """``yolo-prune train --prune-structure channel`` with a training-time option (regularise, schedule)."""
         def run() -> str:
-            cfg = work / f"{name}.yaml"
-            cfg.write_text(config + "\n")
-            r = _cli("train", "--data", str(data), "--weights", str(weights), "--img", img, "--epochs", epochs,
-                     "--batch-size", "16", "--device", dev, "--workers", "4", "--project", str(work / "runs"),
-                     "--name", name, "--prune-config", str(cfg), timeout=400)
-            if r.returncode != 0:
-                raise RuntimeError(_why(r))
-            rep = json.loads((work / "runs" / name / "prune_report.json").read_text())
+            rep = train_report(name, config, epochs)
             e = rep["results"][0]
             hist = [h for h in rep.get("history") or [] if isinstance(h, dict)]
             return (f"mAP50-95 {(e.get('metrics_after') or {}).get('mAP50-95')}, params "
@@ -192,15 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     def torchrun(name: str, config: str, epochs: str) -> Callable[[], str]:
         """The real DDP path with one process: torch.distributed.run -> yolo-prune train (YOLOv5's DDP mode)."""
         def run() -> str:
-            cfg = work / f"{name}.yaml"
-            cfg.write_text(config + "\n")
-            r = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "1", "-m",
-                      "yolo_prune_plugin.cli", "train", "--data", str(data), "--weights", str(weights), "--img", img,
-                      "--epochs", epochs, "--batch-size", "16", "--device", dev, "--workers", "4", "--project",
-                      str(work / "runs"), "--name", name, "--prune-config", str(cfg)], 400)
-            if r.returncode != 0:
-                raise RuntimeError(_why(r))
-            e = json.loads((work / "runs" / name / "prune_report.json").read_text())["results"][0]
+            e = train_report(name, config, epochs, ddp=True)["results"][0]
             return (f"{e['mode']}: sparsity {e['sparsity_after']['sparsity']:.3f}, mAP50-95 "
                     f"{(e.get('metrics_after') or {}).get('mAP50-95')}, leaks {e.get('leaks')}")
         return run

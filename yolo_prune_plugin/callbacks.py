@@ -126,7 +126,8 @@ class PrunePlugin:
 
     def on_model_save(self, last: Any, epoch: int, final_epoch: Any, best_fitness: Any, fi: Any) -> None:
         if self.regularizer is not None:
-            self.regularizer.model_save(epoch, best_fitness, fi)
+            self._guard("channel.regularize best.pt epoch",
+                        lambda: self.regularizer.model_save(epoch, best_fitness, fi))
         elif is_main_process():
             self._guard("schedule bookkeeping", lambda: self.gradual.model_save(last, epoch, fi))
 

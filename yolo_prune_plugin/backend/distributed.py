@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import os
 from typing import Any, Iterator, Mapping
 
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import PruneError
+from .patches import Patch
 
 
 def rank() -> int:
@@ -86,10 +88,6 @@ def single_process(backend: Any) -> Iterator[str]:
     run, on rank 0 alone): YOLOv5's rank globals and the environment say -1 / -1 / 1 while the block runs, and what
     they were afterwards (also on exceptions). Yields the device to train on (this process's CUDA device, never
     the run's ``--device 0,1``, which would start DataParallel)."""
-    import importlib
-
-    from .patches import Patch
-
     p = Patch()
     env = {k: os.environ.get(k) for k in _SINGLE}
     try:

@@ -71,34 +71,35 @@ class TrainingObjects:
     imgsz: Optional[int] = None  # train()'s checked image size
 
 
-def _train_frame() -> Any:
-    """The frame of the YOLOv5 ``train()`` whose callback is running now (PruneError outside one)."""
+def _yolov5_train_frame(*names: str) -> Any:
+    """The frame of the YOLOv5 ``train()`` whose callback is running now: the nearest caller named ``train``
+    whose locals include ``names``; None outside one."""
     frame = inspect.currentframe()
     try:
         f = frame.f_back if frame is not None else None
         while f is not None:
-            if f.f_code.co_name == "train" and "optimizer" in f.f_locals and "ema" in f.f_locals:
+            if f.f_code.co_name == "train" and all(n in f.f_locals for n in names):
                 return f
             f = f.f_back
     finally:
         del frame
-    raise PruneError("could not find YOLOv5's train() objects (model, optimizer, EMA) from the callback; the "
-                     "recovery modes need YOLOv5 7.0.x's train.py")
+    return None
+
+
+def _train_frame() -> Any:
+    """The frame of the YOLOv5 ``train()`` whose callback is running now (PruneError outside one)."""
+    f = _yolov5_train_frame("optimizer", "ema")
+    if f is None:
+        raise PruneError("could not find YOLOv5's train() objects (model, optimizer, EMA) from the callback; the "
+                         "recovery modes need YOLOv5 7.0.x's train.py")
+    return f
 
 
 def running_train_opt() -> Any:
     """The ``opt`` of the YOLOv5 ``train()`` whose callback is running now (from ``on_pretrain_routine_start``
     on), None outside one."""
-    frame = inspect.currentframe()
-    try:
-        f = frame.f_back if frame is not None else None
-        while f is not None:
-            if f.f_code.co_name == "train" and "opt" in f.f_locals and "hyp" in f.f_locals:
-                return f.f_locals["opt"]
-            f = f.f_back
-    finally:
-        del frame
-    return None
+    f = _yolov5_train_frame("opt", "hyp")
+    return f.f_locals["opt"] if f is not None else None
 
 
 def training_objects(backend: Backend) -> TrainingObjects:

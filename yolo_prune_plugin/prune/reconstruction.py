@@ -88,8 +88,8 @@ def reconstruct_layers(pruned: nn.Module, dense: nn.Module, images: torch.Tensor
     Layer by layer in model order, each such conv's weights are the ridge least-squares solution mapping the
     *pruned* network's input patches (earlier layers already re-fitted) to the *dense* conv's output on the same
     calibration ``images`` (train split; fit them at the evaluation image size; one pass of all of them at once, so
-memory grows with their number), at ``max(positions, per_column *
-    columns / images)`` random output positions per image (all when fewer). The output before BatchNorm is matched,
+    memory grows with their number), at ``max(positions, per_column * columns / images)`` random output positions
+    per image (all when fewer). The output before BatchNorm is matched,
     so the BatchNorm statistics stay valid (do not re-estimate them afterwards). ``compensate``: also fit an
     intercept — the removed channels' mean contribution (FLAP's bias compensation) — into the conv's bias, or for
     a bias-free conv into the following BatchNorm's running mean (``running_mean -= b``). ``refit=False`` keeps the
