@@ -73,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
             with driving_yolov5(b):
                 dense = evaluate_weights(e.checkpoint, settings, backend=b)
                 pruned = evaluate_weights(e.output, settings, backend=b)
-            row = {"row": kind, "seed": seed, "dense_mAP50-95": dense.map, "pruned_mAP50-95": pruned.map,
+            row = {"row": kind, "seed": seed, "file": Path(e.checkpoint).name,
+                   "plan": (e.channels or {}).get("plan"), "dense_mAP50-95": dense.map, "pruned_mAP50-95": pruned.map,
                    "dense_mAP50": dense.map50, "pruned_mAP50": pruned.map50,
                    "retention": round(pruned.map / dense.map, 4) if dense.map else None,
                    "params": [(e.channels or {}).get(k) for k in ("params_before", "params_after")],

@@ -269,6 +269,11 @@ ISSUE17_ROWS = {  # name -> channel options (cumulative); every row uses 32 cali
     "compensate": {"allocation": "sensitivity", "reconstruct": True, "compensate": True},
     "global_compensate": {"allocation": "global", "reconstruct": True, "compensate": True},  # allocation off again
     "default_now": {},  # today's defaults: global allocation, round_share 0.125, reconstruction (data given)
+    "sensitivity_now": {"allocation": "sensitivity"},  # today's defaults with sensitivity allocation
+    "obs": {"importance": "obs"},  # today's defaults with the structured-OBS choice of channels
+    "cost_aware_0.05": {"cost_aware": 0.05},  # today's defaults, FLOP-aware ranking (speed)
+    "cost_aware_0.1": {"cost_aware": 0.1},
+    "cost_aware_0.2": {"cost_aware": 0.2},
 }
 
 
@@ -333,12 +338,17 @@ def phase_issue17(args: argparse.Namespace) -> None:
                 dense = load_json(res)[f"{split}_dense"]["mAP50-95"]
                 print(f"[issue17] {key}: mAP50-95 {m['mAP50-95']:.4f} retention {m['mAP50-95'] / dense:.3f} "
                       f"({secs:.0f} s prune, load {os.getloadavg()[0]:.1f})", flush=True)
-                path.unlink()
+                if args.keep:
+                    path.rename(out / f"{key}.kept.pt")  # for `yolo-prune bench` (speed of the same files)
+                else:
+                    path.unlink()
 
 
 def issue17_table(args: argparse.Namespace) -> None:
+    """Every row, then per (split, amount, row) the mean retention over the calibration seeds measured."""
     rows = load_json(Path(args.out).expanduser().resolve() / "issue17.json")
     print("| split | amount | row | achieved | GFLOPs | mAP50-95 | retention | prune s |\n|---|---|---|---|---|---|---|---|")
+    groups: dict = {}
     for k, r in rows.items():
         if k.endswith("_dense"):
             continue
@@ -346,6 +356,13 @@ def issue17_table(args: argparse.Namespace) -> None:
         dense = rows[f"{split}_dense"]["mAP50-95"]
         print(f"| {split} | {amount} % | {'_'.join(row)} | {r['achieved']:.3f} | {r['gflops_after']} | "
               f"{r['mAP50-95']:.4f} | {r['mAP50-95'] / dense:.3f} | {r['seconds']} |")
+        name, seed = "_".join(row).rsplit("_s", 1) if "_s" in "_".join(row) else ("_".join(row), "0")
+        groups.setdefault((split, amount, name), {})[seed] = r["mAP50-95"] / dense
+    print("\n| split | amount | row | seeds | mean retention | min | max |\n|---|---|---|---|---|---|---|")
+    for (split, amount, name), ret in groups.items():
+        v = list(ret.values())
+        print(f"| {split} | {amount} % | {name} | {','.join(sorted(ret))} | {sum(v) / len(v):.3f} | {min(v):.3f} | "
+              f"{max(v):.3f} |")
 
 
 def main(argv=None) -> int:
@@ -373,6 +390,7 @@ def main(argv=None) -> int:
     ap.add_argument("--splits", nargs="+", default=None, help="issue17: coco128A coco128B cornpest (default all)")
     ap.add_argument("--rows", nargs="+", default=None, help=f"issue17: rows of {', '.join(ISSUE17_ROWS)}")
     ap.add_argument("--seed", type=int, default=0, help="issue17: calibration draw")
+    ap.add_argument("--keep", action="store_true", help="issue17: keep each pruned file as <out>/<row>.kept.pt")
     args = ap.parse_args(argv)
     import torch
 

@@ -1,5 +1,6 @@
-"""One-shot channel pruning that keeps the model usable: sensitivity-aware allocation (prune/channel_sensitivity.py),
-reconstruction and mean compensation (prune/reconstruction.py), on real YOLOv5n modules."""
+"""One-shot channel pruning that keeps the model usable: sensitivity-aware allocation and the structured-OBS choice
+(prune/channel_sensitivity.py), reconstruction and mean compensation (prune/reconstruction.py), on real YOLOv5n
+modules."""
 
 from __future__ import annotations
 
@@ -141,6 +142,32 @@ def test_reconstruction_lowers_every_refit_layers_error_and_leaves_the_rest(yolo
     assert changed and changed <= owners, changed - owners  # only refit convs (and their BN shift) changed
 
 
+@pytest.mark.parametrize("damp", [0.1])
+def test_refit_keeps_the_weights_when_the_removed_channels_carried_nothing(yolov5n, coco_images, damp):
+    """The ridge pulls toward the kept weights, not toward zero: where the removed channels output exactly 0 (what
+    channel.regularize trains toward), the kept weights already reproduce the dense outputs, and the refit returns
+    them unchanged at any dampening (a ridge toward zero would shrink them all)."""
+    from yolo_prune_plugin.prune.reconstruction import reconstruct_layers
+
+    model = copy.deepcopy(yolov5n).eval()
+    probe = copy.deepcopy(model)
+    res = channel_prune(probe, 0.3, importance="l1", imgsz=128, log=False)
+    mods = dict(model.named_modules())
+    with torch.no_grad():  # the channels the prune removes go dead in the dense model: gamma = beta = 0
+        for conv, kept in res.kept.items():
+            bn = mods[conv.rsplit(".", 1)[0] + ".bn"]
+            gone = sorted(set(range(bn.num_features)) - set(kept))
+            bn.weight[gone] = 0.0
+            bn.bias[gone] = 0.0
+    dense = copy.deepcopy(model)
+    channel_prune(model, 0.3, plan=res.plan, imgsz=128, log=False)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    info = reconstruct_layers(model, dense, coco_images, kept=res.kept, damp=damp, compensate=False)
+    assert info["layers"] > 10 and max(info["errors"].values()) < 1e-6
+    for k, v in model.state_dict().items():
+        assert torch.allclose(v, state[k], atol=1e-4, rtol=1e-4), k
+
+
 def test_compensation_preserves_the_consumers_mean_output(small_model, images):
     """Only the stem loses channels: its consumer (model.1) keeps its weights, and its BatchNorm output has the dense
     model's per-channel mean on the calibration images (not without compensation)."""
@@ -159,8 +186,50 @@ def test_compensation_preserves_the_consumers_mean_output(small_model, images):
     assert not torch.allclose(before, target, atol=1e-3)
 
 
+def test_obs_removes_a_redundant_channel_first_and_its_refit_is_exact():
+    """Structured OBS on one consumer: input channel 2 = channel 0 + channel 1, so any one of the three carries nothing
+    the other two do not, while channel 3 (the smallest weights: magnitude would remove it first) is the only one
+    that cannot be replaced. OBS prices 0-2 at ~0 and 3 highest; after removing channel 2 the compensated weights
+    reproduce the consumer's output on the same data."""
+    from yolo_prune_plugin.prune.channel_sensitivity import _ObsConsumer
+    from yolo_prune_plugin.prune.obs import layer_hessian
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 5, 3, padding=1, bias=False)
+    x = torch.randn(16, 4, 12, 12)
+    x[:, 2] = x[:, 0] + x[:, 1]
+    with torch.no_grad():
+        conv.weight[:, 3] *= 0.2
+    H = layer_hessian(conv, x)
+    st = _ObsConsumer(conv, H, torch.zeros(4, dtype=torch.float64), damp=1e-8)
+    costs = st.costs()
+    l1 = conv.weight.detach().abs().sum((0, 2, 3))
+    assert int(torch.argmin(l1)) == 3 and int(torch.argmax(costs)) == 3
+    assert float(costs[:3].max()) < 1e-6 < float(costs[3])
+    st.remove(2)
+    refit = torch.nn.functional.conv2d(x, st.W.float().view_as(conv.weight), padding=1)
+    with torch.no_grad():
+        dense = conv(x)
+    assert float((refit - dense).abs().max() / dense.abs().max()) < 1e-3
+    assert torch.isinf(st.costs()[2]) and not st.W.view(5, 4, 9)[:, 2].any()
+
+
+@pytest.mark.parametrize("amount", [0.3, 0.5])
+def test_obs_importance_meets_amount_within_layer_shares(small_model, images, amount):
+    before = channel_counts(small_model)
+    res = channel_prune(small_model, amount, importance="obs", calibration=images, imgsz=64, log=False)
+    assert abs(res.achieved - amount) <= 0.02 and res.importance == "obs"
+    assert res.extra["obs_layers"] > 0 and res.extra["obs_images"] == 4
+    for n, (out_c, _) in channel_counts(small_model).items():
+        assert out_c >= before[n][0] * 0.25 - 1e-9, n
+    assert small_model.eval()(torch.zeros(1, 3, 64, 64))[0].shape == (1, 252, 8)
+    with pytest.raises(ConfigError, match="importance 'obs' needs calibration images"):
+        channel_prune(copy.deepcopy(small_model), amount, importance="obs", imgsz=64, log=False)
+
+
 @pytest.mark.parametrize("channel", [
     {"allocation": "sensitivity", "reconstruct": True, "compensate": True},
+    {"importance": "obs"},
     {"importance": "l1", "reconstruct": False, "compensate": True},
 ])
 def test_new_options_through_the_pipeline_load_in_plain_yolov5_and_export(small_ckpt, tiny_data, channel):
@@ -175,8 +244,10 @@ def test_new_options_through_the_pipeline_load_in_plain_yolov5_and_export(small_
     [entry] = api.prune(small_ckpt, data=tiny_data, config=cfg, imgsz=64, workers=0)
     assert abs(entry.channels["achieved"] - 0.4) <= 0.02
     rec = entry.channels["reconstruction"]
-    assert rec["layers"] > 0 and rec["refit"] is bool(channel.get("reconstruct")) and rec["compensate"]
-    assert entry.recalibration is None  # the compensated BatchNorm shifts are kept
+    assert rec["layers"] > 0 and rec["refit"] is channel.get("reconstruct", True)  # default: on with data
+    assert rec["compensate"] is channel.get("compensate", False)
+    assert entry.channels["importance"] == channel.get("importance", "taylor")
+    assert entry.recalibration is None  # the refit / compensated BatchNorm shifts are kept
     assert [a["format"] for a in entry.exports] == ["onnx"] and entry.exports[0]["ok"]
     shape, widths = plain_attempt_load(small_ckpt.with_name("best_pruned.pt"))
     dense = [m.out_channels for m in torch.load(small_ckpt)["model"].modules() if isinstance(m, torch.nn.Conv2d)]

@@ -74,8 +74,8 @@ def test_cli_channel_prune_writes_a_smaller_model_and_report(backend, pruned):
     assert entry.channels["params_after"] < entry.channels["params_before"]
     assert entry.channels["gflops_after"] < entry.channels["gflops_before"]
     assert entry.channels["importance"] == "taylor"  # data given: the data-aware default
-    # data given: reconstruction by default (global allocation, no compensation); BN statistics kept after it
-    assert entry.channels["allocation"] == "global" and "sensitivity_images" not in entry.channels
+    # data given: sensitivity allocation and reconstruction by default (no compensation); BN statistics kept after it
+    assert entry.channels["allocation"] == "sensitivity" and entry.channels["sensitivity_images"] == 8
     assert entry.channels["reconstruction"]["refit"] and not entry.channels["reconstruction"]["compensate"]
     assert entry.channels["reconstruction"]["images"] == 8 and entry.recalibration is None
     assert entry.metrics_after is not None and entry.metrics_before is not None

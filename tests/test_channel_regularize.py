@@ -1,4 +1,5 @@
-"""training/channel_regularize.py: the targeted BatchNorm-scale penalty inside YOLOv5's own training loop."""
+"""training/channel_regularize.py: the targeted BatchNorm scale/shift penalty inside YOLOv5's own training loop,
+and the train-end prune that removes exactly its plan."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import torch
 pytest.importorskip("torch_pruning")
 
 from yolo_prune_plugin.config import config_from_dict  # noqa: E402
-from yolo_prune_plugin.errors import ConfigError  # noqa: E402
-from yolo_prune_plugin.training.channel_regularize import ChannelRegularizer  # noqa: E402
+from yolo_prune_plugin.errors import ConfigError, PruneError  # noqa: E402
+from yolo_prune_plugin.prune.channel import channel_prune  # noqa: E402
+from yolo_prune_plugin.training.channel_regularize import ChannelRegularizer, regularize_targets  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,7 +36,7 @@ def test_regulariser_changes_only_the_targeted_gradients(small_model):
     seen = {}
     opt.register_step_pre_hook(lambda o, a, k: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}))
     opt.step()  # the plugin's pre-hook runs first (registered first)
-    targeted = {f"{bn}.weight": idx for bn, idx in reg.targets.items()}
+    targeted = {f"{bn}.{p}": idx for bn, idx in reg.targets.items() for p in ("weight", "bias")}
     for n, g in seen.items():
         diff = g - before[n]
         if n not in targeted:
@@ -57,6 +59,8 @@ def test_regulariser_changes_only_the_targeted_gradients(small_model):
     ({"structure": "channel", "channel": {"regularize": {"from": 1}}}, "channel.regularize.from"),
     ({"structure": "channel", "channel": {"regularize": 3}}, "'channel.regularize' must be a mapping"),
     ({"channel": {"regularize": {"weight": 0.001}}}, "needs 'structure: channel'"),
+    ({"structure": "channel", "target": {"max_size": 0.6}, "channel": {"regularize": {"weight": 0.01}}},
+     "'target' chooses the amount only at train end"),
 ])
 def test_bad_regularize_configs(cfg, match):
     with pytest.raises(ConfigError, match=match):
@@ -79,7 +83,9 @@ def test_penalty_is_logged_per_epoch_in_a_real_training_run(backend, tiny_data, 
     report = json.loads((tmp_path / "runs" / "exp" / "prune_report.json").read_text())
     hist = report["history"]
     assert [r["epoch"] for r in hist] == [1] and hist[0]["regularize_penalty"] > 0 and hist[0]["regularize_channels"] > 0
-    assert abs(report["results"][0]["channels"]["achieved"] - 0.3) <= 0.02
+    ch = report["results"][0]["channels"]
+    assert abs(ch["achieved"] - 0.3) <= 0.02
+    assert ch["importance"] == "plan" and ch["plan"].startswith("channel.regularize")  # no re-ranking at train end
 
 
 @pytest.mark.parametrize("fitness, pruned", [((0.5, 0.4), "last.pt"), ((0.5, 0.6), "best.pt")])
@@ -102,3 +108,52 @@ def test_best_saved_before_the_penalty_is_not_what_gets_pruned(backend, tmp_path
     with caplog.at_level(logging.INFO, logger="yolo_prune_plugin"):
         assert plugin.checkpoints(last, best) == [tmp_path / pruned]
     assert ("before channel.regularize's penalty began" in caplog.text) == (pruned == "last.pt")
+
+
+def _output(model, x):
+    with torch.no_grad():
+        return torch.cat([o.flatten() for o in model.eval()(x)[1]])
+
+
+@pytest.mark.parametrize("shift_zeroed, exact", [(True, True), (False, False)])
+def test_channels_with_zero_scale_and_shift_are_removed_exactly(small_model, shift_zeroed, exact):
+    """Why the penalty takes the shift too: a targeted channel with gamma = 0 still outputs the constant
+    SiLU(beta), which its 3x3 consumers see differently at the zero-padded border, so removing it changes the
+    model; with gamma = beta = 0 it outputs 0 and removing exactly the plan leaves the raw outputs unchanged."""
+    import copy
+
+    cfg = config_from_dict({"structure": "channel", "amount": 0.3, "channel": {"regularize": {"weight": 0.01}}})
+    model = small_model.eval()
+    for m in model.modules():  # a trained model's shifts are not 0 (random init has beta = 0)
+        if isinstance(m, torch.nn.BatchNorm2d):
+            torch.nn.init.uniform_(m.bias, 0.5, 1.5)
+    targets, plan = regularize_targets(model, cfg)
+    mods = dict(model.named_modules())
+    with torch.no_grad():
+        for bn, idx in targets.items():
+            mods[bn].weight[idx] = 0.0
+            if shift_zeroed:
+                mods[bn].bias[idx] = 0.0
+    x = torch.rand(1, 3, 64, 64)
+    dense = _output(model, x)
+    pruned = copy.deepcopy(model)
+    res = channel_prune(pruned, 0.3, plan=plan, imgsz=64, log=False)
+    assert res.importance == "plan" and res.plan == {k: sorted(v) for k, v in plan.items()}
+    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    err = float((_output(pruned, x) - dense).abs().max() / dense.abs().max())
+    assert (err < 1e-4) == exact, err
+
+
+def test_a_plan_repeats_the_same_channels_and_a_foreign_plan_is_refused(small_model):
+    import copy
+
+    a, b = copy.deepcopy(small_model), copy.deepcopy(small_model)
+    res = channel_prune(a, 0.3, importance="l1", imgsz=64, log=False)
+    again = channel_prune(b, 0.3, plan=res.plan, imgsz=64, log=False)
+    assert again.kept == res.kept and again.channels_after == res.channels_after
+    with pytest.raises(PruneError, match="'model.99.conv' is not a prunable channel group"):
+        channel_prune(copy.deepcopy(small_model), 0.3, plan={"model.99.conv": [0]}, imgsz=64, log=False)
+    with pytest.raises(PruneError, match="'model.0.conv' has 16 channels; cannot remove 16"):
+        channel_prune(copy.deepcopy(small_model), 0.3, plan={"model.0.conv": list(range(16))}, imgsz=64, log=False)
+    with pytest.raises(PruneError, match="cannot remove 50.0%"):  # a plan for another amount
+        channel_prune(copy.deepcopy(small_model), 0.5, plan=res.plan, imgsz=64, log=False)

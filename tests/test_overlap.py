@@ -46,8 +46,10 @@ def _entry(project):
 
 
 @pytest.mark.parametrize("flags, config, steps", [
-    # channel defaults: Taylor ranking falls back to L1, no reconstruction, BatchNorm statistics recalibrated anyway
+    # channel defaults: Taylor ranking falls back to L1, global allocation, no reconstruction, BatchNorm statistics
+    # recalibrated anyway
     (["--prune-structure", "channel"], None, {"channel.importance": "l1 instead of taylor",
+                                              "channel.allocation": "global instead of sensitivity",
                                               "channel.reconstruct": "off (BatchNorm recalibration instead)",
                                               "bn_recalibration": "on the train images anyway"}),
     # unstructured with BatchNorm recalibration asked for: recalibrated anyway
@@ -78,6 +80,7 @@ def test_overlapping_splits_prune_at_train_end(same_yaml, tiny_cfg, tmp_path, ca
         assert "share 2 image file(s)" in overlap["overlap"] and str(same_yaml) in overlap["overlap"]
     if "--prune-structure" in flags:
         assert entry["channels"]["importance"] == ("l1" if steps else "taylor")
+        assert entry["channels"]["allocation"] == ("global" if steps else "sensitivity")
 
 
 @pytest.mark.parametrize("flags, config, key", [

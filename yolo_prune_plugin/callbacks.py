@@ -229,6 +229,8 @@ class PrunePlugin:
                 ckpts = {f: load_checkpoint(f, backend) for f in files}  # each file loaded once
                 opt = self._resolved_opt = self._options(ckpts[files[0]], best)
                 ctx = pipeline.context_from_opt(opt, self.config, backend)
+                if self.regularizer is not None and self.regularizer.plan:
+                    ctx.channel_plan = self.regularizer.plan  # remove what the penalty trained away, exactly
                 self.entries = []
                 for f in files:
                     # train.py's final validation ran on best.pt: reuse those numbers instead of validating again

@@ -141,7 +141,7 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
             if k == "importance":
                 out[k] = None if v is None else _choice(v, q, where, CHANNEL_IMPORTANCES)
             elif k == "allocation":
-                out[k] = _choice(v, q, where, CHANNEL_ALLOCATIONS)
+                out[k] = None if v is None else _choice(v, q, where, CHANNEL_ALLOCATIONS)
             elif k in ("reconstruct", "compensate"):
                 out[k] = None if v is None and k == "reconstruct" else _bool(v, q, where)
             elif k == "regularize":
@@ -320,6 +320,10 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
                           "alternatives; set only one")
     if cfg.channel.regularize is not None and cfg.structure != "channel":
         raise ConfigError(f"{source}: 'channel.regularize' trains channels to be removed: it needs 'structure: channel'")
+    if cfg.channel.regularize is not None and cfg.target.active:
+        raise ConfigError(f"{source}: 'channel.regularize' trains away the channels of a fixed 'amount' from "
+                          f"epoch {cfg.channel.regularize.from_epoch} on; 'target' chooses the amount only at train "
+                          "end: set 'amount' instead of the target")
     if cfg.structure == "channel":
         if cfg.method not in ("global", AUTO):
             raise ConfigError(f"{source}: 'method: {cfg.method}' ranks single weights (structure: unstructured); "

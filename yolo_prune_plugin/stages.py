@@ -32,6 +32,9 @@ class RunContext:
     imgsz: int
     settings: Optional[EvalSettings] = None  # evaluation (and calibration) data; None: nothing evaluated
     opt: dict = field(default_factory=dict)  # YOLOv5 train options of the run (fine-tune inherits them)
+    #: ``structure: channel``: the channels to remove, fixed by the run (``channel.regularize`` trained them away);
+    #: None: ranked by the channel importance
+    channel_plan: Optional[dict] = None
 
     @property
     def export_device(self) -> str:
@@ -116,8 +119,13 @@ def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan:
     res = channel_prune(model, config.amount, importance=imp, round_to=ch.round_to, include=config.include,
                         exclude=config.exclude, calibration=calibration, max_layer_ratio=ch.max_layer_ratio,
                         imgsz=ctx.imgsz, cost_aware=ch.cost_aware, round_share=ch.round_share,
-                        allocation=ch.allocation, cache=None if cache is None else _cached(cache, "channel", dict))
+                        allocation=ch.allocation, cache=None if cache is None else _cached(cache, "channel", dict),
+                        plan=ctx.channel_plan)
     done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True)}
+    if ctx.channel_plan is not None:
+        done["channels"]["plan"] = "channel.regularize: the channels its penalty trained away"
+        LOGGER.info("Removed exactly the %d channels channel.regularize trained away (no re-ranking)",
+                    sum(len(v) for v in res.plan.values()))
     if dense is not None:
         from .prune.reconstruction import reconstruct_layers
 

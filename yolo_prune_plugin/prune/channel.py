@@ -14,7 +14,9 @@ every group alive.
 
 Importance (``importance=``): ``l1``/``l2`` (group magnitude, Torch-Pruning's ``GroupMagnitudeImportance``),
 ``bn`` (BatchNorm scale), ``lamp``, and the data-aware ``taylor`` (first-order Taylor, gradients from YOLOv5's
-own ``ComputeLoss`` on labelled train-split images, see :func:`load_calibration_batch`).
+own ``ComputeLoss`` on labelled train-split images, see :func:`load_calibration_batch`) and ``obs`` (structured
+OBS: the consumers' output error with their other weights refitted, on train-split images,
+:func:`~yolo_prune_plugin.prune.channel_sensitivity.obs_scores`).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -95,6 +97,8 @@ class ChannelPruneResult:
     extra: dict = field(default_factory=dict)
     #: conv name -> indices of the original output channels it kept (only convs that lost some)
     kept: dict = field(default_factory=dict, repr=False)
+    #: group root conv name -> indices of the channels removed (``channel_prune(plan=...)`` repeats it exactly)
+    plan: dict = field(default_factory=dict, repr=False)
 
     def to_dict(self, per_layer: bool = True) -> dict:
         d = {"structure": "channel", "importance": self.importance, "amount": self.amount,
@@ -173,12 +177,15 @@ def _scores(model: nn.Module, importance: str, ignored_names: list, calibration:
     otherwise) and the sensitivity summary (None without it)."""
     mods = dict(model.named_modules())
     loss = None
-    if importance in DATA_AWARE_IMPORTANCES:
+    images = calibration[0] if isinstance(calibration, (tuple, list)) else calibration
+    if importance == "taylor":
         if not (isinstance(calibration, (tuple, list)) and len(calibration) == 2):
             raise ConfigError(f"importance {importance!r} needs calibration=(images, targets) from "
                               "load_calibration_batch (train-split images with labels)")
         loss = accumulate_loss_gradients(model, calibration[0], calibration[1])
-    imp = _importance(importance)
+    elif importance in DATA_AWARE_IMPORTANCES and not isinstance(images, torch.Tensor):
+        raise ConfigError(f"importance {importance!r} needs calibration images (train split)")
+    imp = _importance("l1" if importance == "obs" else importance)  # obs: l1 orders unmeasured groups
     dg, groups = _build_groups(model, [mods[n] for n in ignored_names], trace_imgsz)
     scores: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -186,17 +193,21 @@ def _scores(model: nn.Module, importance: str, ignored_names: list, calibration:
             s = imp(g)
             if s is not None:
                 scores[name] = s.detach().float().cpu()
-    if importance in DATA_AWARE_IMPORTANCES:
+    if importance == "taylor":
         for p in model.parameters():
             p.grad = None
     if not scores:
         raise PruneError("channel pruning: no prunable channel group in scope")
     sens = None
+    if importance == "obs":
+        from .channel_sensitivity import obs_scores
+
+        scores, sens = obs_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
     if allocation == "sensitivity":
         from .channel_sensitivity import sensitivity_scores
 
-        images = calibration[0] if isinstance(calibration, (tuple, list)) else calibration
-        scores, sens = sensitivity_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
+        scores, sens_a = sensitivity_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
+        sens = {**(sens or {}), **sens_a}
     if cost_aware:
         macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
         mean = sum(macs.values()) / len(macs)
@@ -205,13 +216,67 @@ def _scores(model: nn.Module, importance: str, ignored_names: list, calibration:
     return scores, loss, sens
 
 
+def _search(model: nn.Module, amount: float, scope: list, w_before: int, ignored_names: list, importance: str,
+            calibration: Any, trace_imgsz: int, cost_aware: float, allocation: str, round_to: int,
+            max_layer_ratio: float, round_share: float, tolerance: float, cache: Optional[dict]) -> tuple:
+    """Importance once on the original model, then bisection on the number ``k`` of globally lowest-ranked
+    channels removed until ``amount`` is met; ``(achieved, k, plan, scores, loss, sensitivity, total)``."""
+    cache = {} if cache is None else cache
+    if "scores" not in cache:
+        cache["scores"], cache["loss"], cache["sens"] = _scores(model, importance, ignored_names, calibration,
+                                                                trace_imgsz, cost_aware, allocation)
+        cache["achieved"] = {}
+    scores, loss, sens = cache["scores"], cache["loss"], cache["sens"]
+    total = sum(len(v) for v in scores.values())
+
+    def trial(k: int) -> tuple[float, dict]:
+        plan = _plan(scores, k, round_to, max_layer_ratio, round_share)
+        if k not in cache["achieved"]:
+            m = copy.deepcopy(model)
+            _apply_plan(m, plan, ignored_names, trace_imgsz)
+            cache["achieved"][k] = 1 - _weights(m, scope) / w_before
+        return cache["achieved"][k], plan
+
+    lo, hi = 0, total
+    best: tuple[float, int, dict] = (math.inf, 0, {})
+    while lo <= hi:
+        k = (lo + hi) // 2
+        got, plan = trial(k)
+        if abs(got - amount) < abs(best[0] - amount):
+            best = (got, k, plan)
+        if abs(got - amount) <= tolerance / 4:
+            break
+        lo, hi = (k + 1, hi) if got < amount else (lo, k - 1)
+    return (*best, scores, loss, sens, total)
+
+
+def _checked_plan(model: nn.Module, plan: Mapping[str, Sequence[int]], ignored_names: list,
+                  trace_imgsz: int) -> dict:
+    """``plan`` as ``{group root: sorted channel indices}``, after checking it fits ``model``'s groups."""
+    _, groups = _build_groups(model, [dict(model.named_modules())[n] for n in ignored_names], trace_imgsz)
+    sizes = {name: len(g[0].idxs) for name, g in groups}
+    out = {}
+    for name, idxs in plan.items():
+        if name not in sizes:
+            raise PruneError(f"channel plan: {name!r} is not a prunable channel group of this model (groups: "
+                             f"{', '.join(list(sizes)[:5])}, ...)")
+        idxs = sorted({int(i) for i in idxs})
+        if idxs and (idxs[0] < 0 or idxs[-1] >= sizes[name] or len(idxs) >= sizes[name]):
+            raise PruneError(f"channel plan: {name!r} has {sizes[name]} channels; cannot remove {len(idxs)} "
+                             f"(indices {idxs[0]}..{idxs[-1]})")
+        if idxs:
+            out[name] = idxs
+    return out
+
+
 def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] = None,
                   round_to: int = DEFAULT_ROUND_TO, include: Sequence[str] = (), exclude: Sequence[str] = (),
                   calibration: Any = None, max_layer_ratio: float = DEFAULT_MAX_LAYER_RATIO,
                   imgsz: int = 640, trace_imgsz: int = 64, tolerance: float = AMOUNT_TOLERANCE,
                   cost_aware: float = DEFAULT_COST_AWARE, round_share: float = DEFAULT_ROUND_SHARE,
                   allocation: str = DEFAULT_ALLOCATION, log: bool = True,
-                  cache: Optional[dict] = None) -> ChannelPruneResult:
+                  cache: Optional[dict] = None, plan: Optional[Mapping[str, Sequence[int]]] = None
+                  ) -> ChannelPruneResult:
     """Remove whole output channels of ``model`` (a YOLOv5 ``DetectionModel``, in place) with Torch-Pruning.
 
     ``amount``: fraction of the Conv2d weights in scope to remove (input channels removed from a consumer
@@ -231,7 +296,9 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     ``calibration`` is ``(images, targets)`` or an image tensor). ``imgsz``: for GFLOPs. The result's ``kept``
     maps each conv that lost channels to the original channel indices it kept. ``cache``: a dict kept across calls
     on copies of the same model with the same settings (a budget search): the channel scores and the fraction each
-    number of removed channels achieves do not depend on ``amount``, so they are computed once.
+    number of removed channels achieves do not depend on ``amount``, so they are computed once. ``plan``: the
+    channels to remove, fixed beforehand (a result's ``plan``, e.g. the targets ``channel.regularize`` trained
+    away): no ranking, no bisection; it must name groups of this model and still reach ``amount``.
     Raises :class:`ConfigError` for bad arguments, :class:`PruneError` when the amount cannot be met.
     """
     t0 = time.perf_counter()
@@ -268,36 +335,19 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     channels_before = channel_counts(model)
     w_before = _weights(model, scope)
 
-    # importance once, on the original model
     was_training = model.training
     model.eval()
-    cache = {} if cache is None else cache
-    if "scores" not in cache:
-        cache["scores"], cache["loss"], cache["sens"] = _scores(model, importance, ignored_names, calibration,
-                                                                trace_imgsz, cost_aware, allocation)
-        cache["achieved"] = {}
-    scores, loss, sens = cache["scores"], cache["loss"], cache["sens"]
-    total = sum(len(v) for v in scores.values())
-
-    def trial(k: int) -> tuple[float, dict]:
-        plan = _plan(scores, k, round_to, max_layer_ratio, round_share)
-        if k not in cache["achieved"]:
-            m = copy.deepcopy(model)
-            _apply_plan(m, plan, ignored_names, trace_imgsz)
-            cache["achieved"][k] = 1 - _weights(m, scope) / w_before
-        return cache["achieved"][k], plan
-
-    lo, hi = 0, total
-    best: tuple[float, int, dict] = (math.inf, 0, {})
-    while lo <= hi:  # bisection on the number of globally lowest-ranked channels removed
-        k = (lo + hi) // 2
-        got, plan = trial(k)
-        if abs(got - amount) < abs(best[0] - amount):
-            best = (got, k, plan)
-        if abs(got - amount) <= tolerance / 4:
-            break
-        lo, hi = (k + 1, hi) if got < amount else (lo, k - 1)
-    achieved, k, plan = best
+    if plan is not None:
+        importance, allocation = "plan", "plan"  # the report says what decided: nothing was ranked
+        plan, k, total = _checked_plan(model, plan, ignored_names, trace_imgsz), 0, 1
+        m = copy.deepcopy(model)
+        _apply_plan(m, plan, ignored_names, trace_imgsz)
+        achieved, scores, loss, sens = 1 - _weights(m, scope) / w_before, plan, None, None
+        del m
+    else:
+        achieved, k, plan, scores, loss, sens, total = _search(
+            model, amount, scope, w_before, ignored_names, importance, calibration, trace_imgsz, cost_aware,
+            allocation, round_to, max_layer_ratio, round_share, tolerance, cache)
     q = k / total
     if abs(achieved - amount) > tolerance:
         raise PruneError(f"channel pruning: cannot remove {amount:.1%} of the Conv2d weights in scope "
@@ -326,8 +376,8 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
                              channels_before, channel_counts(model), q, time.perf_counter() - t0,
                              {"max_layer_ratio": max_layer_ratio, "round_share": float(round_share), "allocation": allocation,
                               "cost_aware": float(cost_aware), "groups": len(scores),
-                              "groups_pruned": len(plan)}, kept)
-    if allocation == "sensitivity":
+                              "groups_pruned": len(plan)}, kept, {n: list(v) for n, v in plan.items()})
+    if sens:
         res.extra.update(sens)
     if loss is not None:
         res.extra["calibration_loss"] = round(loss, 4)

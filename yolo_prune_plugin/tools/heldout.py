@@ -145,6 +145,10 @@ def overlap_plan(config: PruneConfig, data: Any) -> dict[str, str]:
     if config.structure == "channel" and config.channel.importance is None:
         plan["channel.importance"] = ("l1 instead of taylor: Taylor ranking fits the labels of the images the "
                                       "result is measured on (set calibration.allow_overlap: true to use it)")
+    if config.structure == "channel" and config.channel.allocation is None:
+        plan["channel.allocation"] = ("global instead of sensitivity: the measured error would be measured on the "
+                                      "images the result is evaluated on (set calibration.allow_overlap: true to "
+                                      "use it)")
     if config.structure == "channel" and config.channel.reconstruct is None:
         plan["channel.reconstruct"] = ("off (BatchNorm recalibration instead): the least-squares refit fits the kept "
                                        "weights to the images the result is measured on (set "
