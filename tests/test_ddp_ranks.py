@@ -46,6 +46,7 @@ def _worker(r: int, init_file: str, out_dir: str) -> None:
                "zeros": sum(int(m.sum()) for m in masks.values()), "mismatch": mismatch,
                "shared": D.from_rank0({"file": "best_pruned.pt"} if r == 0 else None)}
         Path(out_dir, f"rank{r}.json").write_text(json.dumps(res))
+        dist.barrier()  # both ranks are done with every collective before either tears gloo down (else an abort)
     finally:
         dist.destroy_process_group()
 
