@@ -340,24 +340,23 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     if plan is not None:
         importance, allocation = "plan", "plan"  # the report says what decided: nothing was ranked
         plan, k, total = _checked_plan(model, plan, ignored_names, trace_imgsz), 0, 1
-        m = copy.deepcopy(model)
-        _apply_plan(m, plan, ignored_names, trace_imgsz)
-        achieved, scores, loss, sens = 1 - _weights(m, scope) / w_before, plan, None, None
-        del m
+        achieved, scores, loss, sens = None, plan, None, None  # measured on the tagged copy below
     else:
         achieved, k, plan, scores, loss, sens, total = _search(
             model, amount, scope, w_before, ignored_names, importance, calibration, trace_imgsz, cost_aware,
             allocation, round_to, max_layer_ratio, round_share, tolerance, cache)
     q = k / total
-    if abs(achieved - amount) > tolerance:
-        raise PruneError(f"channel pruning: cannot remove {amount:.1%} of the Conv2d weights in scope "
-                         f"(closest {achieved:.1%} with round_to={round_to}, max_layer_ratio={max_layer_ratio}); "
-                         "lower round_to or raise max_layer_ratio")
     tagged = copy.deepcopy(model)  # BN running means := channel ids, to learn which channels each conv kept
     for mod in tagged.modules():
         if isinstance(mod, nn.BatchNorm2d):
             mod.running_mean.copy_(torch.arange(mod.num_features, dtype=mod.running_mean.dtype))
     _apply_plan(tagged, plan, ignored_names, trace_imgsz)
+    if achieved is None:
+        achieved = 1 - _weights(tagged, scope) / w_before
+    if abs(achieved - amount) > tolerance:  # before the model itself is touched
+        raise PruneError(f"channel pruning: cannot remove {amount:.1%} of the Conv2d weights in scope "
+                         f"(closest {achieved:.1%} with round_to={round_to}, max_layer_ratio={max_layer_ratio}); "
+                         "lower round_to or raise max_layer_ratio")
     kept = {}
     tmods = dict(tagged.named_modules())
     for n, m in conv_layers(tagged):

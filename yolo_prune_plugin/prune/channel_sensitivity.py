@@ -89,6 +89,19 @@ def _channel_energy(conv: nn.Conv2d, H: torch.Tensor, mu: torch.Tensor, centered
     return G.reshape(c, k, c, k).sum((1, 3)).cpu()  # small (c, c); the allocation's bookkeeping is on the CPU
 
 
+def _unmeasured(out: dict[str, torch.Tensor], missing: list[str], scores: dict[str, torch.Tensor],
+                tops: list[float]) -> None:
+    """Scores of the groups without a measurable consumer (into ``out``): their importance order, as the cumulative
+    share of their importance scaled to the median of the measured groups' largest errors ``tops``."""
+    med = float(torch.median(torch.tensor(tops, dtype=torch.float64))) if tops else 1.0
+    for name in missing:
+        s = scores[name].double()
+        order = torch.sort(s, stable=True).indices
+        new = torch.empty(len(s), dtype=torch.float64)
+        new[order] = med * s[order].cumsum(0) / s.sum().clamp_min(1e-30)
+        out[name] = new
+
+
 def sensitivity_scores(model: nn.Module, groups: list, dg: Any, scores: dict[str, torch.Tensor],
                        images: torch.Tensor, *, batch_size: int = 8, centered: bool = False) -> tuple[dict, dict]:
     """Allocation scores (see the module docstring) for every group in ``scores`` (root name -> importance).
@@ -137,14 +150,7 @@ def sensitivity_scores(model: nn.Module, groups: list, dg: Any, scores: dict[str
         new[order] = curve + 1e-9 * torch.arange(1, n + 1, dtype=torch.float64) / n
         out[name] = new
     if missing:
-        med = float(torch.median(torch.stack([v.max() for v in out.values()]))) if out else 1.0
-        for name in missing:
-            s = scores[name].double()
-            order = torch.sort(s, stable=True).indices
-            frac = s[order].cumsum(0) / s.sum().clamp_min(1e-30)
-            new = torch.empty(len(s), dtype=torch.float64)
-            new[order] = med * frac
-            out[name] = new
+        _unmeasured(out, missing, scores, [float(v.max()) for v in out.values()])
     summary = {"sensitivity_layers": len(energy), "sensitivity_images": int(len(images)),
                "sensitivity_seconds": round(time.perf_counter() - t0, 2), "sensitivity_unmeasured": len(missing)}
     return out, summary
@@ -239,12 +245,6 @@ def obs_scores(model: nn.Module, groups: list, dg: Any, fallback: dict[str, torc
             new[r] = (curve[i] if i < len(curve) else top * 2 + 1.0) + 1e-9 * (i + 1) / n
         out[name] = new
     if missing:
-        med = float(torch.median(torch.tensor(tops, dtype=torch.float64))) if tops else 1.0
-        for name in missing:
-            s = fallback[name].double()
-            order = torch.sort(s, stable=True).indices
-            new = torch.empty(len(s), dtype=torch.float64)
-            new[order] = med * s[order].cumsum(0) / s.sum().clamp_min(1e-30)
-            out[name] = new
+        _unmeasured(out, missing, fallback, tops)
     return out, {"obs_layers": len(stats), "obs_images": int(len(images)),
                  "obs_seconds": round(time.perf_counter() - t0, 2), "obs_unmeasured": len(missing)}

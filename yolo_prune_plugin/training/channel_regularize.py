@@ -7,8 +7,8 @@ amount and channel options; chosen once, at the start of that epoch: the *plan*)
 (:func:`~yolo_prune_plugin.backend.training_loop.add_gradient_hook`) adds ``weight * sign(.)`` to exactly those
 gradient entries. Network slimming penalises ``gamma`` alone, which leaves each channel a constant
 ``SiLU(beta)``; removing a constant is exact only where the consumer's bias can absorb it, not at the zero-padded
-borders of a 3x3 consumer (measured on corn-pest: with ``gamma`` alone ~0, removing the channels still cost 10 %
-of mAP50-95), so the shift goes to zero too and the channel's output becomes 0. Nothing else's gradient changes.
+borders of a 3x3 consumer (tests/test_channel_regularize.py: removal is exact only with both at zero), so the
+shift goes to zero too and the channel's output becomes 0. Nothing else's gradient changes.
 The train-end prune removes exactly the plan (:attr:`ChannelRegularizer.plan`, ``channel_prune(plan=...)``). The
 penalty value is logged per epoch into the report history (and from there to TensorBoard as
 ``prune/history/regularize_penalty``).
