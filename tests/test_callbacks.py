@@ -14,7 +14,7 @@ from yolo_prune_plugin.callbacks import PrunePlugin, register
 from yolo_prune_plugin.config import config_from_dict, load_config
 from yolo_prune_plugin.report import ReportEntry, validate_report
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
 
 @pytest.fixture

@@ -33,3 +33,7 @@ class ExportError(PruneError):
 
 class BudgetError(PruneError):
     """No evaluated amount meets the ``target`` budget (nothing was written)."""
+
+
+class YOLOv5CallError(PruneError):
+    """A call into YOLOv5 does not fit the installed YOLOv5's signature (a layout the plugin does not know)."""

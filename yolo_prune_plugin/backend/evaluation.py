@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ConfigError
+from .calls import create_dataloader, val_run
 from .loading import Backend, get_backend
 from .patches import driving_yolov5
 
@@ -158,12 +159,9 @@ def backend_select_device(backend: Backend, device: Any, batch_size: int = 0) ->
 def make_dataloader(settings: EvalSettings, stride: int = 32, backend: Optional[Backend] = None):
     """The val dataloader exactly as train.py builds it (rect, pad 0.5), built once and reusable."""
     backend = backend or get_backend()
-    dataloaders = __import__(backend.prefix + "utils.dataloaders", fromlist=["create_dataloader"])
-    general = backend.general
-    return dataloaders.create_dataloader(settings.data["val"], settings.imgsz, settings.batch_size, stride,
-                                         settings.single_cls, hyp=None, rect=True, rank=-1,
-                                         workers=settings.workers, pad=0.5,
-                                         prefix=general.colorstr("val: "))[0]
+    return create_dataloader(settings.data["val"], settings.imgsz, settings.batch_size, stride, backend,
+                             single_cls=settings.single_cls, hyp=None, rect=True, rank=-1,
+                             workers=settings.workers, pad=0.5, prefix=backend.general.colorstr("val: "))
 
 
 def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
@@ -188,10 +186,10 @@ def evaluate(model: nn.Module, settings: EvalSettings, dataloader: Any = None,
     try:
         with tempfile.TemporaryDirectory(prefix="yolo_prune_val_") as tmp, driving_yolov5(backend), \
                 no_nms_time_limit(backend):
-            results = backend.val.run(settings.data, batch_size=settings.batch_size, imgsz=settings.imgsz,
-                                      model=model.half() if settings.half else model, iou_thres=settings.iou_thres,
-                                      single_cls=settings.single_cls, dataloader=dataloader, save_dir=Path(tmp),
-                                      plots=False, half=settings.half, verbose=False)[0]
+            results = val_run(backend, settings.data, batch_size=settings.batch_size, imgsz=settings.imgsz,
+                              model=model.half() if settings.half else model, iou_thres=settings.iou_thres,
+                              single_cls=settings.single_cls, dataloader=dataloader, save_dir=Path(tmp),
+                              plots=False, half=settings.half, verbose=False)[0]
     finally:
         yolo_logger.removeHandler(counter)
     if counter.count:

@@ -38,6 +38,7 @@ import torch.nn as nn
 
 from ..errors import ConfigError, ExportError, OutputExistsError
 from .artifacts import SUPPORTED_FORMATS, ArtifactReport, file_sizes, load_export_model, verify_artifact
+from .calls import export_run
 from .loading import Backend, get_backend
 from .patches import export_patches
 
@@ -189,7 +190,7 @@ def _export_all(b: Backend, weights: Path, fmts: list[str], dests: dict[str, Pat
             kwargs["opset"] = int(opset)
         with export_patches(b) as failures:
             try:
-                b.export.run(**kwargs)
+                export_run(b, **kwargs)
             except Exception as e:  # noqa: BLE001 - YOLOv5 asserts/raises outside its try_export too
                 failures.append(f"{type(e).__name__}: {e}")
         cache: dict = {"model": reference}  # the reference output is computed once for all formats

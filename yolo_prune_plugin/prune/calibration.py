@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from ..backend.loading import get_backend
 from ..backend.patches import driving_yolov5
-from ..errors import ConfigError
+from ..errors import ConfigError, PruneError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -99,6 +99,25 @@ def _train_split(data: DataSpec) -> tuple[Any, str]:
     return d["train"], str(p)
 
 
+def _train_dataset(train: Any, where: str, imgsz: int, batch_size: int) -> Any:
+    """YOLOv5's dataset of the train split (either YOLOv5 layout); ConfigError naming the split when YOLOv5 finds
+    no images there or cannot read it (with what YOLOv5 said); a call the installed YOLOv5 does not take is
+    YOLOv5CallError, never blamed on the images."""
+    from ..backend.calls import load_images_and_labels
+
+    try:
+        dataset = load_images_and_labels(train, imgsz, batch_size=batch_size, stride=32, prefix="calibration: ")
+    except PruneError:
+        raise
+    except Exception as e:  # noqa: BLE001 - "No images found" / "does not exist" are bare Exceptions in YOLOv5
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ConfigError(f"{where}: YOLOv5 could not read the train split {train} for calibration "
+                          f"({type(e).__name__}: {msg})") from None
+    if len(dataset) == 0:
+        raise ConfigError(f"{where}: train split {train} has no images for calibration")
+    return dataset
+
+
 def load_calibration_images(data: DataSpec, imgsz: int, n: int = 16, batch_size: int = 8, seed: int = 0,
                             device: Any = "cpu", allow_overlap: bool = False) -> torch.Tensor:
     """``n`` training images as a float tensor ``(N, 3, imgsz, imgsz)`` in [0, 1] on ``device``.
@@ -117,19 +136,10 @@ def load_calibration_images(data: DataSpec, imgsz: int, n: int = 16, batch_size:
     if not allow_overlap:
         check_disjoint(data)
     b = get_backend()
-    dataloaders = importlib.import_module(b.prefix + "utils.dataloaders")
     stride = 32
     imgsz = int(b.general.check_img_size(imgsz, stride))
-    try:
-        dataset = dataloaders.LoadImagesAndLabels(train, imgsz, batch_size=max(1, batch_size), augment=False,
-                                                  rect=False, stride=stride, pad=0.0, prefix="calibration: ",
-                                                  workers=0)
-    except Exception as e:  # noqa: BLE001 - "No images found" / "does not exist" are bare Exceptions
-        raise ConfigError(f"{where}: train split {train} has no images for calibration "
-                          f"({str(e).splitlines()[0]})") from None
+    dataset = _train_dataset(train, where, imgsz, batch_size)
     total = len(dataset)
-    if total == 0:
-        raise ConfigError(f"{where}: train split {train} has no images for calibration")
     g = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(total, generator=g)[: min(n, total)].tolist()
     out = torch.empty((len(order), 3, imgsz, imgsz), dtype=torch.float32)
@@ -187,16 +197,8 @@ def load_calibration_batch(data: Any, imgsz: int, n: int = 16, seed: int = 0,
         check_disjoint(data)
     train, where = _train_split(data)
     b = get_backend()
-    dl = importlib.import_module(b.prefix + "utils.dataloaders")
     imgsz = int(b.general.check_img_size(imgsz, 32))
-    try:
-        ds = dl.LoadImagesAndLabels(train, imgsz, batch_size=1, augment=False, rect=False, stride=32, pad=0.0,
-                                    prefix="calibration: ", workers=0)
-    except Exception as e:  # noqa: BLE001
-        raise ConfigError(f"{where}: train split {train} has no images for calibration "
-                          f"({str(e).splitlines()[0]})") from None
-    if len(ds) == 0:
-        raise ConfigError(f"{where}: train split {train} has no images for calibration")
+    ds = _train_dataset(train, where, imgsz, 1)
     g = torch.Generator().manual_seed(int(seed))
     order = torch.randperm(len(ds), generator=g)[: min(n, len(ds))].tolist()
     ims, targets = [], []

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from ..backend.checks import check_device
+from ..backend.calls import export_run
 from ..backend.loading import get_backend, load_checkpoint
 from ..backend.patches import export_patches
 from ..errors import ConfigError, ExportError
@@ -37,8 +38,8 @@ def _export_onnx(b: Any, weights: Path, tmp: Path, imgsz: int, batch: int) -> Pa
     shutil.copyfile(weights, src)
     with export_patches(b) as failures:
         try:
-            b.export.run(weights=str(src), imgsz=[imgsz, imgsz], batch_size=batch, device="cpu",
-                         include=("onnx",))
+            export_run(b, weights=str(src), imgsz=[imgsz, imgsz], batch_size=batch, device="cpu",
+                       include=("onnx",))
         except Exception as e:  # noqa: BLE001
             failures.append(f"{type(e).__name__}: {e}")
     out = src.with_suffix(".onnx")

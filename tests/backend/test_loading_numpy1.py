@@ -12,7 +12,7 @@ import torch
 from yolo_prune_plugin.backend.loading import load_checkpoint
 from yolo_prune_plugin.errors import UnsafeCheckpointError
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
 
 def rewrite_pickle(src: Path, dst: Path, replace: list[tuple[bytes, bytes]]) -> Path:

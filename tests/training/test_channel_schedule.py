@@ -26,7 +26,7 @@ from yolo_prune_plugin.training.schedule import schedule_amount
 from yolo_prune_plugin.report import validate_report
 from yolo_prune_plugin.prune.channel import channel_counts, channel_prune
 
-from conftest import plain_attempt_load
+from testkit import plain_attempt_load
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -16,7 +16,7 @@ from yolo_prune_plugin.errors import ConfigError
 from yolo_prune_plugin.backend.data import image_files
 from yolo_prune_plugin.tools.heldout import retarget_data_yaml, split_data_yaml
 
-from conftest import data_yaml
+from testkit import data_yaml, same_split
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -214,14 +214,6 @@ def auto_data(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("auto") / "data", **TINY.dataset_kwargs())  # train/val disjoint
 
 
-def _same_split(data, dest):
-    d = yaml.safe_load(data.read_text())
-    d["train"] = d["val"]
-    out = dest / "same.yaml"
-    out.write_text(yaml.safe_dump(d))
-    return out
-
-
 @pytest.mark.parametrize("method, overlap, allow, expected, why", [
     ("auto", False, False, "obs", r"auto -> obs: 32 train-split images, none of them in val"),
     ("auto", True, False, "global", r"auto -> global: no held-out calibration images \(.*same\.yaml: calibration "
@@ -233,7 +225,7 @@ def _same_split(data, dest):
 def test_auto_resolves_by_calibration_data(auto_data, tmp_path, method, overlap, allow, expected, why):
     from yolo_prune_plugin.prune.calibration import resolve_method
 
-    data = _same_split(auto_data, tmp_path) if overlap else auto_data
+    data = same_split(auto_data, tmp_path) if overlap else auto_data
     got, reason = resolve_method(method, str(data), 32, allow)
     assert got == expected
     assert re_search(why, reason)
@@ -255,7 +247,7 @@ def test_default_config_prunes_with_auto(small_ckpt, auto_data, tmp_path, caplog
     from yolo_prune_plugin.report import validate_report
 
     assert PruneConfig().method == "auto"
-    data = _same_split(auto_data, tmp_path) if overlap else auto_data
+    data = same_split(auto_data, tmp_path) if overlap else auto_data
     with caplog.at_level("INFO", logger="yolo_prune_plugin"):
         (entry,) = prune(small_ckpt, data=data, imgsz=64, batch_size=4, device="cpu", workers=0, amount=0.5,
                          report_dir=tmp_path / "rep")
@@ -282,7 +274,7 @@ def test_auto_choice_is_said_before_training(backend, auto_data, tmp_path, caplo
     from yolo_prune_plugin.api import preflight, train_opt
     from yolo_prune_plugin.config import PruneConfig
 
-    data = _same_split(auto_data, tmp_path) if overlap else auto_data
+    data = same_split(auto_data, tmp_path) if overlap else auto_data
     from pathlib import Path
 
     cfg = str(Path(backend.root) / "models" / "yolov5n.yaml")

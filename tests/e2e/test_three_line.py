@@ -18,9 +18,9 @@ import yaml
 
 from yolo_prune_plugin.report import validate_report
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent('''
     import json, sys

@@ -12,6 +12,8 @@ from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.prune.unstructured import sparsity_stats
 from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
+from testkit import fake_train_main
+
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory):
@@ -72,24 +74,6 @@ def test_train_without_prune_flags_is_plain_yolov5(backend, tiny_data, tmp_path)
     run = tmp_path / "runs" / "exp"
     assert (run / "weights" / "best.pt").exists()
     assert not (run / "prune_report.json").exists() and not list(run.rglob("*_pruned.pt"))
-
-
-def fake_train_main(small_model):
-    """Stands in for YOLOv5's ``train.main`` where the hook is the subject: writes a finished run folder the way
-    train.py leaves it and fires the callbacks train.py fires (no epoch is trained)."""
-    from conftest import save_checkpoint
-
-    def main(opt, callbacks):
-        from pathlib import Path
-
-        callbacks.run("on_pretrain_routine_start")
-        w = Path(opt.project) / opt.name / "weights"
-        w.mkdir(parents=True)
-        for f in ("best.pt", "last.pt"):
-            save_checkpoint(small_model, w / f, opt=dict(vars(opt)))
-        callbacks.run("on_train_end", w / "last.pt", w / "best.pt", 0, None)
-
-    return main
 
 
 @pytest.mark.parametrize("target, said", [  # inside the pipeline / outside it (reading the run's options)

@@ -13,7 +13,7 @@ from yolo_prune_plugin.backend.evaluation import no_nms_time_limit
 from yolo_prune_plugin.backend.loading import load_checkpoint, repair_compat
 from yolo_prune_plugin.backend.patches import driving_yolov5
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -28,7 +28,7 @@ from yolo_prune_plugin.errors import ConfigError, PruneError
 from yolo_prune_plugin.prune.unstructured import conv_layers, prune_model, sparsity_stats
 from yolo_prune_plugin.report import validate_report
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -235,7 +235,7 @@ def test_obs_importance_meets_amount_within_layer_shares(small_model, images, am
 def test_new_options_through_the_pipeline_load_in_plain_yolov5_and_export(small_ckpt, tiny_data, channel):
     """API -> pipeline with the new channel options: the file loads in plain YOLOv5 attempt_load and its ONNX export
     matches the PyTorch outputs (export verification); BN recalibration is skipped after reconstruction."""
-    from conftest import plain_attempt_load
+    from testkit import plain_attempt_load
     from yolo_prune_plugin import api
     from yolo_prune_plugin.config import config_from_dict
 

@@ -17,7 +17,7 @@ from yolo_prune_plugin.prune.unstructured import prune_model
 from yolo_prune_plugin.training import masks as M
 from yolo_prune_plugin.training.finetune import finetune_checkpoint
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -19,7 +19,7 @@ from yolo_prune_plugin.config import config_from_dict
 from yolo_prune_plugin.errors import ConfigError
 from yolo_prune_plugin.prune.unstructured import conv_layers, lamp_scores, prune_model, sparsity_stats
 
-SHARED = Path(os.environ.get("YOLO_PRUNE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+from testkit import SHARED  # noqa: E402
 COCO8 = SHARED / "data" / "coco8"
 WEIGHTS = SHARED / "weights" / "yolov5n.pt"
 needs_coco8 = pytest.mark.skipif(not COCO8.is_dir(), reason=f"shared dataset {COCO8} not present")

@@ -90,7 +90,7 @@ def test_trackers_get_the_same_scalars(tmp_path):
 
 
 def test_cli_prune_writes_events_and_csv_beside_report(backend, small_model, tmp_path):
-    from conftest import save_checkpoint
+    from testkit import save_checkpoint
 
     data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())
     small_model.names = {0: "circle", 1: "rectangle", 2: "triangle"}

@@ -11,7 +11,7 @@ import torch
 from yolo_prune_plugin.backend.loading import TRUST_ENV, allowed_globals, load_checkpoint
 from yolo_prune_plugin.errors import CheckpointError, UnsafeCheckpointError
 
-from conftest import SHARED_WEIGHTS, save_checkpoint
+from testkit import SHARED_WEIGHTS, save_checkpoint
 
 
 class _Evil:

@@ -57,7 +57,7 @@ def test_trace_and_plot_are_in_the_run_folder(searched):
 
 def test_impossible_budget_writes_nothing_and_says_why(small_model, tiny_data, tmp_path, capsys):
     """1/50 of the latency cannot be reached: the closest point is named, no file is written."""
-    from conftest import save_checkpoint
+    from testkit import save_checkpoint
 
     weights = save_checkpoint(small_model, tmp_path / "best.pt")
     cfg = tmp_path / "prune.yaml"
@@ -98,7 +98,7 @@ def test_register_and_api_take_a_target(backend, small_ckpt, tmp_path):
 def test_demo_ends_with_a_budget_search(small_model, tmp_path, caplog):
     import logging
 
-    from conftest import save_checkpoint
+    from testkit import save_checkpoint
     from yolo_prune_plugin.demo import demo_budget
     from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 

@@ -36,7 +36,7 @@ def _conv_weights(model):
 def pruned(backend, tiny_data, tmp_path_factory):
     """`yolo-prune prune --structure channel` on a 3-class YOLOv5n with the synthetic data: (source, pruned file,
     dense model, the channels each conv kept)."""
-    from conftest import save_checkpoint
+    from testkit import save_checkpoint
 
     torch.manual_seed(0)
     model = backend.yolo.Model(str(backend.root / "models" / "yolov5n.yaml"), ch=3, nc=3)
@@ -59,7 +59,7 @@ def pruned(backend, tiny_data, tmp_path_factory):
 
 
 def test_cli_channel_prune_writes_a_smaller_model_and_report(backend, pruned):
-    from conftest import assert_dense_slices
+    from testkit import assert_dense_slices
 
     src, out, dense, kept = pruned
     report = json.loads((src.parent / "prune_report.json").read_text())
@@ -98,7 +98,7 @@ def test_train_with_channel_pruned_weights_trains_that_architecture(backend, pru
 
 
 def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_data, tmp_path):
-    from conftest import save_checkpoint
+    from testkit import save_checkpoint
     from yolo_prune_plugin.api import train_opt
 
     _, _, dense, _ = pruned

@@ -7,7 +7,7 @@ from pathlib import Path
 from yolo_prune_plugin.demo import DEMO_SWEEP_AMOUNTS, demo_sweep
 from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
 
 def test_demo_sweep_writes_plot_and_prints_its_path(backend, small_model, tmp_path, caplog, one_thread):

@@ -18,7 +18,7 @@ from yolo_prune_plugin.prune.bn_recalibration import recalibrate_bn  # noqa: E40
 from yolo_prune_plugin.prune.channel import channel_counts, channel_prune, detect_output_convs
 from yolo_prune_plugin.prune.calibration import load_calibration_batch
 
-from conftest import assert_dense_slices, plain_attempt_load, save_checkpoint  # noqa: E402
+from testkit import assert_dense_slices, plain_attempt_load, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

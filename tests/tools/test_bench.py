@@ -11,7 +11,7 @@ from yolo_prune_plugin.tools.bench import bench_files, format_bench_table  # noq
 from yolo_prune_plugin.errors import CheckpointError, ConfigError  # noqa: E402
 from yolo_prune_plugin.prune.channel import channel_prune  # noqa: E402
 
-from conftest import save_checkpoint  # noqa: E402
+from testkit import save_checkpoint  # noqa: E402
 
 
 @pytest.fixture

@@ -108,7 +108,7 @@ def test_finetune_after_ddp_runs_on_rank0_as_one_process(backend, tiny_model, ti
     from yolo_prune_plugin.backend import distributed as D
     from yolo_prune_plugin.training import finetune as F
 
-    from conftest import save_checkpoint
+    from testkit import save_checkpoint
 
     w = save_checkpoint(tiny_model, tmp_path / "dense.pt")
     opt = api.train_opt([], backend, data=str(tiny_data), cfg=str(tiny_cfg), weights="", imgsz=64, batch_size=2,

@@ -20,7 +20,7 @@ from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.errors import ConfigError
 from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from yolo_prune_plugin.errors import ConfigError
 from yolo_prune_plugin.training import masks as M
 from yolo_prune_plugin.training.finetune import checkpoint_train_options
 
-from conftest import save_checkpoint
+from testkit import save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -10,7 +10,7 @@ import pytest
 
 from yolo_prune_plugin.cli import main
 
-from test_heldout import _same_split
+from testkit import same_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture(scope="module")
 def same_yaml(tiny_data, tmp_path_factory):
     """The tiny synthetic data set with ``train:`` = ``val:`` (every calibration image is an evaluation image)."""
-    return _same_split(tiny_data, tmp_path_factory.mktemp("overlap"))
+    return same_split(tiny_data, tmp_path_factory.mktemp("overlap"))
 
 
 @pytest.fixture
