@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import queue
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -206,20 +208,34 @@ _SLOW_EVAL = """
 """
 
 
-def _start_prune_and_wait_for_eval(weights: Path, data: Path) -> subprocess.Popen:
+def _start_prune_and_wait_for_eval(weights: Path, data: Path) -> tuple[subprocess.Popen, Path]:
+    """A `yolo-prune prune` process stopped inside its second evaluation; its stderr goes to a file (a pipe nobody
+    reads can fill and block it), its stdout is drained by a thread, and the wait has a deadline of its own."""
     args = ["prune", "--weights", str(weights), "--data", str(data), "--amount", "0.3", "--device", "cpu",
             "--img", "64", "--workers", "0"]
-    p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_EVAL.format(args=args))], env=_env(),
-                         cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = weights.with_name("prune.stderr.log")
+    with open(log, "w") as err:
+        p = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_SLOW_EVAL.format(args=args))], env=_env(),
+                             cwd=str(ROOT), stdout=subprocess.PIPE, stderr=err, text=True)
+    lines: queue.Queue = queue.Queue()
+
+    def drain() -> None:
+        for line in p.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=drain, daemon=True).start()
     deadline = time.monotonic() + 240
-    for line in p.stdout:  # blocks until the line or EOF
+    while True:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            p.kill()
+            pytest.fail(f"evaluation did not start within 240 s: {log.read_text()[-2000:]}")
+        if line is None:
+            pytest.fail(f"evaluation never started (exit {p.wait()}): {log.read_text()[-2000:]}")
         if "EVAL-STARTED" in line:
-            break
-        if time.monotonic() > deadline:
-            break
-    else:
-        pytest.fail(f"evaluation never started: {p.stderr.read()}")
-    return p
+            return p, log
 
 
 def _leftovers(folder: Path) -> list[str]:
@@ -227,19 +243,20 @@ def _leftovers(folder: Path) -> list[str]:
 
 
 def test_sigterm_during_evaluation_leaves_no_file(small_ckpt, tiny_data):
-    p = _start_prune_and_wait_for_eval(small_ckpt, tiny_data)
+    p, log = _start_prune_and_wait_for_eval(small_ckpt, tiny_data)
     assert any(n.startswith(".best_pruned.pt.") for n in _leftovers(small_ckpt.parent))  # mid-write temp exists
     p.send_signal(signal.SIGTERM)
-    _, err = p.communicate(timeout=60)
+    p.wait(timeout=60)
+    err = log.read_text()
     assert p.returncode == 143, err
     assert "terminated (SIGTERM)" in err
     assert _leftovers(small_ckpt.parent) == []
 
 
 def test_temp_file_of_killed_run_is_removed_by_next_run(small_ckpt, tiny_data, caplog):
-    p = _start_prune_and_wait_for_eval(small_ckpt, tiny_data)
+    p, _ = _start_prune_and_wait_for_eval(small_ckpt, tiny_data)
     p.kill()  # SIGKILL: no cleanup possible
-    p.communicate(timeout=60)
+    p.wait(timeout=60)
     stale = _leftovers(small_ckpt.parent)
     assert len(stale) == 1 and re.fullmatch(rf"\.best_pruned\.pt\.yp{p.pid}-\w+\.tmp", stale[0])
     # a temp file of a live process (this one) for the same destination is not touched

@@ -114,10 +114,29 @@ def test_prune_and_export_in_one_go(backend, small_ckpt, capsys):
     assert "onnx bytes (gzip)" in capsys.readouterr().out
 
 
-def test_export_command_on_existing_checkpoint(backend, small_ckpt, capsys):
-    rc = main(["export", "--weights", str(small_ckpt), "--include", "torchscript", "--img", "64"])
+def test_export_command_on_existing_checkpoint(backend, small_model, tmp_path, capsys):
+    """`yolo-prune export` on a pruned checkpoint: the TorchScript file is written beside it, holds its zeros and
+    its outputs, the printed line says so; a second export without --overwrite is refused and changes nothing."""
+    from yolo_prune_plugin.prune.unstructured import prune_model
+
+    from testkit import save_checkpoint
+
+    prune_model(small_model, 0.5, log=False)
+    weights = save_checkpoint(small_model, tmp_path / "best_pruned.pt")
+    zeros = sum(int((m.weight == 0).sum()) for _, m in conv_layers(torch.load(weights)["model"]))
+    rc = main(["export", "--weights", str(weights), "--include", "torchscript", "--img", "64"])
     out = capsys.readouterr().out
-    assert rc == 0 and "OK" in out  # a dense checkpoint exports fine: its zero count matches itself
+    ts = tmp_path / "best_pruned.torchscript"
+    assert rc == 0 and ts.is_file(), out
+    line = next(ln for ln in out.splitlines() if ln.startswith("torchscript"))
+    assert f"OK  {ts}" in line and f"zeros {zeros}/{zeros}" in line and zeros > 0
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    ref = backend.attempt_load(weights, "cpu").eval()(x)[0]
+    got = torch.jit.load(str(ts))(x)[0]
+    assert torch.allclose(got, ref, atol=1e-3)  # what the artefact computes is the checkpoint's model
+    before = ts.read_bytes()
+    assert main(["export", "--weights", str(weights), "--include", "torchscript", "--img", "64"]) != 0
+    assert "already exist" in capsys.readouterr().err and ts.read_bytes() == before
 
 
 def test_unknown_export_format_rejected_before_pruning(small_ckpt, capsys):

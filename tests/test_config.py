@@ -14,7 +14,9 @@ def test_documented_default_file_equals_builtin_defaults():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError, match="amount"):
         PruneConfig().amount = 0.5  # type: ignore[misc]
 
 

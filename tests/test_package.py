@@ -155,3 +155,59 @@ def test_only_the_backend_patches_yolov5():
                 if any(s in target for s in ("backend", "train", "general", "torch", "np", "yolo", "sys")):
                     offenders.append(f"{name}:{node.lineno} setattr({target}, ...)")
     assert not offenders, offenders
+
+
+TESTS = PKG.parent / "tests"
+#: modules whose behaviour is all in other modules' tests (nothing of their own to run)
+NO_TEST_FILE = {"_version"}
+
+
+def _test_files_for(module: str) -> list[Path]:
+    """``tests/<folder>/test_<name>.py`` and ``test_<name>_<aspect>.py``: the tests of ``<folder>/<name>.py``."""
+    *folders, leaf = module.split(".")
+    where = TESTS.joinpath(*folders)
+    return sorted(where.glob(f"test_{leaf}.py")) + sorted(where.glob(f"test_{leaf}_*.py"))
+
+
+def _imports_module(test_file: Path, module: str) -> bool:
+    """Whether ``test_file`` imports ``yolo_prune_plugin.<module>`` (``import``, ``from .. import <module>`` or a
+    name from it), at module level or inside a test."""
+    dotted = f"yolo_prune_plugin.{module}"
+    parent, _, leaf = dotted.rpartition(".")
+    for node in ast.walk(ast.parse(test_file.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import) and any(a.name == dotted for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom) and not node.level:
+            if node.module == dotted or (node.module == parent and any(a.name == leaf for a in node.names)):
+                return True
+    return False
+
+
+@pytest.mark.parametrize("name", [m for m in MODULES if not m.endswith("__init__") and m not in NO_TEST_FILE])
+def test_every_module_has_a_test_file_that_imports_it(name):
+    """tests/ mirrors the package: ``backend/loading.py`` is tested in ``tests/backend/test_loading*.py``."""
+    files = _test_files_for(name)
+    want = TESTS.joinpath(*name.split(".")[:-1], f"test_{name.split('.')[-1]}.py").relative_to(PKG.parent)
+    assert files, f"{name.replace('.', '/')}.py has no test file ({want})"
+    assert any(_imports_module(f, name) for f in files), \
+        f"none of {[str(f.relative_to(TESTS)) for f in files]} imports yolo_prune_plugin.{name}"
+
+
+@pytest.mark.parametrize("folder", sorted(SUBPACKAGES))
+def test_every_test_file_is_named_after_a_module(folder):
+    """The other direction: each ``tests/<folder>/test_<x>.py`` tests a module ``<folder>/<x>.py`` (or an aspect
+    of one, ``test_<module>_<aspect>.py``); no test file is left named after a module that no longer exists."""
+    modules = {m.split(".")[-1] for m in MODULES if m.startswith(f"{folder}.")}
+    stray = [f.name for f in sorted((TESTS / folder).glob("test_*.py"))
+             if not any(f.stem == f"test_{m}" or f.stem.startswith(f"test_{m}_") for m in modules)]
+    assert not stray, f"tests/{folder}/ has test files named after no module of {folder}/: {stray}"
+
+
+def test_top_level_test_files_are_named_after_a_module_or_the_project():
+    """Top-level test files test a top-level module (``test_cli.py``), or the project as a whole: its package
+    shape, its documents, its wheel, its scripts (``PROJECT_TESTS``); whole trainings live in ``tests/e2e/``."""
+    project_tests = {"test_package", "test_docs", "test_wheel", "test_check_gpu_script"}
+    modules = {m for m in MODULES if "." not in m}
+    stray = [f.name for f in sorted(TESTS.glob("test_*.py")) if f.stem not in project_tests
+             and not any(f.stem == f"test_{m}" or f.stem.startswith(f"test_{m}_") for m in modules)]
+    assert not stray, f"top-level test files named after no top-level module: {stray}"

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+
 ROOT = Path(__file__).resolve().parents[1]
 PKG = "yolo_prune_plugin"
 SOURCE = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / PKG).rglob("*.py"))
@@ -32,7 +33,6 @@ def _pip(*args: str, cwd: Path) -> None:
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     """The project's wheel, built offline from a copy of its top-level files and the package."""
-    pytest.importorskip("setuptools")
     if importlib.util.find_spec("setuptools.command.bdist_wheel") is None and importlib.util.find_spec("wheel") is None:
         pytest.skip("building a wheel without build isolation needs setuptools >= 70.1 or the 'wheel' package")
     tmp = tmp_path_factory.mktemp("wheel")

@@ -33,23 +33,29 @@ def save_checkpoint(model: torch.nn.Module, path: Path, **extra) -> Path:
     return path
 
 
-def plain_attempt_load(path: Path, imgsz: int = 64) -> tuple[list[int], list[int]]:
-    """Load ``path`` with YOLOv5's ``attempt_load`` in a fresh interpreter that never imports the plugin (no
-    allow-list: YOLOv5 as users run it), run one forward; returns (output shape, fused Conv2d widths)."""
+def plain_attempt_load(path, imgsz: int = 64):
+    """Load ``path`` (or each of a list of paths, in one interpreter) with YOLOv5's ``attempt_load`` in a fresh
+    interpreter that never imports the plugin (no allow-list: YOLOv5 as users run it), run one forward; returns
+    (output shape, fused Conv2d widths), or a list of them for a list of paths."""
+    import json
     import subprocess
     import sys
 
-    code = ("import sys, torch; from yolov5.models.experimental import attempt_load\n"
-            f"m = attempt_load({str(path)!r}, device='cpu', fuse=True)\n"
+    paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
+    code = ("import json, sys, torch; from yolov5.models.experimental import attempt_load\n"
+            "out = []\n"
+            f"for p in {paths!r}:\n"
+            "    m = attempt_load(p, device='cpu', fuse=True)\n"
+            f"    y = m(torch.zeros(1, 3, {imgsz}, {imgsz}))[0]\n"
+            "    out.append([list(y.shape), [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]])\n"
             "assert 'yolo_prune_plugin' not in sys.modules\n"
-            f"y = m(torch.zeros(1, 3, {imgsz}, {imgsz}))[0]\n"
-            "print(list(y.shape), [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)])\n")
+            "print('RESULT', json.dumps(out))\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # what plain YOLOv5 7.0 needs on torch >= 2.6
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    shape, widths = out.stdout.strip().splitlines()[-1].split("] ", 1)
-    return [int(v) for v in shape.strip("[").split(",")], [int(v) for v in widths.strip("[]").split(",")]
+    results = [tuple(r) for r in json.loads(out.stdout.split("RESULT ", 1)[1])]
+    return results if isinstance(path, (list, tuple)) else results[0]
 
 
 def assert_dense_slices(pruned: torch.nn.Module, dense: torch.nn.Module, kept: dict, refit: bool = False) -> int:
@@ -106,3 +112,34 @@ def same_split(data: Path, dest: Path) -> Path:
     out = Path(dest) / "same.yaml"
     out.write_text(yaml.safe_dump(d))
     return out
+
+
+def tiny_train_opt(backend, data, cfg, project, name, epochs=1):
+    """YOLOv5's train options for a tiny CPU run: ``cfg`` from scratch on ``data`` at 64 px, batch 4, no plots."""
+    from yolo_prune_plugin.api import train_opt
+
+    return train_opt([], backend, data=str(data), cfg=str(cfg), weights="", imgsz=64, epochs=epochs, batch_size=4,
+                     device="cpu", workers=0, noplots=True, noautoanchor=True, project=str(project), name=name)
+
+
+def assert_yolov5_restored(backend):
+    """YOLOv5's train module points at its own optimizer, EMA and resume functions again (patches undone)."""
+    import importlib
+
+    tu = importlib.import_module(backend.prefix + "utils.torch_utils")
+    assert backend.train.smart_optimizer is tu.smart_optimizer
+    assert backend.train.ModelEMA is tu.ModelEMA and backend.train.smart_resume is tu.smart_resume
+
+
+def assert_plain_yolov5(model):
+    """No pruning re-parametrisation and no hooks travel with a saved model."""
+    keys = list(model.state_dict())
+    assert not [k for k in keys if k.endswith(("_orig", "_mask"))]
+    assert not any(m._forward_pre_hooks or m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert not any(p._backward_hooks for p in model.parameters() if getattr(p, "_backward_hooks", None))
+
+
+def seeded_rand(*shape: int, seed: int = 0) -> torch.Tensor:
+    """``torch.rand(*shape)`` from a generator of its own: the same numbers whatever ran before in this worker
+    (YOLOv5's ``train.main`` reseeds the global RNG)."""
+    return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))

@@ -327,7 +327,7 @@ def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
     check_export_requirements(formats, simplify=ns.simplify)
     arts = export_and_verify(Path(ns.weights).resolve(), formats, imgsz=ns.imgsz, device=ns.device, half=ns.half,
                              dynamic=ns.dynamic, simplify=ns.simplify, opset=ns.opset, atol=ns.atol,
-                             overwrite=ns.overwrite)
+                             overwrite=ns.overwrite, announce=False)  # the table below says it
     ok = True
     for a in arts:
         d = a.to_dict()

@@ -17,7 +17,7 @@ from yolo_prune_plugin.prune.unstructured import prune_model
 from yolo_prune_plugin.training import masks as M
 from yolo_prune_plugin.training.finetune import finetune_checkpoint
 
-from testkit import save_checkpoint
+from testkit import save_checkpoint, seeded_rand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -70,17 +70,6 @@ def test_distillation_off_trains_bit_for_bit_as_without_it(backend, dense, tiny_
     assert all(torch.equal(runs["off"][k], runs["w0"][k]) for k in runs["off"])
 
 
-def test_channel_finetune_with_distillation_through_the_pipeline(backend, dense, tiny_data, tmp_path):
-    w = save_checkpoint(dense, tmp_path / "model.pt")
-    [e] = api.prune(w, tiny_data, imgsz=64, batch_size=2, device="cpu", workers=0, structure="channel", amount=0.3,
-                    finetune={"epochs": 1, "distill": True}, channel={"reconstruct": False})
-    # (reconstruction off: on these 64-px train images it fits the student to the teacher's outputs exactly)
-    d = e.finetune["distill"]
-    assert d["weight"] == 1.0 and d["batches"] == 2 and e.finetune["history"][0]["loss_teacher"] > 0
-    pruned = load_checkpoint(tmp_path / "model_pruned.pt")["model"]
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in dense.parameters())
-
-
 def test_distill_term_is_zero_for_the_teacher_itself_and_positive_otherwise(backend, dense):
     from yolo_prune_plugin.backend.distillation import teacher_copy
 
@@ -89,12 +78,13 @@ def test_distill_term_is_zero_for_the_teacher_itself_and_positive_otherwise(back
     dense.hyp = {"box": 0.05, "obj": 1.0, "cls": 0.5, "cls_pw": 1.0, "obj_pw": 1.0, "fl_gamma": 0.0, "anchor_t": 4.0,
                  "label_smoothing": 0.0}
     loss = ComputeLoss(dense)
-    x = torch.rand(2, 3, 64, 64)
+    x = seeded_rand(2, 3, 64, 64)
     teacher = teacher_copy(dense, torch.device("cpu"))
     t = teacher(x)[1]
     same, _ = distill_term(t, t, loss, bbox_iou)
     assert float(same) == pytest.approx(0.0, abs=1e-6)
-    other = [v + torch.randn_like(v) for v in t]
+    g = torch.Generator().manual_seed(1)
+    other = [v + torch.randn(v.shape, generator=g, dtype=v.dtype) for v in t]
     assert float(distill_term(other, t, loss, bbox_iou)[0]) > 0.01
 
 

@@ -7,8 +7,10 @@ the check that all ranks hold the same pruned state (a mismatch raises on every 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -17,12 +19,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 WORLD = 2
+#: a collective that waits longer than this fails instead of hanging the suite; the whole spawn is joined with
+#: a deadline too
+GLOO_TIMEOUT = datetime.timedelta(seconds=60)
+SPAWN_DEADLINE_S = 180
 
 
 def _worker(r: int, init_file: str, out_dir: str) -> None:
     os.environ.update(RANK=str(r), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(r))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=r, world_size=WORLD, timeout=GLOO_TIMEOUT)
     try:
         from yolo_prune_plugin.backend import distributed as D
         from yolo_prune_plugin.backend.loading import get_backend
@@ -51,8 +57,19 @@ def _worker(r: int, init_file: str, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+def _spawn(worker, *args) -> None:
+    """``mp.spawn`` joined with a deadline: a hung rank fails the test (its processes killed) instead of the suite."""
+    ctx = mp.spawn(worker, args=args, nprocs=WORLD, join=False)
+    deadline = time.monotonic() + SPAWN_DEADLINE_S
+    while not ctx.join(timeout=5):  # raises when a rank failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"the {WORLD} gloo ranks did not finish within {SPAWN_DEADLINE_S} s")
+
+
 def test_only_rank0_prunes_and_every_rank_ends_with_its_masks(tmp_path):
-    mp.spawn(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD, join=True)
+    _spawn(_worker, str(tmp_path / "init"), str(tmp_path))
     r0, r1 = (json.loads((tmp_path / f"rank{i}.json").read_text()) for i in range(WORLD))
     assert (r0["main"], r1["main"]) == (True, False)
     assert (r0["steps"], r1["steps"]) == (1, 0)  # rank 0 ranked and recorded the step, rank 1 did not

@@ -106,20 +106,6 @@ def test_export_writes_only_the_artifacts(ckpts, exported):
         ["best.pt", "last.pt", "best_pruned.pt", "best_pruned.onnx", "best_pruned.torchscript"])
 
 
-def test_artifacts_are_fused_single_output(exported):
-    """BatchNorm is fused into the convs and Detect is in export mode (one prediction output)."""
-    import onnx
-
-    g = onnx.load(exported["onnx"].path).graph
-    ops = {n.op_type for n in g.node}
-    assert "Conv" in ops and "BatchNormalization" not in ops
-    assert [o.name for o in g.output] == ["output0"]
-    ts = torch.jit.load(exported["torchscript"].path)
-    assert not [n for n, m in ts.named_modules() if getattr(m, "original_name", "") == "BatchNorm2d"]
-    y = ts(torch.zeros(1, 3, IMGSZ, IMGSZ))
-    assert isinstance(y, tuple) and len(y) == 1 and y[0].shape[-1] == 5 + 3
-
-
 def test_dynamic_onnx_non_square(ckpts, tmp_path):
     """dynamic=True: symbolic input dims; verification then runs at the imgsz given ([h, w])."""
     import onnx
@@ -268,20 +254,15 @@ def test_shared_yolov5n_onnx_detects(backend, shared, tmp_path):
     assert len(det) >= 1
 
 
-def test_half_tolerance_accepts_fp16_rounding_but_not_a_wrong_weight(backend, yolov5n):
-    """FP16 artefacts (``export_options.half`` on CUDA) were refused on the first GPU run: box coordinates in pixels
-    differ from the fp32 model by ~0.5 px. The fp16 forward of the real yolov5n stands in for the artefact here."""
-    from yolo_prune_plugin.backend.artifacts import deterministic_input, output_mismatch, prepare_reference
+def test_artifacts_are_fused_single_output(exported):
+    """BatchNorm is fused into the convs and Detect is in export mode (one prediction output)."""
+    import onnx
 
-    ref = prepare_reference(yolov5n, backend)
-    im = deterministic_input((128, 128))
-    with torch.no_grad():
-        fp32 = ref(im)[0]
-        half = copy.deepcopy(ref).half()
-        fp16 = half(im.half())[0].float()
-        half.model[0].conv.weight.mul_(1.1)  # one wrong layer, then rounded like the rest
-        wrong = half(im.half())[0].float()
-    assert "atol 0.001)" in output_mismatch(fp16, fp32, 1e-3)  # an absolute 1e-3 cannot hold fp16 rounding
-    assert output_mismatch(fp16, fp32, 1e-3, half=True) == ""
-    assert "x |output| for FP16" in output_mismatch(wrong, fp32, 1e-3, half=True)
-    assert output_mismatch(fp32, fp32, 0.0) == ""
+    g = onnx.load(exported["onnx"].path).graph
+    ops = {n.op_type for n in g.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops
+    assert [o.name for o in g.output] == ["output0"]
+    ts = torch.jit.load(exported["torchscript"].path)
+    assert not [n for n, m in ts.named_modules() if getattr(m, "original_name", "") == "BatchNorm2d"]
+    y = ts(torch.zeros(1, 3, IMGSZ, IMGSZ))
+    assert isinstance(y, tuple) and len(y) == 1 and y[0].shape[-1] == 5 + 3

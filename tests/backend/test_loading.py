@@ -1,4 +1,5 @@
-"""backend/loading.py and backend/patches.py: safe loading through the allow-list (both class spellings), bad files, compat patches."""
+"""backend/loading.py: safe loading through the allow-list (both class spellings), bad files (the compat patches:
+test_patches.py)."""
 
 from __future__ import annotations
 
@@ -107,6 +108,9 @@ def _truncated(src, dst):
     (lambda d, ck: d, r"is a directory"),
     (lambda d, ck: _truncated(ck, d / "trunc.pt"), r"trunc.pt: corrupted, truncated or not a torch checkpoint"),
     (lambda d, ck: _write(d / "junk.pt", b"\x00garbage" * 10), r"junk.pt: corrupted"),
+    # plain text: torch's unpickler fails with an IndexError, not one of its usual errors
+    (lambda d, ck: _write(d / "text.pt", b"the user's own file"), r"text.pt: corrupted, truncated or not a torch "
+                                                                  r"checkpoint \(IndexError"),
     (lambda d, ck: torch.save(torch.load(ck, weights_only=False)["model"].state_dict(), d / "sd.pt") or d / "sd.pt",
      r"sd.pt: not a YOLOv5 checkpoint \(no 'model' or 'ema' entry"),
     (lambda d, ck: torch.save([1, 2], d / "list.pt") or d / "list.pt", r"list.pt: not a YOLOv5 checkpoint .*got list"),
@@ -127,50 +131,6 @@ def test_classification_model_is_not_a_detection_checkpoint(backend, small_model
     torch.save({"model": cls_model.half(), "ema": None}, tmp_path / "cls.pt")
     with pytest.raises(CheckpointError, match="cls.pt: not a YOLOv5 detection model"):
         load_checkpoint(tmp_path / "cls.pt")
-
-
-def _patchable_state(backend):
-    """What the compat patches touch: numpy's trapz, Pillow's getsize, check_font under both spellings, sys.path."""
-    import sys
-
-    import numpy as np
-    from PIL import ImageFont
-
-    fonts = {p: getattr(sys.modules.get(p + "utils.general"), "check_font", None) for p in ("", "yolov5.")}
-    plots = {p: getattr(sys.modules.get(p + "utils.plots"), "check_font", None) for p in ("", "yolov5.")}
-    return (getattr(np, "trapz", None), ImageFont.FreeTypeFont.__dict__.get("getsize"),
-            ImageFont.ImageFont.__dict__.get("getsize"), fonts, plots, list(sys.path))
-
-
-def test_compat_patches_apply_inside_and_are_undone(backend, monkeypatch):
-    import numpy as np
-    from PIL import ImageFont
-
-    from yolo_prune_plugin.backend.patches import compat_active, compat_patches
-
-    monkeypatch.delattr(np, "trapz", raising=False)  # as on numpy >= 2.4
-    before = _patchable_state(backend)
-    with compat_patches(backend):
-        with compat_patches(backend):  # nested: one application
-            assert compat_active()
-            font = ImageFont.load_default()
-            w, h = font.getsize("abc")  # Pillow >= 10 removed it; YOLOv5's plots call it
-            assert w > 0 and h > 0
-            assert np.trapz([1.0, 1.0], [0.0, 2.0]) == 2.0
-            backend.general.check_font("NoSuchFont-for-test.ttf")  # offline download failure is not fatal
-        assert compat_active()
-    assert not compat_active()
-    assert _patchable_state(backend) == before
-
-
-def test_compat_patches_undone_when_block_raises(backend):
-    from yolo_prune_plugin.backend.patches import compat_active, compat_patches
-
-    before = _patchable_state(backend)
-    with pytest.raises(RuntimeError, match="boom"):
-        with compat_patches(backend):
-            raise RuntimeError("boom")
-    assert not compat_active() and _patchable_state(backend) == before
 
 
 @pytest.mark.parametrize("cfg", ["yolov5n.yaml", "hub/yolov5n6.yaml", "hub/yolov5s-ghost.yaml",

@@ -10,7 +10,7 @@ import pytest
 
 from yolo_prune_plugin.cli import main
 
-from testkit import same_split
+from testkit import fake_train_main, same_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,15 +21,22 @@ def same_yaml(tiny_data, tmp_path_factory):
     return same_split(tiny_data, tmp_path_factory.mktemp("overlap"))
 
 
+class TrainSpy(list):
+    """The plugin's log as it was each time YOLOv5's ``train.main`` started; ``main`` is what then runs (YOLOv5's
+    real one unless a test puts a prepared run folder in its place)."""
+
+    main = None
+
+
 @pytest.fixture
 def train_spy(backend, monkeypatch, caplog):
     """YOLOv5's real ``train.main``, recording the plugin's log as it was when training started."""
-    seen: list[str] = []
-    real = backend.train.main
+    seen = TrainSpy()
+    seen.main = backend.train.main
 
     def spy(*args, **kwargs):
         seen.append(caplog.text)
-        return real(*args, **kwargs)
+        return seen.main(*args, **kwargs)
 
     monkeypatch.setattr(backend.train, "main", spy)
     return seen
@@ -45,20 +52,24 @@ def _entry(project):
     return json.loads((project / "exp" / "prune_report.json").read_text())["results"][0]
 
 
-@pytest.mark.parametrize("flags, config, steps", [
+@pytest.mark.parametrize("flags, config, steps, real", [
     # channel defaults: Taylor ranking falls back to L1, global allocation, no reconstruction, BatchNorm statistics
-    # recalibrated anyway
+    # recalibrated anyway (a real training: the default path end to end)
     (["--prune-structure", "channel"], None, {"channel.importance": "l1 instead of taylor",
                                               "channel.allocation": "global instead of sensitivity",
                                               "channel.reconstruct": "off (BatchNorm recalibration instead)",
-                                              "bn_recalibration": "on the train images anyway"}),
-    # unstructured with BatchNorm recalibration asked for: recalibrated anyway
-    (["--prune-method", "global"], "bn_recalibration: {images: 4}", {"bn_recalibration": "on the train images anyway"}),
+                                              "bn_recalibration": "on the train images anyway"}, True),
+    # unstructured with BatchNorm recalibration asked for: recalibrated anyway (a prepared run folder: the decision
+    # and the train-end hook are what is tested, not the epochs)
+    (["--prune-method", "global"], "bn_recalibration: {images: 4}", {"bn_recalibration": "on the train images anyway"},
+     False),
     # the user accepted the overlap: Taylor ranking and reconstruction on it, nothing falls back
-    (["--prune-structure", "channel"], "calibration: {allow_overlap: true}", {}),
+    (["--prune-structure", "channel"], "calibration: {allow_overlap: true}", {}, False),
 ])
-def test_overlapping_splits_prune_at_train_end(same_yaml, tiny_cfg, tmp_path, caplog, train_spy, flags, config,
-                                                steps):
+def test_overlapping_splits_prune_at_train_end(same_yaml, tiny_cfg, tiny_model, tmp_path, caplog, train_spy, flags,
+                                                config, steps, real):
+    if not real:
+        train_spy.main = fake_train_main(tiny_model)
     extra = ["--prune-amount", "0.3", *flags]
     if config:
         (tmp_path / "prune.yaml").write_text(config + "\n")

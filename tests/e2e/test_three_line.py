@@ -1,7 +1,10 @@
 """README's three-line path (a user's own ``train.main`` + ``register``), in a fresh process each, for the PyPI
 package and for the upstream-checkout layout (top-level ``train``/``utils``; the installed package's folder
-stands in for a checkout): a plain config prunes, ``finetune:`` fine-tunes, ``schedule:`` prunes gradually.
-The weights are a real checkpoint file, so YOLOv5's own ``torch.load`` must work through ``register`` alone."""
+stands in for a checkout): a plain config prunes, ``finetune:`` fine-tunes, ``schedule:`` prunes gradually,
+``structure: channel`` removes channels (one epoch each). The PyPI layout runs the fine-tune, schedule and channel
+configs, the checkout layout the plain and channel ones: the other modes' code is the same on both layouts (the signature drift between them is tested on mimics in
+tests/backend/test_calls.py). The weights are a real checkpoint file, so YOLOv5's own ``torch.load`` must work
+through ``register`` alone."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ SCRIPT = textwrap.dedent('''
     out = {}
     for name, path in json.loads(configs).items():
         opt = yolo_train.parse_opt(True)
-        for k, v in dict(data=data, cfg=cfg, weights=weights, imgsz=64, epochs=2, batch_size=4, workers=0,
+        for k, v in dict(data=data, cfg=cfg, weights=weights, imgsz=64, epochs=1, batch_size=4, workers=0,
                          device="cpu", noplots=True, noautoanchor=True, project=project, name=name).items():
             setattr(opt, k, v)
         callbacks = Callbacks()                                  # the README's three lines
@@ -64,16 +67,20 @@ def setup(backend, tmp_path_factory):
     weights = save_checkpoint(model, tmp / "start.pt")  # pickled as yolov5.models.*: needs the allow-list
     configs = {}
     for name, text in (("plain", "amount: 0.3\n"), ("finetune", "amount: 0.3\nfinetune: {epochs: 1}\n"),
-                       ("schedule", "schedule: {start_epoch: 0, end_epoch: 1, final_amount: 0.4}\n"),
+                       ("schedule", "schedule: {start_epoch: 0, end_epoch: 0, final_amount: 0.4}\n"),
                        ("channel", "amount: 0.3\nstructure: channel\n")):
         configs[name] = tmp / f"{name}.yaml"
         configs[name].write_text(text)
     return data, cfg, weights, configs
 
 
+MODES = {"pypi": ("finetune", "schedule", "channel"), "checkout": ("plain", "channel")}  # one-shot: plain, channel
+
+
 @pytest.mark.parametrize("layout", ["pypi", "checkout"])
 def test_three_line_path_runs_every_mode(backend, setup, tmp_path, layout):
     data, cfg, weights, configs = setup
+    configs = {k: v for k, v in configs.items() if k in MODES[layout]}
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cwd = tmp_path
     if layout == "checkout":  # run as a user's script inside the checkout
@@ -84,8 +91,11 @@ def test_three_line_path_runs_every_mode(backend, setup, tmp_path, layout):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
+    assert sorted(result) == sorted(MODES[layout])
     for name, mode, amount in (("plain", "oneshot", 0.3), ("finetune", "finetune", 0.3),
                                ("schedule", "schedule", 0.4), ("channel", "oneshot", 0.3)):
+        if name not in result:
+            continue
         r = result[name]
         assert r == {"error": None, "ran": True, "mode": mode, "report": r["report"], "kind": layout}, r
         report = json.loads(Path(r["report"]).read_text())
@@ -98,4 +108,5 @@ def test_three_line_path_runs_every_mode(backend, setup, tmp_path, layout):
         assert entry.metrics_after is not None
         pruned = torch.load(entry.output)  # plain YOLOv5 classes only (weights_only)
         assert pruned["prune"]["mode"] == mode and pruned["ema"] is None
-    assert Path(result["finetune"]["report"]).parent.with_name("finetune_finetune").is_dir()  # the fine-tune run
+    if "finetune" in result:
+        assert Path(result["finetune"]["report"]).parent.with_name("finetune_finetune").is_dir()  # the fine-tune run

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from yolo_prune_plugin.backend.patches import driving_yolov5
+from yolo_prune_plugin.callbacks import HOOK_NAME
 from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.prune.unstructured import sparsity_stats
 from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
@@ -68,12 +69,25 @@ def test_api_train_with_yaml_config(backend, tiny_data, tmp_path):
     assert all(not layer["name"].startswith("model.24.") for layer in entry.sparsity_after["layers"])
 
 
-def test_train_without_prune_flags_is_plain_yolov5(backend, tiny_data, tmp_path):
-    rc = main(_train_args(backend, tiny_data, tmp_path / "runs"))
-    assert rc == 0
+@pytest.mark.parametrize("flags, hooked", [([], False), (["--prune-amount", "0.3"], True)])
+def test_train_without_prune_flags_is_plain_yolov5(backend, tiny_data, tmp_path, monkeypatch, small_model, flags,
+                                                   hooked):
+    """Without a --prune-* flag `yolo-prune train` hands YOLOv5 callbacks with no hook of the plugin and nothing is
+    pruned; with one (the control) the plugin's hooks are there and the run is pruned."""
+    seen = {}
+    fake = fake_train_main(small_model)
+
+    def main_spy(opt, callbacks):
+        seen["hooks"] = sorted({k for k, actions in callbacks._callbacks.items() for a in actions
+                                if a["name"] == HOOK_NAME})
+        return fake(opt, callbacks)
+
+    monkeypatch.setattr(backend.train, "main", main_spy)
+    assert main(_train_args(backend, tiny_data, tmp_path / "runs", *flags)) == 0
     run = tmp_path / "runs" / "exp"
     assert (run / "weights" / "best.pt").exists()
-    assert not (run / "prune_report.json").exists() and not list(run.rglob("*_pruned.pt"))
+    assert ("on_train_end" in seen["hooks"]) is hooked and bool(seen["hooks"]) is hooked
+    assert (run / "prune_report.json").exists() is hooked and bool(list(run.rglob("*_pruned.pt"))) is hooked
 
 
 @pytest.mark.parametrize("target, said", [  # inside the pipeline / outside it (reading the run's options)
@@ -99,9 +113,9 @@ def test_failure_at_train_end_exits_nonzero_and_keeps_outputs(backend, tiny_data
     assert "failed: " + said.format(best=w / "best.pt") in caplog.text and "second line" not in caplog.text
 
 
-def test_train_structure_flag_reaches_the_hook(backend, tiny_data, tmp_path, monkeypatch, small_model):
+def test_train_structure_flag_reaches_the_hook(backend, tiny_data, tmp_path, monkeypatch, tiny_model):
     """`--prune-structure channel --prune-bench`: channels removed at train end and timed into the report."""
-    monkeypatch.setattr(backend.train, "main", fake_train_main(small_model))
+    monkeypatch.setattr(backend.train, "main", fake_train_main(tiny_model))
     rc = main(_train_args(backend, tiny_data, tmp_path / "runs", "--prune-amount", "0.3", "--prune-structure",
                           "channel", "--prune-bench"))
     assert rc == 0

@@ -53,9 +53,9 @@ def test_prune_with_checkout_from_environment(checkout, small_ckpt):
     assert abs(ckpt["prune"]["sparsity_after"]["sparsity"] - 0.3) < 1e-3
 
 
-def test_train_with_checkout(checkout, coco8_yaml, tmp_path):
+def test_train_with_checkout(checkout, shared, coco8_yaml, tmp_path):
     out = _run(["train", "--yolov5-dir", str(checkout), "--data", str(coco8_yaml), "--weights",
-                str(ROOT.parent / "shared" / "weights" / "yolov5n.pt"), "--img", "64", "--epochs", "1",
+                str(shared / "weights" / "yolov5n.pt"), "--img", "64", "--epochs", "1",
                 "--batch-size", "4", "--workers", "0", "--device", "cpu", "--noplots", "--project",
                 str(tmp_path / "runs"), "--name", "exp", "--prune-amount", "0.25"], cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]

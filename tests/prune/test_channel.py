@@ -8,17 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("torch_pruning")
 
-from yolo_prune_plugin.backend.training_loop import is_channel_pruned, keep_checkpoint_architecture  # noqa: E402
-from yolo_prune_plugin.backend.loading import load_checkpoint  # noqa: E402
-from yolo_prune_plugin.errors import ConfigError, PruneError  # noqa: E402
-from yolo_prune_plugin.prune.unstructured import conv_layers  # noqa: E402
-from yolo_prune_plugin.prune.bn_recalibration import recalibrate_bn  # noqa: E402
+from yolo_prune_plugin.backend.training_loop import is_channel_pruned, keep_checkpoint_architecture
+from yolo_prune_plugin.backend.loading import load_checkpoint
+from yolo_prune_plugin.errors import ConfigError, PruneError
+from yolo_prune_plugin.prune.unstructured import conv_layers
 from yolo_prune_plugin.prune.channel import channel_counts, channel_prune, detect_output_convs
 from yolo_prune_plugin.prune.calibration import load_calibration_batch
 
-from testkit import assert_dense_slices, plain_attempt_load, save_checkpoint  # noqa: E402
+from testkit import assert_dense_slices, plain_attempt_load, save_checkpoint
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,21 +162,12 @@ def test_loss_gains_are_scaled_once(backend, small_model, syn_data, monkeypatch,
     assert (small_model.hyp["cls"] == trained["cls"]) if own_hyp else not hasattr(small_model, "hyp")
 
 
-def test_bn_recalibration_changes_running_stats_never_conv_weights(small_model):
-    channel_prune(small_model, 0.3, imgsz=64, log=False)
-    convs = {n: m.weight.clone() for n, m in conv_layers(small_model)}
-    bn = {n: m.running_mean.clone() for n, m in small_model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    recalibrate_bn(small_model, torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)), batch_size=2)
-    assert all(torch.equal(m.weight, convs[n]) for n, m in conv_layers(small_model))
-    changed = [n for n, m in small_model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)
-               and not torch.equal(m.running_mean, bn[n])]
-    assert len(changed) == len(bn)
-
-
-@pytest.fixture
-def pruned_ckpt(small_model, tmp_path) -> tuple[Path, dict]:
-    channel_prune(small_model, 0.5, imgsz=64, log=False)
-    return save_checkpoint(small_model.eval(), tmp_path / "pruned.pt"), channel_counts(small_model)
+@pytest.fixture(scope="module")
+def pruned_ckpt(_small_model, tmp_path_factory) -> tuple[Path, dict]:
+    """yolov5n (3 classes) channel-pruned 50 % and saved as YOLOv5 saves it, once for the tests that read it."""
+    model = copy.deepcopy(_small_model)
+    channel_prune(model, 0.5, imgsz=64, log=False)
+    return save_checkpoint(model.eval(), tmp_path_factory.mktemp("pruned") / "pruned.pt"), channel_counts(model)
 
 
 def test_export_of_channel_pruned_file_matches_and_is_smaller(backend, small_ckpt, pruned_ckpt):
@@ -236,29 +225,6 @@ def test_keep_architecture_refuses_other_class_count_and_restores(backend, prune
     assert backend.train.Model is orig
 
 
-def test_reconstruction_brings_outputs_closer_to_the_dense_model(yolov5n):
-    from yolo_prune_plugin.prune.reconstruction import reconstruct_layers
-
-    dense = yolov5n
-    small_model = copy.deepcopy(yolov5n)
-    res = channel_prune(small_model, 0.3, imgsz=64, log=False)
-    counts = channel_counts(small_model)
-    assert res.kept and all(len(v) == counts[n][0] for n, v in res.kept.items())
-    g = torch.Generator().manual_seed(1)
-    fit, check = torch.rand(8, 3, 128, 128, generator=g), torch.rand(4, 3, 128, 128, generator=g)
-    def raw(m):  # Detect's raw output maps (logits), before its sigmoid and grid decoding
-        return torch.cat([t.flatten() for t in m(check)[1]])
-
-    with torch.no_grad():
-        ref = raw(dense)
-        err_before = (raw(small_model.eval()) - ref).pow(2).mean()
-        info = reconstruct_layers(small_model, dense, fit, positions=64, kept=res.kept)
-        err_after = (raw(small_model) - ref).pow(2).mean()
-    refit = {n for n, (_, cin) in counts.items() if cin != channel_counts(dense)[n][1]}
-    assert info["layers"] == len(refit) == len(info["errors"]) and channel_counts(small_model) == counts
-    assert err_after < 0.7 * err_before
-
-
 def test_default_importance_is_taylor_with_calibration_else_l1(small_model, syn_data):
     m2 = copy.deepcopy(small_model)
     assert channel_prune(small_model, 0.3, imgsz=64, log=False).importance == "l1"
@@ -266,17 +232,19 @@ def test_default_importance_is_taylor_with_calibration_else_l1(small_model, syn_
     assert channel_prune(m2, 0.3, calibration=cal, imgsz=64, log=False).importance == "taylor"
 
 
-@pytest.mark.parametrize("amount,cost_aware", [(0.3, 0.5), (0.5, 0.5), (0.5, 1.0)])
-def test_cost_aware_ranking_keeps_amount_and_removes_more_flops(small_model, amount, cost_aware):
+def test_cost_aware_ranking_keeps_amount_and_removes_more_flops(small_model):
+    """At 50 %, cost_aware 0.5 and 1.0 against the plain ranking (computed once)."""
     plain = copy.deepcopy(small_model)
-    ref = channel_prune(plain, amount, imgsz=64, log=False)
-    res = channel_prune(small_model, amount, cost_aware=cost_aware, imgsz=64, log=False)
-    assert abs(res.achieved - amount) <= 0.02 and res.extra["cost_aware"] == cost_aware
-    assert res.gflops_after <= ref.gflops_after, (res.gflops_after, ref.gflops_after)
-    assert channel_counts(plain) != channel_counts(small_model)  # the cost changed the ranking
-    # the stem (6x6 conv at half resolution: the most MACs per weight) loses at least as much as before
-    assert channel_counts(small_model)["model.0.conv"][0] <= channel_counts(plain)["model.0.conv"][0]
-    assert small_model.eval()(torch.zeros(1, 3, 64, 64))[0].shape == (1, 252, 8)
+    ref = channel_prune(plain, 0.5, imgsz=64, log=False)
+    for cost_aware in (0.5, 1.0):
+        model = copy.deepcopy(small_model)
+        res = channel_prune(model, 0.5, cost_aware=cost_aware, imgsz=64, log=False)
+        assert abs(res.achieved - 0.5) <= 0.02 and res.extra["cost_aware"] == cost_aware
+        assert res.gflops_after <= ref.gflops_after, (cost_aware, res.gflops_after, ref.gflops_after)
+        assert channel_counts(plain) != channel_counts(model)  # the cost changed the ranking
+        # the stem (6x6 conv at half resolution: the most MACs per weight) loses at least as much as before
+        assert channel_counts(model)["model.0.conv"][0] <= channel_counts(plain)["model.0.conv"][0]
+        assert model.eval()(torch.zeros(1, 3, 64, 64))[0].shape == (1, 252, 8)
 
 
 def test_channel_macs_counts_the_root_and_its_consumers(small_model):
@@ -299,7 +267,7 @@ def test_round_step_is_a_small_share_of_the_layer(round_to, width, step):
     assert round_step(width, round_to, 1.0) == (round_to if width >= round_to else 4)  # never above the width
 
 
-@pytest.mark.parametrize("amount", [0.1, 0.3, 0.5, 0.6])
+@pytest.mark.parametrize("amount", [0.1, 0.6])  # a small amount, and one where the layer shares bind
 def test_allocation_respects_layer_shares_and_meets_amount(small_model, amount):
     """yolov5n from its YAML: every group loses at most max_layer_ratio of its channels, kept counts are multiples
     of a rounding step of at most round_share of the layer (a 16-channel stem never moves 8 at once), amount +-2 pp."""

@@ -4,25 +4,17 @@ from __future__ import annotations
 
 import copy
 import math
-import os
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn as nn
-import yaml
 
-from yolo_prune_plugin.backend.patches import driving_yolov5
 from yolo_prune_plugin.prune import allocation as alloc, obs as obs_module
 from yolo_prune_plugin.prune.calibration import load_calibration_images
 from yolo_prune_plugin.config import config_from_dict
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.prune.unstructured import conv_layers, lamp_scores, prune_model, sparsity_stats
+from yolo_prune_plugin.prune.unstructured import conv_layers, prune_model, sparsity_stats
 
-from testkit import SHARED  # noqa: E402
-COCO8 = SHARED / "data" / "coco8"
-WEIGHTS = SHARED / "weights" / "yolov5n.pt"
-needs_coco8 = pytest.mark.skipif(not COCO8.is_dir(), reason=f"shared dataset {COCO8} not present")
 
 # small tensors: one intra-op thread (conftest) avoids oversubscription on a shared 2-core machine
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -32,22 +24,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # fixtures (``backend`` and ``one_thread`` come from conftest.py)
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def small_yolo(backend):
-    """A real YOLOv5 DetectionModel (yolov5n.yaml at half width, 3 classes), randomly initialised."""
-    cfg = yaml.safe_load((backend.root / "models" / "yolov5n.yaml").read_text())
-    cfg["width_multiple"] = 0.125
-    torch.manual_seed(0)
-    model = backend.yolo.Model(cfg, ch=3, nc=3).eval()
-    # give BatchNorm non-trivial statistics, as in a trained model
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-    return model
-
-
-@pytest.fixture(scope="module")
 def calib() -> torch.Tensor:
     """Smooth random 'images' (blurred noise) at 64 px."""
     g = torch.Generator().manual_seed(0)
@@ -56,12 +32,10 @@ def calib() -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def pretrained(backend, tmp_path_factory):
+def pretrained(backend, shared, coco8_yaml):
     """Shared COCO-pretrained yolov5n and four coco8 training images at 128 px."""
-    if not (WEIGHTS.is_file() and COCO8.is_dir()):
-        pytest.skip(f"shared weights/data under {SHARED} not present")
-    model = backend.attempt_load(WEIGHTS, device="cpu", fuse=False).eval()
-    return model, load_calibration_images(_coco8_yaml(tmp_path_factory.mktemp("data")), 128, n=4)
+    model = backend.attempt_load(shared / "weights" / "yolov5n.pt", device="cpu", fuse=False).eval()
+    return model, load_calibration_images(coco8_yaml, 128, n=4)
 
 
 def _layer_inputs(model, conv, x):
@@ -73,69 +47,6 @@ def _layer_inputs(model, conv, x):
     return box["x"]
 
 
-def _coco8_yaml(tmp_path: Path) -> Path:
-    d = yaml.safe_load((SHARED / "data" / "coco8.yaml").read_text())
-    d["path"] = str(COCO8)
-    p = tmp_path / "coco8.yaml"
-    p.write_text(yaml.safe_dump(d))
-    return p
-
-
-# ---------------------------------------------------------------------------------------------------
-# LAMP (pruning.lamp_scores)
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("weights, expected", [
-    ([1.0, 2.0, 3.0], [1 / 14, 4 / 13, 1.0]),        # 1/(1+4+9), 4/(4+9), 9/9
-    ([2.0, -1.0, 3.0], [4 / 13, 1 / 14, 1.0]),       # sign-free, order of positions kept
-    ([0.5, -3.0, 1.0, 2.0], [0.25 / 14.25, 1.0, 1 / 14, 4 / 13]),
-])
-def test_lamp_scores_hand_checked(weights, expected):
-    conv = nn.Conv2d(1, len(weights), 1, bias=False)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor(weights).view(-1, 1, 1, 1))
-    (scores,) = lamp_scores([("c", conv)])
-    assert scores.shape == conv.weight.shape
-    assert torch.allclose(scores.flatten(), torch.tensor(expected), atol=1e-7)
-
-
-# ---------------------------------------------------------------------------------------------------
-# per-layer counts
-# ---------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("allocation", alloc.ALLOCATIONS)
-@pytest.mark.parametrize("amount", [0.1, 0.5, 0.93])
-@pytest.mark.parametrize("protect", [(), ("model.24.*",)])
-def test_layer_counts_sum_exactly(small_yolo, allocation, amount, protect):
-    layers = conv_layers(small_yolo)
-    g = torch.Generator().manual_seed(0)
-    scores = [torch.rand(m.weight.shape, generator=g) for _, m in layers] if allocation == "hessian" else None
-    counts = alloc.layer_counts(layers, amount, allocation, protect, scores)
-    sizes = [m.weight.numel() for _, m in layers]
-    assert sum(counts) == round(amount * sum(sizes))
-    assert all(0 <= c < s for c, s in zip(counts, sizes))
-    if protect:
-        assert all(c == 0 for (n, _), c in zip(layers, counts) if n.startswith("model.24."))
-    if allocation == "uniform" and not protect:
-        assert all(abs(c - amount * s) < 1 for c, s in zip(counts, sizes))
-
-
-def test_layer_counts_rejects_unknown_allocation_and_missing_scores(small_yolo):
-    layers = conv_layers(small_yolo)
-    with pytest.raises(ConfigError, match="allocation"):
-        alloc.layer_counts(layers, 0.5, "owl")
-    with pytest.raises(ConfigError, match="scores"):
-        alloc.layer_counts(layers, 0.5, "hessian")
-    with pytest.raises(ConfigError, match="protect"):
-        alloc.layer_counts(layers, 0.5, protect=("model.*",))
-
-
-def test_layer_counts_global_matches_magnitude_threshold(small_yolo):
-    layers = conv_layers(small_yolo)
-    amount = 0.4
-    counts = alloc.layer_counts(layers, amount, "global")
-    w = torch.cat([m.weight.detach().abs().flatten() for _, m in layers])
-    thr = torch.sort(w).values[round(amount * w.numel()) - 1]
-    for (_, m), c in zip(layers, counts):
-        assert c == int((m.weight.detach().abs() <= thr).sum())  # no ties in random weights
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -395,55 +306,6 @@ def test_obs_output_error_below_magnitude(request, small_yolo, calib, source, la
 # ---------------------------------------------------------------------------------------------------
 # calibration images
 # ---------------------------------------------------------------------------------------------------
-@needs_coco8
-@pytest.mark.parametrize("imgsz, n", [(64, 3), (96, 10)])
-def test_calibration_from_train_split(backend, tmp_path, imgsz, n):
-    data = _coco8_yaml(tmp_path)
-    x = load_calibration_images(data, imgsz, n=n, seed=0)
-    assert x.dtype == torch.float32 and x.shape == (min(n, 4), 3, imgsz, imgsz)
-    assert 0.0 <= float(x.min()) and float(x.max()) <= 1.0 and float(x.std()) > 0.05
-    assert torch.equal(x, load_calibration_images(data, imgsz, n=n, seed=0))  # deterministic
-    # the same images whether given the YAML or YOLOv5's check_dataset dict
-    with driving_yolov5(backend):  # YOLOv5 called directly: offline font etc.
-        d = backend.general.check_dataset(str(data))
-    assert torch.equal(x, load_calibration_images(d, imgsz, n=n, seed=0))
-    # every image is a letterboxed TRAIN image, none a val image
-    import importlib
-
-    dl = importlib.import_module(backend.prefix + "utils.dataloaders")
-
-    def split(name):
-        ds = dl.LoadImagesAndLabels(str(COCO8 / "images" / name), imgsz, augment=False, rect=False)
-        return [ds[i][0].float() / 255 for i in range(len(ds))]
-
-    train, val = split("train"), split("val")
-    for im in x:
-        assert any(torch.equal(im, t) for t in train)
-        assert not any(torch.equal(im, v) for v in val)
-
-
-@needs_coco8
-def test_calibration_seed_picks_images(tmp_path):
-    data = _coco8_yaml(tmp_path)
-    picks = {tuple(float(im.sum()) for im in load_calibration_images(data, 64, n=2, seed=s)) for s in range(6)}
-    assert len(picks) > 1
-
-
-@pytest.mark.parametrize("train_entry", ["images/train", "images/missing"])
-def test_calibration_empty_or_missing_train_split(tmp_path, train_entry):
-    root = tmp_path / "ds"
-    (root / "images" / "train").mkdir(parents=True)
-    (root / "images" / "val").mkdir(parents=True)
-    data = tmp_path / "empty.yaml"
-    data.write_text(yaml.safe_dump({"path": str(root), "train": train_entry, "val": "images/val",
-                                    "names": {0: "a"}}))
-    with pytest.raises(ConfigError, match=r"empty\.yaml.*train split"):
-        load_calibration_images(data, 64, n=2)
-
-
-def test_calibration_missing_yaml(tmp_path):
-    with pytest.raises(ConfigError, match="nope.yaml"):
-        load_calibration_images(tmp_path / "nope.yaml", 64)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.prune.unstructured import check_scope, conv_layers, lamp_scores, prune_model, sparsity_stats
+from yolo_prune_plugin.prune.unstructured import check_scope, conv_layers, prune_model, sparsity_stats
 
 
 def _zeros(model):
@@ -108,12 +108,3 @@ def test_log_line(small_model, caplog):
     assert len(line) == 1
     total = sum(m.weight.numel() for _, m in conv_layers(small_model))
     assert f"-> {round(0.25 * total)}/{total} (25.00%)" in line[0]
-
-
-def test_lamp_scores_hand_example():
-    conv = torch.nn.Conv2d(1, 1, (1, 3), bias=False)
-    with torch.no_grad():
-        conv.weight.copy_(torch.tensor([2.0, -1.0, 3.0]).view(1, 1, 1, 3))
-    (scores,) = lamp_scores([("c", conv)])
-    # sorted squares 1, 4, 9: 1/(1+4+9), 4/(4+9), 9/9
-    assert torch.allclose(scores.flatten(), torch.tensor([4 / 13, 1 / 14, 1.0]))

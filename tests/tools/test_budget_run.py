@@ -32,11 +32,13 @@ def test_target_drop_writes_a_file_within_the_budget(searched):
     entry = validate_report(report)[0]
     t = entry.target
     assert t["options"]["max_drop"] == 0.02 and t["options"]["max_evals"] == 3 and t["met"] is True
-    assert 1 <= t["evaluations"] == len(t["trace"]) <= 3 and t["seconds"] > 0
-    assert entry.amount == t["amount"] == t["chosen"]["amount"] and 0 < entry.amount <= 0.9
-    assert abs(entry.sparsity_after["sparsity"] - entry.amount) < 1e-3  # the file holds the chosen amount
+    assert 1 <= t["evaluations"] == len(t["trace"]) <= 3
+    assert t["seconds"] >= sum(p["seconds"] for p in t["trace"])  # the search's time includes every probe's
+    # the choice is the largest amount that met the budget on the search images, and the file holds it
+    assert entry.amount == t["amount"] == t["chosen"]["amount"] == max(p["amount"] for p in t["trace"] if p["meets"])
+    assert abs(entry.sparsity_after["sparsity"] - entry.amount) < 1e-3
     for p in t["trace"]:
-        assert set(p["metrics"]) == {"P", "R", "mAP50", "mAP50-95"} and p["seconds"] > 0
+        assert set(p["metrics"]) == {"P", "R", "mAP50", "mAP50-95"}
         assert p["meets"] == (p["drop"] <= 0.02)
     assert t["final"]["meets"] is True and "selection bias" in t["selection_bias"]
     assert entry.metrics_before["mAP50-95"] - entry.metrics_after["mAP50-95"] <= 0.02
@@ -55,11 +57,11 @@ def test_trace_and_plot_are_in_the_run_folder(searched):
     assert report["results"][0]["target"]["outputs"]["png"] == str(png)
 
 
-def test_impossible_budget_writes_nothing_and_says_why(small_model, tiny_data, tmp_path, capsys):
+def test_impossible_budget_writes_nothing_and_says_why(tiny_model, tiny_data, tmp_path, capsys):
     """1/50 of the latency cannot be reached: the closest point is named, no file is written."""
     from testkit import save_checkpoint
 
-    weights = save_checkpoint(small_model, tmp_path / "best.pt")
+    weights = save_checkpoint(tiny_model, tmp_path / "best.pt")
     cfg = tmp_path / "prune.yaml"
     cfg.write_text("target: {max_evals: 2}\nchannel: {importance: l1}\nbn_recalibration: {images: 0}\n")
     rc = main(["prune", "--weights", str(weights), "--data", str(tiny_data), "--img", "64", "--device", "cpu",
@@ -95,7 +97,7 @@ def test_register_and_api_take_a_target(backend, small_ckpt, tmp_path):
         prune(small_ckpt, None, target={"max_drop": 0.01})
 
 
-def test_demo_ends_with_a_budget_search(small_model, tmp_path, caplog):
+def test_demo_ends_with_a_budget_search(tiny_model, tmp_path, caplog):
     import logging
 
     from testkit import save_checkpoint
@@ -105,32 +107,12 @@ def test_demo_ends_with_a_budget_search(small_model, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="yolo_prune_plugin")
     data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())
     (tmp_path / "exp" / "weights").mkdir(parents=True)
-    ck = save_checkpoint(small_model, tmp_path / "exp" / "weights" / "best.pt")
+    ck = save_checkpoint(tiny_model, tmp_path / "exp" / "weights" / "best.pt")
     out = demo_budget(ck, data, imgsz=64, device="cpu", target={"max_evals": 2})
     assert out["png"] == str(tmp_path / "exp" / "budget" / "budget_best.png")
     assert (tmp_path / "exp" / "weights" / "best_budget.pt").is_file()
     assert out["entry"].structure == "channel" and out["entry"].target["evaluations"] == 2
     assert "The fastest channel-pruned model within 1 mAP50-95 point" in caplog.text and "faster in ONNX" in caplog.text
-
-
-def test_train_end_hook_searches_the_budget(backend, tmp_path):
-    """`yolo-prune train --prune-target-drop` on a tiny real training run: the train-end entry holds the search."""
-    from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
-
-    data = make_dataset(tmp_path / "data", **TINY.dataset_kwargs())
-    o = TINY.train_overrides(data, tmp_path / "runs", "exp", yolov5_root=backend.root)
-    cfg = tmp_path / "prune.yaml"
-    cfg.write_text("method: global\ntarget: {max_evals: 2}\n")
-    rc = main(["train", "--data", o["data"], "--cfg", o["cfg"], "--weights", "", "--img", str(o["imgsz"]),
-               "--epochs", "1", "--batch-size", str(o["batch_size"]), "--workers", "0", "--device", "cpu",
-               "--noplots", "--project", o["project"], "--name", "exp", "--prune-config", str(cfg),
-               "--prune-target-drop", "0.05"])
-    assert rc == 0
-    run = tmp_path / "runs" / "exp"
-    entry = validate_report(json.loads((run / "prune_report.json").read_text()))[0]
-    assert entry.target["evaluations"] == 2 and entry.target["options"]["max_drop"] == 0.05
-    assert entry.metrics_before_source == "YOLOv5's final validation"
-    assert (run / "budget_best.png").is_file() and (run / "weights" / "best_pruned.pt").is_file()
 
 
 def test_search_images_are_a_seeded_subset_of_val(backend, tiny_data, tmp_path):

@@ -5,14 +5,12 @@ from __future__ import annotations
 import csv
 import json
 
-import pytest
 
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from yolo_prune_plugin.cli import main  # noqa: E402
-from yolo_prune_plugin.tools.loggers import CSV_NAME, find_yolo_loggers, log_results  # noqa: E402
-from yolo_prune_plugin.tools.synthetic import TINY, make_dataset  # noqa: E402
+from yolo_prune_plugin.cli import main
+from yolo_prune_plugin.tools.loggers import CSV_NAME, find_yolo_loggers, log_results
+from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
 
 
 def _events(folder):

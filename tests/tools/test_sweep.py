@@ -11,6 +11,7 @@ from yolo_prune_plugin.errors import ConfigError
 from yolo_prune_plugin.tools.sweep import CachedBatches, parse_points, run_sweep
 
 
+
 @pytest.fixture(scope="module")
 def swept(backend, coco8_yaml, shared, tmp_path_factory):
     out = tmp_path_factory.mktemp("sweep") / "sw"

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("torch_pruning")
+from testkit import seeded_rand
 
-from yolo_prune_plugin.config import config_from_dict  # noqa: E402
-from yolo_prune_plugin.errors import ConfigError, PruneError  # noqa: E402
-from yolo_prune_plugin.prune.channel import channel_prune  # noqa: E402
-from yolo_prune_plugin.training.channel_regularize import ChannelRegularizer, regularize_targets  # noqa: E402
+
+from yolo_prune_plugin.config import config_from_dict
+from yolo_prune_plugin.errors import ConfigError, PruneError
+from yolo_prune_plugin.prune.channel import channel_prune
+from yolo_prune_plugin.training.channel_regularize import ChannelRegularizer, regularize_targets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -31,7 +32,7 @@ def test_regulariser_changes_only_the_targeted_gradients(small_model):
     assert not reg.targets and reg.penalty() == 0.0
     reg.epoch_start()
     assert reg.targets and reg.epoch == 1
-    sum(o.sum() for o in model(torch.rand(2, 3, 64, 64))).backward()
+    sum(o.sum() for o in model(seeded_rand(2, 3, 64, 64))).backward()
     before = {n: p.grad.clone() for n, p in model.named_parameters()}
     seen = {}
     opt.register_step_pre_hook(lambda o, a, k: seen.update({n: p.grad.clone() for n, p in model.named_parameters()}))
@@ -134,7 +135,7 @@ def test_channels_with_zero_scale_and_shift_are_removed_exactly(small_model, shi
             mods[bn].weight[idx] = 0.0
             if shift_zeroed:
                 mods[bn].bias[idx] = 0.0
-    x = torch.rand(1, 3, 64, 64)
+    x = seeded_rand(1, 3, 64, 64)
     dense = _output(model, x)
     pruned = copy.deepcopy(model)
     res = channel_prune(pruned, 0.3, plan=plan, imgsz=64, log=False)

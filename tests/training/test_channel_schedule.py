@@ -26,7 +26,7 @@ from yolo_prune_plugin.training.schedule import schedule_amount
 from yolo_prune_plugin.report import validate_report
 from yolo_prune_plugin.prune.channel import channel_counts, channel_prune
 
-from testkit import plain_attempt_load
+from testkit import plain_attempt_load, seeded_rand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -197,7 +197,7 @@ def test_apply_kept_channels_removes_the_same_channels_from_a_copy(backend, tiny
     res = channel_prune(a, 0.4, importance="l1", round_to=4, imgsz=64, log=False)
     apply_kept_channels(b, res.kept)
     assert channel_counts(a) == channel_counts(b) != res.channels_before
-    x = torch.rand(1, 3, 64, 64)
+    x = seeded_rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.allclose(a(x)[0], b(x)[0])  # same channels kept, not just the same counts
 
@@ -206,7 +206,7 @@ def test_replace_optimizer_params_keeps_groups_and_drops_stale_state(backend, ti
     torch.manual_seed(0)
     model = backend.yolo.Model(str(tiny_cfg), ch=3, nc=3).train()
     opt = backend.train.smart_optimizer(model, "SGD", 0.01, 0.9, 5e-4)
-    sum(o.float().pow(2).mean() for o in model(torch.rand(2, 3, 64, 64))).backward()
+    sum(o.float().pow(2).mean() for o in model(seeded_rand(2, 3, 64, 64))).backward()
     opt.step()
     before = dict(model.named_parameters())
     group_of = {n: i for n, p in before.items() for i, g in enumerate(opt.param_groups)
@@ -222,7 +222,7 @@ def test_replace_optimizer_params_keeps_groups_and_drops_stale_state(backend, ti
         assert any(p is q for q in g["params"])  # same group as before
         assert (id(before[n]) in replaced) == (p not in opt.state)  # state dropped exactly for the new tensors
     model.train()
-    sum(o.float().pow(2).mean() for o in model(torch.rand(2, 3, 64, 64))).backward()
+    sum(o.float().pow(2).mean() for o in model(seeded_rand(2, 3, 64, 64))).backward()
     opt.step()  # runs with the new shapes, momentum restarts for them
 
 

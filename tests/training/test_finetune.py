@@ -7,6 +7,7 @@ epoch: what is checked is that the same pipeline, report and checks as the train
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,10 +18,14 @@ from yolo_prune_plugin import api
 from yolo_prune_plugin.backend.loading import load_checkpoint
 from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.errors import ConfigError
-from yolo_prune_plugin.training import masks as M
+from yolo_prune_plugin.training import finetune as F, masks as M
+from yolo_prune_plugin.api import run_training, train_opt
+from yolo_prune_plugin.config import config_from_dict
+from yolo_prune_plugin.prune.unstructured import conv_layers, sparsity_stats
+from yolo_prune_plugin.report import validate_report
 from yolo_prune_plugin.training.finetune import checkpoint_train_options
 
-from testkit import save_checkpoint
+from testkit import assert_plain_yolov5, assert_yolov5_restored, save_checkpoint, tiny_train_opt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -58,17 +63,30 @@ def test_cli_prune_finetunes_an_existing_checkpoint(backend, tiny_model, tiny_da
 
 def test_api_prune_finetunes_a_channel_pruned_checkpoint_without_saved_options(backend, tiny_model, tiny_data,
                                                                                tmp_path):
-    """No saved ``opt``: YOLOv5's defaults (hyp.scratch-low, batch 16 unless given); the pruned architecture kept."""
+    """One channel prune + 1-epoch fine-tune through the pipeline (``api.prune``), with distillation from the dense
+    model: no saved ``opt``, so YOLOv5's defaults (hyp.scratch-low, batch 16 unless given) with the call's batch
+    and size; the pruned architecture is what YOLOv5 trained and what is written (the same channel counts as the
+    fine-tune's best.pt, not the dense ones); the teacher term ran on every batch."""
+    from yolo_prune_plugin.prune.unstructured import conv_layers
+
+    def channels(model):
+        return [(m.out_channels, m.in_channels) for _, m in conv_layers(model)]
+
     w = save_checkpoint(tiny_model, tmp_path / "model.pt")
-    entries = api.prune(w, tiny_data, imgsz=64, batch_size=4, device="cpu", workers=0, structure="channel",
-                        amount=0.3, finetune={"epochs": 1})
-    e = entries[0]
+    [e] = api.prune(w, tiny_data, imgsz=64, batch_size=2, device="cpu", workers=0, structure="channel", amount=0.3,
+                    finetune={"epochs": 1, "distill": True}, channel={"reconstruct": False})
+    # (reconstruction off: on these 64-px train images it fits the student to the teacher's outputs exactly)
+    assert e.mode == "finetune" and e.structure == "channel"
     assert e.finetune["epochs"] == 1 and Path(e.finetune["run"]).name == "model_finetune"
     used = yaml.safe_load((Path(e.finetune["run"]) / "opt.yaml").read_text())
-    assert used["batch_size"] == 4 and used["imgsz"] == 64
-    pruned = load_checkpoint(tmp_path / "model_pruned.pt")["model"]
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in tiny_model.parameters())
-    assert e.metrics_after is not None
+    assert used["batch_size"] == 2 and used["imgsz"] == 64
+    d = e.finetune["distill"]
+    assert d["weight"] == 1.0 and d["batches"] == 2 and e.finetune["history"][0]["loss_teacher"] > 0
+    final = load_checkpoint(tmp_path / "model_pruned.pt")["model"]
+    ft_best = torch.load(Path(e.finetune["run"]) / "weights" / "best.pt")["model"]
+    assert channels(final) == channels(ft_best) != channels(tiny_model)
+    weights = [sum(m.weight.numel() for _, m in conv_layers(x)) for x in (final, tiny_model)]
+    assert abs(1 - weights[0] / weights[1] - 0.3) <= 0.02 and e.metrics_after is not None
 
 
 def test_checkpoint_train_options_take_the_run_and_the_flags(backend, tmp_path):
@@ -121,3 +139,88 @@ def test_finetune_steps_every_batch_at_the_finetune_lr(backend, tiny_model, tiny
                         "yolov5_accumulate": 64, "ema_updates": 8}
     sgd = yaml.safe_load((res.save_dir / "hyp.yaml").read_text())["weight_decay"]
     assert sgd == pytest.approx(0.0005)  # the hyp as YOLOv5 saved it; per-step decay is divided in the optimizer
+
+
+def test_finetune_keeps_every_pruned_position_zero(backend, tiny_data, tiny_cfg, tmp_path, monkeypatch):
+    """`yolo-prune train --prune-finetune-epochs 1`: train, prune best.pt, then fine-tune after train.main returns."""
+    opt = tiny_train_opt(backend, tiny_data, tiny_cfg, tmp_path, "exp")
+    seen = {}
+    real = F.finetune_checkpoint
+
+    def spy(weights, *args, **kwargs):  # the one-shot file and the live training objects, before they go
+        seen["oneshot"] = load_checkpoint(weights)["model"].float()
+        seen["masks"] = M.zero_masks(seen["oneshot"])
+        res = real(weights, *args, **kwargs)
+        seen["live"] = (M.count_leaks(res.model, seen["masks"]), M.count_leaks(res.ema_model, seen["masks"]))
+        return res
+
+    monkeypatch.setattr(F, "finetune_checkpoint", spy)
+    cfg = config_from_dict({"amount": 0.5, "finetune": {"epochs": 1}})
+    plugin = run_training(opt, cfg, backend)
+    assert plugin.mode == "finetune" and plugin.error is None and plugin.ran
+    run = Path(opt.save_dir)
+    w = run / "weights"
+    assert_yolov5_restored(backend)
+    masks = seen["masks"]
+    total = sparsity_stats(seen["oneshot"]).weights
+    assert M.count_masked(masks) == round(0.5 * total)
+    assert seen["live"] == (0, 0)  # live model and EMA at the end of the fine-tune
+
+    ft_run = tmp_path / "exp_finetune"
+    for f in ("last.pt", "best.pt"):  # every file the fine-tune run saved
+        assert M.file_leaks(ft_run / "weights" / f, masks) == {"model": 0}
+    final = torch.load(w / "best_pruned.pt")  # weights_only: plain YOLOv5 classes only
+    assert final["ema"] is None and final["optimizer"] is None
+    model = final["model"]
+    assert next(model.parameters()).dtype == torch.float16
+    assert_plain_yolov5(model)
+    zeros = M.zero_masks(model)
+    assert all(torch.equal(zeros[n], masks[n]) for n in masks)  # exactly the one-shot positions, nothing more
+    ft_best = load_checkpoint(ft_run / "weights" / "best.pt")["model"]  # it is the fine-tuned model ...
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ft_best.state_dict().values()))
+    changed = sum(int((m.weight.float() != seen["oneshot"].get_submodule(n).weight)[~masks[n]].sum())
+                  for n, m in conv_layers(model))
+    assert changed > 0.01 * (total - M.count_masked(masks))  # ... not the one-shot one (1 step, fp16 EMA)
+
+    info = final["prune"]
+    ft = info["finetune"]
+    assert ft["run"] == str(ft_run) and ft["masked_weights"] == M.count_masked(masks)
+    assert set(info["leaks"].values()) == {0} and {"live_model", "live_ema", "best_pruned.pt"} <= set(info["leaks"])
+    assert [h["epoch"] for h in ft["history"]] == [0] and ft["history"][0]["sparsity"] == 0.5
+    assert ft["history"][0]["lr"] == pytest.approx([0.001] * 3)  # lr0 0.01 x lr_scale 0.1, warmup replaced
+    assert yaml.safe_load((run / "hyp_finetune.yaml").read_text())["lr0"] == pytest.approx(0.001)
+    assert info["metrics_oneshot"] is not None and info["metrics_after"] is not None
+    # every "after" number comes from the plugin's own validation, without YOLOv5's NMS time limit (not from
+    # YOLOv5's final validation of the fine-tune run, which runs with it)
+    assert info["metrics_after"]["nms_time_limit"] == info["metrics_oneshot"]["nms_time_limit"] == "lifted"
+    report = json.loads((run / "prune_report.json").read_text())
+    assert report["mode"] == "finetune" and report["results"][0]["leaks"] == info["leaks"]
+    validate_report(report)
+    loaded = backend.attempt_load(w / "best_pruned.pt", "cpu")
+    assert loaded(torch.zeros(1, 3, 64, 64))[0].shape[-1] == 8
+
+
+def test_finetune_options_ignore_the_host_process_argv(backend, tiny_model, tiny_data, tiny_cfg, tmp_path,
+                                                        monkeypatch):
+    """A user script run with ``-h`` or its own flags: YOLOv5's train options come from the run, not sys.argv."""
+    pruned = save_checkpoint(tiny_model, tmp_path / "pruned.pt")
+    base = tiny_train_opt(backend, tiny_data, tiny_cfg, tmp_path, "base")
+    seen = {}
+
+    def main(opt, callbacks=None):  # YOLOv5's train.main, stopped before it trains: the options it would get
+        seen["opt"] = opt
+        raise _Stop
+
+    monkeypatch.setattr(backend.train, "main", main)
+    monkeypatch.setattr(sys, "argv", ["script.py", "-h", "--foo", "--epochs", "99"])
+    with pytest.raises(_Stop):
+        F.finetune_checkpoint(pruned, base, 2, lr_scale=0.5, masks=None, project=tmp_path, name="ft", backend=backend)
+    opt = seen["opt"]
+    assert opt.epochs == 2 and opt.data == base.data and opt.weights == str(pruned.resolve())
+    assert sys.argv == ["script.py", "-h", "--foo", "--epochs", "99"]  # left as the host had it
+    with pytest.raises(ConfigError, match="unknown YOLOv5 train option 'foo'"):  # the api's helper: the same one
+        train_opt([], backend, foo=1)
+
+
+class _Stop(Exception):
+    pass

@@ -1,8 +1,8 @@
 """Early checks of what the user asked for: files, device, class count. One-line :class:`ConfigError`/
 :class:`CheckpointError` messages, raised before any heavy import (files) or any work (device, classes).
 
-This module imports only the standard library at the top: :func:`check_user_paths` runs before torch or
-YOLOv5 are imported, so a typo in ``--weights`` is reported in a fraction of a second.
+This module imports only the standard library at the top: :func:`check_user_paths` runs before YOLOv5 is
+imported (the package itself imports torch), so a typo in ``--weights`` is reported before YOLOv5's import.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ def check_file_path(path: Optional[str], flag: str, what: str) -> None:
 
 def check_user_paths(weights: Optional[str] = None, data: Optional[str] = None, config: Optional[str] = None,
                      allow_release: bool = False) -> None:
-    """Check every path the user gave, before torch/YOLOv5 are imported."""
+    """Check every path the user gave, before YOLOv5 is imported."""
     check_file_path(config, "--prune-config" if allow_release else "--config", "prune config YAML")
     check_weights_path(weights, allow_release=allow_release)
     check_file_path(data, "--data", "data YAML")

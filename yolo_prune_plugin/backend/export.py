@@ -20,7 +20,10 @@ zeros, so they are refused with a :class:`ConfigError` naming YOLOv5's own ``exp
 exported unverified.
 
 YOLOv5 7.0.x quirks during the export (torch 2.9+'s dynamo ONNX exporter, files pickled under the other module
-spelling) are handled by :func:`yolo_prune_plugin.backend.patches.export_patches`, for the export only.
+spelling) are handled by :func:`yolo_prune_plugin.backend.patches.export_patches`, for the export only. The export
+runs quietly: YOLOv5's banner ("Export complete", "Detect: ... --weights <file>") would name the temporary copy,
+which is gone by then; its failure lines are kept for the report. Each artefact put in place is logged once,
+under its final path, with what its verification found.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from ..errors import ConfigError, ExportError, OutputExistsError
 from .artifacts import SUPPORTED_FORMATS, ArtifactReport, file_sizes, load_export_model, verify_artifact
 from .calls import export_run
 from .loading import Backend, get_backend
-from .patches import export_patches
+from .patches import export_patches, muted_yolov5
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -145,20 +148,23 @@ def artifact_path(weights: str | Path, fmt: str) -> Path:
 def export_and_verify(weights: str | Path, formats: Sequence[str], imgsz: int | Sequence[int] = 640,
                       device: str = "cpu", half: bool = False, dynamic: bool = False, simplify: bool = False,
                       opset: Optional[int] = None, atol: float = 1e-3, overwrite: bool = True,
-                      backend: Optional[Backend] = None) -> list[ArtifactReport]:
+                      backend: Optional[Backend] = None, announce: bool = True) -> list[ArtifactReport]:
     """Export ``weights`` to each format with YOLOv5's ``export.run``, verify, and move verified artefacts beside it.
 
     Raises :class:`ConfigError` (bad format/option, missing extra), :class:`OutputExistsError` (an artefact
     exists and ``overwrite`` is false; checked for every format before anything is exported) or
     :class:`CheckpointError` (unreadable weights). An export or verification failure does not raise: its report
     has ``ok=False``, ``written=False`` and says why; nothing beside the weights is created or changed for it.
+    ``announce``: log one line per artefact written (its final path, size and verification); YOLOv5's own export
+    log is never shown (it names the temporary copy).
     """
     b = backend or get_backend()
     fmts = normalize_formats(formats)
     check_export_requirements(fmts, simplify=simplify, backend=b)
     _check_options(device, half, dynamic, atol, imgsz)
     weights = Path(weights).expanduser().resolve()
-    reference = load_export_model(weights, "cpu", b)  # CheckpointError for a bad/unsafe file, before any export
+    with muted_yolov5(b):  # "Fusing layers..." and the layer summary of the reference: not the user's concern
+        reference = load_export_model(weights, "cpu", b)  # CheckpointError for a bad/unsafe file, before any export
     dests = {f: artifact_path(weights, f) for f in fmts}
     if not overwrite:
         existing = [str(p) for p in dests.values() if p.exists()]
@@ -169,13 +175,18 @@ def export_and_verify(weights: str | Path, formats: Sequence[str], imgsz: int | 
     if len(size) == 1:
         size = (size[0], size[0])
 
-    return _export_all(b, weights, fmts, dests, reference, size, device, half, dynamic, simplify, opset, atol)
+    reports = _export_all(b, weights, fmts, dests, reference, size, device, half, dynamic, simplify, opset, atol)
+    for r in reports:
+        if r.written and announce:
+            LOGGER.info("Exported %s (%.1f MB; verified: %s)", r.path, (r.bytes or 0) / 1e6,
+                        r.message.removeprefix("ok: "))
+    return reports
 
 
 def _export_all(b: Backend, weights: Path, fmts: list[str], dests: dict[str, Path], reference: nn.Module,
                 size: tuple, device: str, half: bool, dynamic: bool, simplify: bool, opset: Optional[int],
                 atol: float) -> list[ArtifactReport]:
-    """One ``export.run`` for all formats from a copy in a temporary folder; verify each; move the good ones."""
+    """One quiet ``export.run`` for all formats from a copy in a temporary folder; verify each; move the good ones."""
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{weights.stem}-export-", dir=weights.parent))
     except OSError as e:

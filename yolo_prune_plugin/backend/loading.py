@@ -266,7 +266,9 @@ def load_checkpoint(path: str | Path, backend: Optional[Backend] = None) -> dict
                 f"allow-list (nothing was executed). If you trust this file, set {TRUST_ENV}=1 or pass "
                 "--trust-checkpoint") from None
         raise CheckpointError(f"{p}: corrupted, truncated or not a torch checkpoint ({_weights_only_reason(e)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError) as e:
+    # torch's unpickler fails on arbitrary bytes with whatever its parser hits (IndexError on b'text', ...)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, AttributeError, IndexError, KeyError,
+            TypeError) as e:
         raise CheckpointError(f"{p}: corrupted, truncated or not a torch checkpoint ({first_line(e)})") from None
     validate_checkpoint(ckpt, p)
     for key in ("model", "ema"):

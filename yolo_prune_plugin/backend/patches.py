@@ -1,8 +1,8 @@
 """Process patches that make YOLOv5 7.0.x work on today's torch/numpy/Pillow, each paired with its undo.
 
 Every patch is applied inside a context (:func:`compat_patches`, :func:`driving_yolov5`,
-:func:`export_patches`, :func:`quiet_yolov5`) and undone when it exits, so the plugin leaves the process as
-it found it. Only ``backend/`` patches YOLOv5 (a test checks it).
+:func:`export_patches`, :func:`quiet_yolov5`, :func:`muted_yolov5`) and undone when it exits, so the plugin
+leaves the process as it found it. Only ``backend/`` patches YOLOv5 (a test checks it).
 """
 
 from __future__ import annotations
@@ -185,8 +185,11 @@ def _patch_font_download(p: Patch, backend: Backend) -> None:
 
 @contextlib.contextmanager
 def export_patches(backend: Backend) -> Iterator[list[str]]:
-    """Scoped patches for YOLOv5's ``export.run``; yields the list its export-failure log lines are collected in.
+    """Scoped patches for YOLOv5's ``export.run``; yields the list its failure log lines are collected in.
 
+    The export runs quietly (:func:`muted_yolov5`): YOLOv5's banner ("Export complete", "Detect: ... --weights
+    <file>", "Visualize: https://netron.app") names the plugin's temporary files, so its INFO lines are not shown;
+    its "export failure" lines, warnings and errors are collected in the yielded list for the caller's message.
     torch >= 2.9 makes ``torch.onnx.export`` default to the dynamo exporter (needs ``onnxscript``, ignores
     YOLOv5's opset/``dynamic_axes`` setup): the TorchScript-based exporter YOLOv5 was written for is selected.
     Trusted (non-allow-listed) loads of a file pickled under the other spelling are re-spelled
@@ -195,7 +198,6 @@ def export_patches(backend: Backend) -> Iterator[list[str]]:
     exp = backend.export
     orig_load = exp.attempt_load
     orig_onnx_export = torch.onnx.export
-    failures: list[str] = []
 
     def attempt_load(weights: Any, device: Any = None, inplace: bool = True, fuse: bool = True) -> nn.Module:
         model = orig_load(weights, device=device, inplace=inplace, fuse=False)
@@ -210,23 +212,13 @@ def export_patches(backend: Backend) -> Iterator[list[str]]:
             kwargs.setdefault("dynamo", False)
         return orig_onnx_export(*args, **kwargs)
 
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            msg = record.getMessage()
-            if "failure" in msg or "ERROR" in msg:
-                failures.append(" ".join(re.sub(r"\x1b\[[0-9;]*m", "", msg).split()))
-
-    handler = Collect(logging.INFO)
-    yolo_logger = backend.general.LOGGER
     p = Patch()
-    with _export_lock, compat_patches(backend):
+    with _export_lock, compat_patches(backend), muted_yolov5(backend) as failures:
         p.set(exp, "attempt_load", attempt_load)
         p.set(torch.onnx, "export", onnx_export)
-        yolo_logger.addHandler(handler)
         try:
             yield failures
         finally:
-            yolo_logger.removeHandler(handler)
             p.undo()
 
 
@@ -294,3 +286,93 @@ def quiet_yolov5() -> Iterator[None]:
                 warnings._filters_mutated()  # type: ignore[attr-defined]
                 logging.getLogger(_YOLOV5_LOGGER).removeFilter(_font_filter)
                 _quiet_filter = None
+
+
+# --------------------------------------------------------------------------------------------------
+# YOLOv5's own output muted while the plugin runs it for itself (exports, budget probes)
+# --------------------------------------------------------------------------------------------------
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class _MuteScope(logging.Filter):
+    """The state of :func:`muted_yolov5`: installed as a filter on YOLOv5's logger while any block is open.
+
+    Only the threads inside a block are muted (a training or validation in another thread keeps its log): their
+    INFO records are dropped, their warnings and errors pass, and those with "failure" lines are collected in
+    the lists of the thread's open blocks. The ``tqdm`` of YOLOv5's ``val`` and ``utils.dataloaders`` (the
+    validation and label-scanning bars) is wrapped the same way: disabled for them.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock = threading.Lock()
+        self.threads: dict[int, list[list[str]]] = {}  # thread id -> the collecting lists of its open blocks
+        self.loggers: list[logging.Logger] = []
+        self.patch = Patch()
+        self.patched: list[Any] = []  # the modules whose tqdm is wrapped
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        lists = self.threads.get(threading.get_ident())  # a logger's filters run in the logging thread
+        if not lists:
+            return True
+        msg = str(record.getMessage())
+        if record.levelno >= logging.WARNING or "failure" in msg or "ERROR" in msg:
+            line = " ".join(_ANSI.sub("", msg).split())
+            for lines in lists:
+                lines.append(line)
+        return record.levelno >= logging.WARNING
+
+    def muted(self) -> bool:
+        return threading.get_ident() in self.threads
+
+
+_mute = _MuteScope()
+
+
+def _muted_tqdm(orig: Any) -> Any:
+    def tqdm(*args: Any, **kwargs: Any) -> Any:
+        if _mute.muted():
+            kwargs["disable"] = True
+        return orig(*args, **kwargs)
+
+    return tqdm
+
+
+@contextmanager
+def muted_yolov5(backend: Backend) -> Iterator[list[str]]:
+    """YOLOv5's INFO log lines (its logger, named by ``utils.general.LOGGING_NAME``) and its validation and
+    label-scanning progress bars are not shown while this thread runs the block; warnings and errors still are.
+    Yields a list that collects the plain text of the warnings, errors and "failure" lines logged meanwhile
+    (export failures are INFO).
+
+    For YOLOv5 work whose output would only name the plugin's temporary files (exports into a temporary folder,
+    the budget search's probes). Re-entrant and thread-aware; the filter and the ``val.tqdm`` wrapper are removed
+    when the last block of any thread ends.
+    """
+    me = threading.get_ident()
+    lines: list[str] = []
+    logger = logging.getLogger(getattr(backend.general, "LOGGING_NAME", _YOLOV5_LOGGER))
+    bars = (getattr(backend, "val", None), sys.modules.get(backend.prefix + "utils.dataloaders"))
+    with _mute.lock:
+        if logger not in _mute.loggers:
+            logger.addFilter(_mute)
+            _mute.loggers.append(logger)
+        for mod in bars:
+            if mod is not None and hasattr(mod, "tqdm") and not any(m is mod for m in _mute.patched):
+                _mute.patch.set(mod, "tqdm", _muted_tqdm(mod.tqdm))
+                _mute.patched.append(mod)
+        _mute.threads.setdefault(me, []).append(lines)
+    try:
+        yield lines
+    finally:
+        with _mute.lock:
+            mine = _mute.threads[me]
+            del mine[next(i for i in range(len(mine) - 1, -1, -1) if mine[i] is lines)]
+            if not mine:
+                del _mute.threads[me]
+            if not _mute.threads:
+                for lg in _mute.loggers:
+                    lg.removeFilter(_mute)
+                _mute.loggers.clear()
+                _mute.patch.undo()
+                _mute.patched.clear()

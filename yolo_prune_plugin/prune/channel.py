@@ -34,7 +34,7 @@ import torch.nn as nn
 from ..errors import ConfigError, PruneError
 from .calibration import accumulate_loss_gradients
 from .channel_groups import (_build_groups, _importance, _weights, channel_counts, channel_macs, detect_output_convs,
-                             gflops)
+                             gflops, plan_weights)
 from .registry import CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, DATA_AWARE_CHANNEL_IMPORTANCES, ChannelOptions
 from .unstructured import check_scope, conv_layers, count_parameters
 
@@ -229,12 +229,20 @@ def _search(model: nn.Module, amount: float, scope: list, w_before: int, ignored
     scores, loss, sens = cache["scores"], cache["loss"], cache["sens"]
     total = sum(len(v) for v in scores.values())
 
+    if "graph" not in cache:  # the weights a plan leaves are counted on the groups, not on a pruned copy
+        mods = dict(model.named_modules())
+        cache["graph"] = _build_groups(model, [mods[n] for n in ignored_names], trace_imgsz)
+    dg, groups = cache["graph"]
+
     def trial(k: int) -> tuple[float, dict]:
         plan = _plan(scores, k, round_to, max_layer_ratio, round_share)
         if k not in cache["achieved"]:
-            m = copy.deepcopy(model)
-            _apply_plan(m, plan, ignored_names, trace_imgsz)
-            cache["achieved"][k] = 1 - _weights(m, scope) / w_before
+            left = plan_weights(model, groups, dg, plan, scope)
+            if left is None:  # not countable on the groups: prune a copy
+                m = copy.deepcopy(model)
+                _apply_plan(m, plan, ignored_names, trace_imgsz)
+                left = _weights(m, scope)
+            cache["achieved"][k] = 1 - left / w_before
         return cache["achieved"][k], plan
 
     lo, hi = 0, total

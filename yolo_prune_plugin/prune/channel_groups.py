@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import copy
 import importlib
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -54,6 +54,43 @@ def _weights(model: nn.Module, names: Sequence[str]) -> int:
     return sum(mods[n].weight.numel() for n in names)
 
 
+def plan_weights(model: nn.Module, groups: list, dg: Any, plan: Mapping[str, Sequence[int]],
+                 names: Sequence[str]) -> Optional[int]:
+    """The Conv2d weights of ``names`` that removing ``plan`` (root conv name -> channel indices) would leave,
+    counted from the dependency ``groups`` of :func:`_build_groups` without pruning a copy (the amount bisection
+    asks this ~10 times per prune). None where the count cannot be read off the groups (a grouped conv, an item
+    whose indices do not follow its root's): the caller prunes a copy then."""
+    by_name = dict(groups)
+    gone: dict[tuple[int, bool], set] = {}
+    for root, idxs in plan.items():
+        g = by_name.get(root)
+        if g is None:
+            return None
+        items = list(g)
+        n = len(items[0].idxs)
+        for item in items:
+            mod = item.dep.target.module
+            if not isinstance(mod, nn.Conv2d):
+                continue
+            if mod.groups != 1 or len(item.idxs) % n:
+                return None
+            # a consumer can take each root channel several times (SPPF's cv2 reads cv1 four times over a concat):
+            # its indices come in blocks of n; only how many distinct ones go matters here
+            out = bool(dg.is_out_channel_pruning_fn(item.dep.handler))
+            gone.setdefault((id(mod), out), set()).update(
+                int(item.idxs[j + b * n]) for b in range(len(item.idxs) // n) for j in idxs)
+    mods = dict(model.named_modules())
+    total = 0
+    for name in names:
+        m = mods[name]
+        if m.groups != 1:
+            return None
+        out = m.out_channels - len(gone.get((id(m), True), ()))
+        inp = m.in_channels - len(gone.get((id(m), False), ()))
+        total += out * inp * m.kernel_size[0] * m.kernel_size[1]
+    return total
+
+
 # --------------------------------------------------------------------------------------------------
 # channel pruning
 # --------------------------------------------------------------------------------------------------
@@ -70,6 +107,9 @@ def _importance(name: str) -> Any:
         return I.LAMPImportance(p=2)
     if name == "taylor":
         return I.GroupTaylorImportance()
+    if name in IMPORTANCES:  # 'obs': scored by channel_sensitivity.obs_scores, not by a Torch-Pruning criterion
+        raise ConfigError(f"importance {name!r} has no Torch-Pruning criterion (it is scored with calibration "
+                          "images by channel_sensitivity.obs_scores)")
     raise ConfigError(f"importance {name!r} is unknown; expected one of {', '.join(IMPORTANCES)}")
 
 

@@ -2,9 +2,10 @@
 
 Each file is loaded as YOLOv5's ``export.py`` loads it (``attempt_load``, BatchNorm fused, fp32, eval) and
 exported to ONNX with YOLOv5's own ``export.run`` into a temporary folder (nothing is written beside the
-weights). After ``warmup`` calls per model, ``runs`` rounds time every model once per round (round-robin),
-so a change in machine load hits all models alike; the median and 90th percentile are reported, and the
-speed-up is the first file's median over each file's median.
+weights), quietly: YOLOv5's export banner would only name that folder's files. After ``warmup`` calls per
+model, ``runs`` rounds time every model once per round (round-robin), so a change in machine load hits all
+models alike; the median and 90th percentile are reported, and the speed-up is the first file's median over
+each file's median.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch
 from ..backend.checks import check_device
 from ..backend.calls import export_run
 from ..backend.loading import get_backend, load_checkpoint
-from ..backend.patches import export_patches
+from ..backend.patches import export_patches, muted_yolov5
 from ..errors import ConfigError, ExportError
 from ..utils.progress import progress as progress_bar
 
@@ -34,6 +35,8 @@ BACKENDS = ("torch", "onnxruntime")
 
 
 def _export_onnx(b: Any, weights: Path, tmp: Path, imgsz: int, batch: int) -> Path:
+    """``weights`` exported to ONNX in ``tmp``, quietly (:func:`export_patches`: YOLOv5's banner would name files
+    in ``tmp``); its path. A failure raises :class:`ExportError` with YOLOv5's reason."""
     src = tmp / weights.name
     shutil.copyfile(weights, src)
     with export_patches(b) as failures:
@@ -134,13 +137,16 @@ def bench_input(batch: int, imgsz: int) -> torch.Tensor:
 def make_runner(f: Path, tmp: Path, x: torch.Tensor, backends: Sequence[str], dev: torch.device,
                 threads: Optional[int], b: Any) -> tuple[dict, dict[str, Callable[[], Any]]]:
     """One checkpoint ready to time: its row (params, GFLOPs, sizes) and one call per backend (ONNX: exported
-    with YOLOv5's ``export.run`` into ``tmp``, which the caller deletes)."""
+    with YOLOv5's ``export.run`` into ``tmp``, which the caller deletes). YOLOv5's log of the loading and the
+    export is not shown (:func:`~yolo_prune_plugin.backend.patches.muted_yolov5`); an export failure raises
+    :class:`ExportError` with YOLOv5's reason."""
     from ..backend.artifacts import load_export_model
     from ..prune.channel import gflops
 
     batch, imgsz = int(x.shape[0]), int(x.shape[-1])
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    model = load_export_model(f, "cpu", b)
+    with muted_yolov5(b):  # YOLOv5's "Fusing layers..." and layer summary
+        model = load_export_model(f, "cpu", b)
     row: dict[str, Any] = {"file": str(f), "name": f.name, "params": sum(p.numel() for p in model.parameters()),
                            "gflops": gflops(model, imgsz), "pt_bytes": f.stat().st_size, "onnx_bytes": None,
                            "imgsz": imgsz, "batch": batch, "threads": threads, "torch_device": str(dev)}

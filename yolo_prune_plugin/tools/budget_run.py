@@ -5,6 +5,9 @@ the dense model evaluated once, and for ``structure: channel`` each probe timed 
 model in this process (:mod:`yolo_prune_plugin.tools.bench`; the dense model is exported once). The pruning
 itself is the pipeline's (``prune_fn``), so a probe is exactly what ``amount: <a>`` would write. Outputs for the
 run folder: ``budget_<stem>.csv`` (the trace) and ``budget_<stem>.png`` (accuracy vs speed-up and size).
+
+The search is quiet: YOLOv5's log of its label scan, validations and exports (layer fusing, progress bars, result
+lines, the export banner: all about temporary files) is not shown; the search's own progress and trace table are.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import torch.nn as nn
 from ..backend.data import image_files
 from ..backend.evaluation import EvalSettings, Metrics, evaluate
 from ..backend.loading import Backend
+from ..backend.patches import muted_yolov5
 from ..config import PruneConfig
 from ..errors import BudgetError, ConfigError, PruneError
 from ..prune.unstructured import count_parameters
@@ -136,7 +140,8 @@ class Prober:
         try:
             self.settings, self.images, self.val_images = search_settings(settings, t.search_images, t.seed, self.tmp)
             stride = max(int(dense_model.stride.max()), 32) if hasattr(dense_model, "stride") else 32
-            self.batches = CachedBatches(make_dataloader(self.settings, stride, backend))
+            with muted_yolov5(backend):  # its label scan would name the temporary list of search images
+                self.batches = CachedBatches(make_dataloader(self.settings, stride, backend))
             self.dense = self.evaluate(copy.deepcopy(dense_model).float().to(self.settings.device))
             self.timer = (_Timer(source, config, imgsz, self.settings.device, backend, self.tmp)
                           if config.structure == "channel" else None)
@@ -147,7 +152,9 @@ class Prober:
         self.last: Optional[tuple[nn.Module, dict]] = None
 
     def evaluate(self, model: nn.Module) -> Metrics:
-        return evaluate(_fused(copy.deepcopy(model)), self.settings, self.batches, self.backend)
+        """``model`` (fused copy) on the search images; YOLOv5's fusing/validation output muted (warnings pass)."""
+        with muted_yolov5(self.backend):
+            return evaluate(_fused(copy.deepcopy(model)), self.settings, self.batches, self.backend)
 
     def __call__(self, a: float) -> Point:
         t1 = time.perf_counter()

@@ -1,5 +1,7 @@
-"""``structure: channel`` through the one pipeline: CLI prune, report, fine-tune keeping the architecture, and a
-channel-pruned ``--weights`` file trained by ``yolo-prune train`` without re-initialisation (synthetic data)."""
+"""pipeline.py, the one pipeline behind every entry point: ``pipeline.run`` itself (the file it writes, its
+refusals, its one-line failures), and ``structure: channel`` through it: CLI prune, report, fine-tune keeping the
+architecture, and a channel-pruned ``--weights`` file trained by ``yolo-prune train`` without re-initialisation
+(synthetic data)."""
 
 from __future__ import annotations
 
@@ -8,10 +10,11 @@ import json
 import pytest
 import torch
 
+from yolo_prune_plugin import pipeline
 from yolo_prune_plugin.prune import channel as channel_mod
 from yolo_prune_plugin.cli import main
 from yolo_prune_plugin.config import config_from_dict
-from yolo_prune_plugin.errors import ConfigError
+from yolo_prune_plugin.errors import ConfigError, OutputExistsError, PruneError
 from yolo_prune_plugin.prune.unstructured import conv_layers
 from yolo_prune_plugin.report import validate_report
 from yolo_prune_plugin.tools.synthetic import TINY, make_dataset
@@ -97,31 +100,6 @@ def test_train_with_channel_pruned_weights_trains_that_architecture(backend, pru
     assert backend.train.Model is backend.yolo.Model  # the patch is gone
 
 
-def test_channel_prune_then_finetune_keeps_channel_counts(backend, pruned, tiny_data, tmp_path):
-    from testkit import save_checkpoint
-    from yolo_prune_plugin.api import train_opt
-
-    _, _, dense, _ = pruned
-    run = tmp_path / "exp" / "weights"
-    run.mkdir(parents=True)
-    o = TINY.train_overrides(tiny_data, tmp_path, "exp", yolov5_root=backend.root)
-    opt = train_opt([], backend, **{**o, "weights": str(run / "best.pt")})
-    save_checkpoint(dense, run / "best.pt", opt=dict(vars(opt)))
-    cfg = config_from_dict({"amount": 0.3, "structure": "channel", "finetune": {"epochs": 1}, "evaluate": False,
-                            "bn_recalibration": {"images": 0}, "channel": {"importance": "l1"}})
-    from yolo_prune_plugin.callbacks import PrunePlugin
-
-    plugin = PrunePlugin(cfg, opt=opt)
-    plugin.on_train_end(run / "last.pt", run / "best.pt", 0, None)
-    assert plugin.error is None, plugin.error
-    entry = plugin.entries[0]
-    assert entry.mode == "finetune" and entry.structure == "channel"
-    final = torch.load(run / "best_pruned.pt")["model"]
-    ft_best = torch.load(tmp_path / "exp_finetune" / "weights" / "best.pt")["model"]
-    assert _channels(final) == _channels(ft_best) != _channels(dense)
-    assert abs(1 - _conv_weights(final) / _conv_weights(dense) - 0.3) <= 0.02
-
-
 @pytest.mark.parametrize("cfg,match", [
     ({"structure": "channel", "method": "obs"}, "choose 'channel.importance'"),
     ({"structure": "rows"}, "'structure' must be one of unstructured, channel"),
@@ -151,3 +129,50 @@ def test_cost_aware_option_reaches_channel_pruning(small_ckpt):
                       imgsz=64)[0]
     assert entry.channels["cost_aware"] == 0.1 and abs(entry.channels["achieved"] - 0.3) <= 0.02
     assert entry.channels["gflops_after"] < plain.channels["gflops_after"]  # the same amount, fewer FLOPs left
+
+
+def _ctx(backend):
+    from yolo_prune_plugin.stages import RunContext
+
+    return RunContext(backend=backend, device=torch.device("cpu"), imgsz=64)
+
+
+def test_run_writes_the_pruned_checkpoint_beside_the_source(backend, small_ckpt):
+    """No data: nothing evaluated; ``best_pruned.pt`` holds the exact sparsity and the entry under ``prune``; the
+    source is unchanged and no temporary file is left."""
+    before = small_ckpt.read_bytes()
+    entry = pipeline.run(small_ckpt, config_from_dict({"amount": 0.4, "method": "global"}), _ctx(backend))
+    out = small_ckpt.with_name("best_pruned.pt")
+    assert entry.output == str(out) and entry.metrics_before is None and entry.metrics_after is None
+    saved = torch.load(out)
+    assert saved["prune"]["sparsity_after"]["sparsity"] == pytest.approx(0.4, abs=1e-3) and saved["ema"] is None
+    zeros = sum(int((m.weight == 0).sum()) for _, m in conv_layers(saved["model"]))
+    assert zeros == saved["prune"]["sparsity_after"]["zeros"]
+    assert small_ckpt.read_bytes() == before and sorted(f.name for f in small_ckpt.parent.iterdir()) == [
+        "best.pt", "best_pruned.pt"]
+
+
+def test_run_refuses_a_user_file_and_another_configuration(backend, small_ckpt):
+    out = small_ckpt.with_name("best_pruned.pt")
+    out.write_bytes(b"the user's own file")
+    with pytest.raises(OutputExistsError, match="best_pruned.pt: exists and was not written by yolo_prune_plugin"):
+        pipeline.run(small_ckpt, config_from_dict({"amount": 0.4}), _ctx(backend))
+    assert out.read_bytes() == b"the user's own file"
+    out.unlink()
+    pipeline.run(small_ckpt, config_from_dict({"amount": 0.4, "method": "global"}), _ctx(backend))
+    written = out.read_bytes()
+    with pytest.raises(OutputExistsError, match=r"from a different pruning configuration \(method=global, amount=0.4\)"):
+        pipeline.run(small_ckpt, config_from_dict({"amount": 0.5, "method": "global"}), _ctx(backend))
+    assert out.read_bytes() == written
+
+
+def test_an_unexpected_failure_is_one_line_naming_the_source(backend, small_ckpt, monkeypatch):
+    import yolo_prune_plugin.stages as stages
+
+    def boom(*a, **k):
+        raise RuntimeError("injected\nsecond line")
+
+    monkeypatch.setattr(stages, "prune_model", boom)
+    with pytest.raises(PruneError, match=rf"^{small_ckpt}: pruning failed \(RuntimeError: injected\); run with --verbose"):
+        pipeline.run(small_ckpt, config_from_dict({"amount": 0.4, "method": "global"}), _ctx(backend))
+    assert not small_ckpt.with_name("best_pruned.pt").exists() and not list(small_ckpt.parent.glob(".*.tmp"))
