@@ -253,12 +253,15 @@ def test_sigterm_during_evaluation_leaves_no_file(small_ckpt, tiny_data):
     assert _leftovers(small_ckpt.parent) == []
 
 
-def test_temp_file_of_killed_run_is_removed_by_next_run(small_ckpt, tiny_data, caplog):
-    p, _ = _start_prune_and_wait_for_eval(small_ckpt, tiny_data)
-    p.kill()  # SIGKILL: no cleanup possible
-    p.wait(timeout=60)
-    stale = _leftovers(small_ckpt.parent)
-    assert len(stale) == 1 and re.fullmatch(rf"\.best_pruned\.pt\.yp{p.pid}-\w+\.tmp", stale[0])
+def test_temp_file_of_killed_run_is_removed_by_next_run(small_ckpt, caplog):
+    """A run killed with SIGKILL mid-write leaves its temporary (test_sigterm_during_evaluation_leaves_no_file shows
+    one exists mid-write; nothing can remove it at SIGKILL): the next run writing the same file removes it, and leaves
+    a live process's temporary alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait(timeout=60)  # a pid whose process is gone, as a killed run's
+    stale = [f".best_pruned.pt.yp{dead.pid}-k1ll3d.tmp"]
+    (small_ckpt.parent / stale[0]).write_bytes(b"half a checkpoint")
+    assert _leftovers(small_ckpt.parent) == stale
     # a temp file of a live process (this one) for the same destination is not touched
     live = small_ckpt.parent / f".best_pruned.pt.yp{os.getpid()}-abc.tmp"
     live.write_bytes(b"in progress")

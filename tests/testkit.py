@@ -33,28 +33,73 @@ def save_checkpoint(model: torch.nn.Module, path: Path, **extra) -> Path:
     return path
 
 
-def plain_attempt_load(path, imgsz: int = 64):
-    """Load ``path`` (or each of a list of paths, in one interpreter) with YOLOv5's ``attempt_load`` in a fresh
-    interpreter that never imports the plugin (no allow-list: YOLOv5 as users run it), run one forward; returns
-    (output shape, fused Conv2d widths), or a list of them for a list of paths."""
-    import json
-    import subprocess
-    import sys
+_PLAIN_SERVER = """
+import json, sys, torch
+from yolov5.models.experimental import attempt_load
+for line in sys.stdin:
+    req = json.loads(line)
+    try:
+        m = attempt_load(req["path"], device="cpu", fuse=True)
+        y = m(torch.zeros(1, 3, req["imgsz"], req["imgsz"]))[0]
+        out = {"result": [list(y.shape), [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]],
+               "plugin_imported": "yolo_prune_plugin" in sys.modules}
+    except Exception as e:
+        out = {"error": f"{type(e).__name__}: {e}"}
+    print("RESULT " + json.dumps(out), flush=True)
+"""
 
-    paths = [str(p) for p in path] if isinstance(path, (list, tuple)) else [str(path)]
-    code = ("import json, sys, torch; from yolov5.models.experimental import attempt_load\n"
-            "out = []\n"
-            f"for p in {paths!r}:\n"
-            "    m = attempt_load(p, device='cpu', fuse=True)\n"
-            f"    y = m(torch.zeros(1, 3, {imgsz}, {imgsz}))[0]\n"
-            "    out.append([list(y.shape), [c.out_channels for c in m.modules() if isinstance(c, torch.nn.Conv2d)]])\n"
-            "assert 'yolo_prune_plugin' not in sys.modules\n"
-            "print('RESULT', json.dumps(out))\n")
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # what plain YOLOv5 7.0 needs on torch >= 2.6
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    results = [tuple(r) for r in json.loads(out.stdout.split("RESULT ", 1)[1])]
+
+class _PlainYOLOv5:
+    """One interpreter per test process that never imports the plugin (no allow-list: YOLOv5 as users run it),
+    started on first use and asked to load each file: YOLOv5 is imported once, not once per file."""
+
+    proc = None
+    lines = None  # queue.Queue of the answers
+    log = None
+
+    @classmethod
+    def load(cls, path: str, imgsz: int) -> list:
+        import atexit
+        import json
+        import queue
+        import subprocess
+        import sys
+        import tempfile
+        import threading
+
+        if cls.proc is None or cls.proc.poll() is not None:
+            env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+            env["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"  # what plain YOLOv5 7.0 needs on torch >= 2.6
+            cls.log = tempfile.NamedTemporaryFile(prefix="plain-yolov5-", suffix=".log", delete=False)
+            cls.proc = subprocess.Popen([sys.executable, "-c", _PLAIN_SERVER], env=env, stdin=subprocess.PIPE,
+                                        stdout=subprocess.PIPE, stderr=cls.log, text=True)
+            cls.lines = queue.Queue()
+
+            def drain(out=cls.proc.stdout, q=cls.lines):
+                for line in out:
+                    if line.startswith("RESULT "):
+                        q.put(json.loads(line[7:]))
+                q.put({"error": "the plain YOLOv5 interpreter exited"})
+
+            threading.Thread(target=drain, daemon=True).start()
+            atexit.register(cls.proc.kill)
+        cls.proc.stdin.write(json.dumps({"path": str(path), "imgsz": int(imgsz)}) + "\n")
+        cls.proc.stdin.flush()
+        try:
+            out = cls.lines.get(timeout=300)
+        except queue.Empty:
+            cls.proc.kill()
+            raise AssertionError("plain YOLOv5 did not answer within 300 s") from None
+        assert "error" not in out, f"{out['error']}\n{Path(cls.log.name).read_text()[-2000:]}"
+        assert out["plugin_imported"] is False
+        return out["result"]
+
+
+def plain_attempt_load(path, imgsz: int = 64):
+    """Load ``path`` (or each of a list of paths) with YOLOv5's ``attempt_load`` in an interpreter that never
+    imports the plugin, run one forward; returns (output shape, fused Conv2d widths), or a list of them."""
+    paths = list(path) if isinstance(path, (list, tuple)) else [path]
+    results = [tuple(_PlainYOLOv5.load(p, imgsz)) for p in paths]
     return results if isinstance(path, (list, tuple)) else results[0]
 
 

@@ -1,9 +1,10 @@
 """README's three-line path (a user's own ``train.main`` + ``register``), in a fresh process each, for the PyPI
 package and for the upstream-checkout layout (top-level ``train``/``utils``; the installed package's folder
 stands in for a checkout): a plain config prunes, ``finetune:`` fine-tunes, ``schedule:`` prunes gradually,
-``structure: channel`` removes channels (one epoch each). The PyPI layout runs the fine-tune, schedule and channel
-configs, the checkout layout the plain and channel ones: the other modes' code is the same on both layouts (the signature drift between them is tested on mimics in
-tests/backend/test_calls.py). The weights are a real checkpoint file, so YOLOv5's own ``torch.load`` must work
+``structure: channel`` removes channels (one epoch each). The PyPI layout runs the plain, fine-tune and schedule
+configs, the checkout layout the channel one (its calibration reads the train split through the layout's dataset
+class): the other modes' code is the same on both layouts (the signature drift between them is tested on mimics
+in tests/backend/test_calls.py). The weights are a real checkpoint file, so YOLOv5's own ``torch.load`` must work
 through ``register`` alone."""
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def setup(backend, tmp_path_factory):
     return data, cfg, weights, configs
 
 
-MODES = {"pypi": ("finetune", "schedule", "channel"), "checkout": ("plain", "channel")}  # one-shot: plain, channel
+MODES = {"pypi": ("plain", "finetune", "schedule"), "checkout": ("channel",)}
 
 
 @pytest.mark.parametrize("layout", ["pypi", "checkout"])
