@@ -53,7 +53,7 @@ def check_model_config(model: Any, config: PruneConfig, source: str) -> None:
         check_export_requirements(config.export, simplify=config.export_options.simplify)
     from .tools.budget_run import check_target
 
-    check_target(config)
+    check_target(config, model)
 
 
 def preflight(opt: argparse.Namespace, config: PruneConfig, backend: Optional[Backend] = None) -> None:

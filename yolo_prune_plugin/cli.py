@@ -74,6 +74,9 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
     for flag, key, metavar, what in TARGET_FLAGS:
         p.add_argument(f"--{prefix}target-{flag}", type=float, metavar=metavar,
                        help=f"{what} (target.{key}; instead of an amount)")
+    p.add_argument(f"--{prefix}target-imgsz", metavar="auto|N,N", help="also search the input size: auto (stride "
+                   "multiples down to about 0.6 of --img) or sizes, e.g. 416,352,320 (target.imgsz; with a speed-up "
+                   "budget)")
 
 
 #: budget flags: ``--target-drop`` (prune) / ``--prune-target-drop`` (train) -> ``target.max_drop``, ...
@@ -87,6 +90,7 @@ def _target_override(ns: argparse.Namespace, prefix: str) -> Optional[dict]:
     """``--target-*`` flags as a ``target`` override (None when none is given)."""
     pre = prefix.replace("-", "_")
     given = {key: getattr(ns, f"{pre}target_{flag}", None) for flag, key, _, _ in TARGET_FLAGS}
+    given["imgsz"] = getattr(ns, f"{pre}target_imgsz", None)
     given = {k: v for k, v in given.items() if v is not None}
     return given or None
 
@@ -145,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a (pruned) checkpoint and verify the zeros survived")
     e.add_argument("--weights", required=True)
     e.add_argument("--include", required=True, help="formats, e.g. onnx,torchscript")
-    e.add_argument("--img", "--imgsz", dest="imgsz", type=int, default=640)
+    e.add_argument("--img", "--imgsz", dest="imgsz", type=int, default=None,
+                   help="input size (default: the deploy_imgsz a budget search stored in the file, else 640)")
     e.add_argument("--device", default="cpu")
     e.add_argument("--half", action="store_true")
     e.add_argument("--dynamic", action="store_true")
@@ -319,13 +324,16 @@ def _cmd_prune(ns: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _cmd_export(ns: argparse.Namespace, rest: list[str]) -> int:
-    from .backend.export import check_export_requirements, export_and_verify
+    from .backend.export import check_export_requirements, export_and_verify, saved_deploy_imgsz
     from .backend.loading import get_backend
 
     formats = [f.strip().lower() for f in ns.include.split(",") if f.strip()]
-    get_backend(ns.yolov5_dir)
+    backend = get_backend(ns.yolov5_dir)
     check_export_requirements(formats, simplify=ns.simplify)
-    arts = export_and_verify(Path(ns.weights).resolve(), formats, imgsz=ns.imgsz, device=ns.device, half=ns.half,
+    imgsz = ns.imgsz or saved_deploy_imgsz(Path(ns.weights).resolve(), backend) or 640
+    if ns.imgsz is None and imgsz != 640:
+        print(f"Exporting at --img {imgsz}: the input size the budget search chose (stored in {ns.weights})")
+    arts = export_and_verify(Path(ns.weights).resolve(), formats, imgsz=imgsz, device=ns.device, half=ns.half,
                              dynamic=ns.dynamic, simplify=ns.simplify, opset=ns.opset, atol=ns.atol,
                              overwrite=ns.overwrite, announce=False)  # the table below says it
     ok = True

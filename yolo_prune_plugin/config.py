@@ -196,6 +196,8 @@ def _target_option(v: Any, k: str, q: str, where: str) -> Any:
         return _at_least(v, q, where, 1 if k == "threads" else 2)
     if k == "seed":
         return int(_number(v, q, where, integer=True))
+    if k == "imgsz":
+        return _target_imgsz(v, q, where)
     if v is None and k in ("max_drop", "min_speedup", "max_size", "search_images"):
         return None
     if k == "search_images":
@@ -211,6 +213,38 @@ def _target_option(v: Any, k: str, q: str, where: str) -> Any:
     return _in_range(v, q, where, 0, 1)  # max_amount
 
 
+#: every YOLOv5 input size is a multiple of the model's largest stride: 32 (P5 models) or 64 (P6, checked with
+#: the model by ``budget_run.check_target``)
+IMGSZ_STRIDE = 32
+
+
+def _target_imgsz(v: Any, q: str, where: str) -> Optional[str | tuple[int, ...]]:
+    """``target.imgsz``: None, ``auto``, or input sizes (a list, one size, or ``"416,352"`` from a flag), each a
+    positive multiple of 32; returned largest first without repeats."""
+    want = (f"{where}: '{q}' must be 'auto' or input sizes that are multiples of {IMGSZ_STRIDE}, "
+            "e.g. [416, 352, 320]")
+    if v is None:
+        return None
+    if isinstance(v, str):
+        if v.strip().lower() == "auto":
+            return "auto"
+        try:
+            v = [int(x) for x in v.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(f"{want}; got {v!r}") from None
+    if isinstance(v, int) and not isinstance(v, bool):
+        v = [v]
+    if not isinstance(v, (list, tuple)) or not v:
+        raise ConfigError(f"{want}; got {v!r}")
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise ConfigError(f"{want}; got {x!r} ({type(x).__name__})")
+        if x <= 0 or x % IMGSZ_STRIDE:
+            near = max(IMGSZ_STRIDE, round(x / IMGSZ_STRIDE) * IMGSZ_STRIDE)
+            raise ConfigError(f"{want}; {x} is not (nearest: {near})")
+    return tuple(sorted(set(v), reverse=True))
+
+
 def _check_target(cfg: "PruneConfig", where: str) -> None:
     """What a ``target:`` section cannot be combined with (raised before any work)."""
     t = cfg.target
@@ -223,6 +257,10 @@ def _check_target(cfg: "PruneConfig", where: str) -> None:
         key = "target.min_speedup" if t.min_speedup is not None else "target.max_size"
         raise ConfigError(f"{where}: '{key}' needs 'structure: channel' (zeros inside dense tensors make the model "
                           "neither faster nor smaller); use target.max_drop with structure: unstructured")
+    if t.imgsz is not None and t.min_speedup is None and t.max_size is None:
+        raise ConfigError(f"{where}: 'target.imgsz' trades accuracy for speed: it needs target.min_speedup (or "
+                          "target.max_size); with target.max_drop alone the dense model at its own size is the most "
+                          "accurate answer")
     if t.relative and t.max_drop is None:
         raise ConfigError(f"{where}: 'target.relative' applies to target.max_drop, which is not set")
     if t.after_finetune:

@@ -6,7 +6,7 @@ Validated by :mod:`yolo_prune_plugin.config`; the pruning methods' own options l
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 @dataclass(frozen=True)
 class ExportOptions:
@@ -99,6 +99,7 @@ class TargetOptions:
     seed: int = 0
     write_best_effort: bool = False  # an impossible budget writes the closest point instead of nothing
     after_finetune: bool = False  # not available yet (refused)
+    imgsz: Optional[Union[str, tuple]] = None  # also search the input size: "auto" | (sizes,) (None: eval size only)
 
     @property
     def active(self) -> bool:

@@ -165,11 +165,20 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
 
     done: dict[str, Any] = {}
     search = None
+    base_ctx = ctx  # "before" is the dense model at the evaluation size
     if pruned is None and config.target.active:
         search = _budget_search(source, ckpt, config, ctx)
         model, done = search.model, search.done
+        if done is None:  # resizing alone won: the dense model, to deploy at a smaller input size
+            model = copy.deepcopy(model).float().to(ctx.device).eval()
+            done = {"stats_before": sparsity_stats(model, conv_layers(model, config.include, config.exclude)
+                                                   ).to_dict(per_layer=False), "seconds": 0.0,
+                    "details": {"resized_only": "no channel removed: the dense model at deploy_imgsz met the budget"}}
         if before is None and search.full_val:  # the dense model was just validated on the whole val split
             before, before_source = search.dense, "validated by the plugin (budget search)"
+        deploy = search.section.get("deploy_imgsz")
+        if deploy and deploy != ctx.imgsz:  # written file evaluated, fine-tuned, exported and timed at its size
+            ctx = replace(ctx, imgsz=deploy, settings=replace(ctx.settings, imgsz=deploy))
     if pruned is None:
         model, done = (model, done) if search else prune_stage(ckpt, config, ctx)
         stats_before, seconds, details = done["stats_before"], done["seconds"], done["details"]
@@ -186,11 +195,13 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
                         recalibration=done.get("recalibration"),
                         metrics_before=before.to_dict() if before else None,
                         metrics_before_source=before_source if before else None,
-                        target=search.section if search else None)
+                        target=search.section if search else None,
+                        deploy_imgsz=search.section.get("deploy_imgsz") if search else None)
+    entry.imgsz = base_ctx.imgsz
     if config.evaluate and ctx.settings is not None and before is None:
         if mode != "schedule":  # source is the unpruned model
             LOGGER.info("Validating %s (before pruning)...", source.name)
-            entry.metrics_before = _evaluate_before(ckpt, ctx).to_dict()
+            entry.metrics_before = _evaluate_before(ckpt, base_ctx).to_dict()
             entry.metrics_before_source = "validated by the plugin"
         elif reference is not None and reference.weights:  # a schedule's source is pruned: its dense reference
             LOGGER.info("Validating the %s...", reference.note)
@@ -222,14 +233,47 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
             reference = rebuild_dense(source_model(ckpt), ctx.backend)
         with _reference_file(reference, ckpt, dtype) as ref:
             base = ref or source
-            LOGGER.info("Timing %s against %s (PyTorch eager and ONNX Runtime, batch 1, %d px)...", out.name,
-                        reference.note if ref else base.name, ctx.imgsz)
-            entry.bench = bench_files([base, out], imgsz=ctx.imgsz, batch=1, runs=BENCH_RUNS, warmup=5)
+            LOGGER.info("Timing %s (%d px) against %s (%d px) (PyTorch eager and ONNX Runtime, batch 1)...",
+                        out.name, ctx.imgsz, reference.note if ref else base.name, base_ctx.imgsz)
+            if config.structure == "channel" and not ref and config.evaluate and base_ctx.settings is not None:
+                _bench_against_resizing(entry, source, out, base_ctx, ctx.imgsz)
+            else:
+                entry.bench = bench_files([base, out], imgsz=base_ctx.imgsz, batch=1, runs=BENCH_RUNS, warmup=5,
+                                          sizes=[base_ctx.imgsz, ctx.imgsz])
         if ref:
             entry.bench[0].update(file=None, reference=reference.note)  # the temporary file is gone
         elif mode == "schedule":
             entry.bench[0]["reference"] = f"{source.name}, already pruned (no dense reference available)"
+    if entry.deploy_imgsz and entry.deploy_imgsz != base_ctx.imgsz:
+        LOGGER.info("Deploy %s at --img %d (the budget search chose it), e.g. python export.py --weights %s "
+                    "--img %d --include onnx", out.name, entry.deploy_imgsz, out, entry.deploy_imgsz)
     return entry
+
+
+def _bench_against_resizing(entry: ReportEntry, source: Path, out: Path, ctx: RunContext, deploy: int) -> None:
+    """``bench`` of a channel prune: also the dense model at lower ``--img`` sizes in the same timing run, and the
+    one as fast as the pruned file evaluated on the same val images (``entry.resize_baseline``)."""
+    from .backend.evaluation import evaluate_weights
+    from .tools.bench import bench_against_resizing, describe_resize_baseline
+    from .tools.budget import auto_sizes
+    from .tools.budget_run import model_stride
+
+    model = load_checkpoint(source, ctx.backend)
+    sizes = auto_sizes(ctx.imgsz, model_stride(source_model(model)))
+
+    def evaluate_at(s: int) -> dict:
+        LOGGER.info("Validating %s at --img %d (the resize baseline)...", source.name, s)
+        return evaluate_weights(source, replace(ctx.settings, imgsz=s), backend=ctx.backend).to_dict()
+
+    entry.bench, entry.resize_baseline = bench_against_resizing(source, out, ctx.imgsz, deploy, sizes, evaluate_at,
+                                                                BENCH_RUNS, 5)
+    if entry.resize_baseline:
+        text, worse = describe_resize_baseline(entry.resize_baseline, entry.metrics_after)
+        if worse:
+            LOGGER.warning("yolo_prune_plugin: resizing alone is as fast and as accurate: %s; try --img %d, or "
+                           "target.imgsz: auto with a speed-up budget", text, entry.resize_baseline["imgsz"])
+        else:
+            LOGGER.info("Against resizing: %s", text)
 
 
 def _budget_search(source: Path, ckpt: Mapping[str, Any], config: PruneConfig, ctx: RunContext) -> Any:
@@ -301,7 +345,7 @@ def write_report(entries: list[ReportEntry], config: PruneConfig, report_dir: st
     images = {}
     for e in entries:
         if e.target:
-            from .tools.budget_run import write_budget_files
+            from .tools.budget_files import write_budget_files
 
             stem = Path(e.checkpoint).stem
             e.target["outputs"] = write_budget_files(e.target, Path(report_dir), stem)

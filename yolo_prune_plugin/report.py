@@ -50,6 +50,8 @@ class ReportEntry:
     recalibration: Optional[dict] = None  # BatchNorm recalibration: layers, images, seconds
     bench: Optional[list] = None  # bench: true: latency rows of the source and the pruned file (bench.bench_files)
     target: Optional[dict] = None  # target: the budget, the search trace and cost, the full-val re-check
+    deploy_imgsz: Optional[int] = None  # target.imgsz: the input size chosen to deploy at (metrics_after are at it)
+    resize_baseline: Optional[dict] = None  # bench of a channel prune: the dense model at a lower --img as fast
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,7 +85,7 @@ _ENTRY_TYPES: dict[str, Any] = {
     "sparsity_all_conv": dict, "metrics_before": dict, "metrics_before_source": str, "metrics_oneshot": dict,
     "metrics_after": dict, "eval": dict, "method_details": dict, "exports": list, "finetune": dict,
     "schedule": dict, "leaks": dict, "structure": str, "channels": dict, "recalibration": dict, "bench": list,
-    "target": dict,
+    "target": dict, "deploy_imgsz": int, "resize_baseline": dict,
 }
 
 
@@ -133,6 +135,10 @@ def format_table(entry: dict) -> str:
             if row.get(f"{k}_median_ms") is not None:
                 rows.append((f"{k} latency ms (x{row.get(f'{k}_speedup')})",
                              entry["bench"][0].get(f"{k}_median_ms"), row[f"{k}_median_ms"], "f"))
+    rb = entry.get("resize_baseline")
+    if rb:  # what --img alone gives at the pruned file's speed
+        rows.append((f"mAP50-95 dense at --img {rb['imgsz']} (x{rb['speedup']})", None,
+                     rb["metrics"].get("mAP50-95"), "f"))
     if o:  # fine-tune mode: where the one-shot pruned model stood before fine-tuning
         rows.insert(4, ("mAP50-95 one-shot (no fine-tune)", b.get("mAP50-95"), o.get("mAP50-95"), "f"))
     for art in entry.get("exports") or []:

@@ -167,7 +167,8 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     project, name, hyp_path = finetune_location(Path(entry.checkpoint))
     channel = config.structure == "channel"  # a smaller dense architecture: trained as it is, no mask to hold
     masks = {} if channel else zero_masks(model, config.include, config.exclude)
-    ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale, imgsz=ft_cfg.imgsz,
+    ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale,
+                             imgsz=ft_cfg.imgsz or entry.deploy_imgsz,  # recovery at the size it deploys at
                              include=config.include, exclude=config.exclude, masks=masks or None,
                              warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel,
                              teacher=dense if ft_cfg.distill else None, distill_weight=ft_cfg.distill_weight)

@@ -152,3 +152,13 @@ def test_train_structure_flag_reaches_the_hook(backend, tiny_data, tmp_path, mon
     assert entry["structure"] == "channel" and abs(entry["channels"]["achieved"] - 0.3) <= 0.02
     assert [r["file"].rsplit("/", 1)[-1] for r in entry["bench"]] == ["best.pt", "best_pruned.pt"]
     assert entry["bench"][1]["params"] < entry["bench"][0]["params"]
+    # the same timing run also took the dense model at --img 32: what resizing alone gives, on the same val images
+    rb = entry["resize_baseline"]
+    assert [p["imgsz"] for p in rb["sizes"]] == [32] and rb["imgsz"] == 32 and rb["runtime"] == "onnxruntime"
+    assert rb["pruned_speedup"] == entry["bench"][1]["onnxruntime_speedup"]
+    assert rb["as_fast"] == (rb["speedup"] >= rb["pruned_speedup"])
+    from yolo_prune_plugin.backend.evaluation import evaluate_weights, make_settings
+
+    dense_at_32 = evaluate_weights(tmp_path / "runs" / "exp" / "weights" / "best.pt",
+                                   make_settings(tiny_data, 32, 8, "cpu", workers=0, backend=backend), backend=backend)
+    assert rb["metrics"]["mAP50-95"] == pytest.approx(dense_at_32.map, abs=1e-6)

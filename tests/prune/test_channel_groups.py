@@ -290,6 +290,22 @@ def test_plan_weights_counts_what_pruning_the_plan_leaves(small_model, share):
     pruned = copy.deepcopy(small_model)
     _apply_plan(pruned, plan, ignored_names, 64)
     assert counted == cg._weights(pruned, names) < cg._weights(small_model, names)
+    # a budget search traces once and counts plans on fresh copies of the same model: the same count
+    assert cg.plan_weights(copy.deepcopy(small_model), groups, dg, plan, names) == counted
+
+
+def test_channel_prune_with_a_shared_cache_meets_every_amount_on_fresh_copies(small_model):
+    """The budget search's probes: each a fresh copy of the checkpoint's model, one cache (scores, the traced graph)
+    for all. Every amount is met as a cold prune meets it (a graph of the first copy counted nothing on the later
+    ones, so amounts between the cached trials were 'unreachable')."""
+    from yolo_prune_plugin.prune.channel import channel_prune
+
+    cache: dict = {}
+    for amount in (0.1, 0.3, 0.2, 0.45):
+        shared = channel_prune(copy.deepcopy(small_model), amount, importance="l1", imgsz=64, log=False, cache=cache)
+        cold = channel_prune(copy.deepcopy(small_model), amount, importance="l1", imgsz=64, log=False)
+        assert abs(shared.achieved - amount) <= 0.02 and shared.achieved == pytest.approx(cold.achieved)
+        assert shared.plan == cold.plan
 
 
 def test_plan_weights_gives_up_on_grouped_convs():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from yolo_prune_plugin.errors import CheckpointError, ConfigError
@@ -92,3 +94,29 @@ def test_cli_bench_prints_table(small_ckpt, capsys):
                  "--threads", "1", "--backends", "torch"]) == 0
     out = capsys.readouterr().out
     assert "best.pt" in out and "torch med ms" in out
+
+
+@pytest.mark.parametrize("pruned_speedup, size, as_fast", [(1.3, 352, True), (1.5, 320, True), (2.5, 288, False)])
+def test_resize_baseline_is_the_largest_lower_size_as_fast(monkeypatch, pruned_speedup, size, as_fast):
+    """The dense model at 352 / 320 / 288 read 1.38x / 1.66x / 2.02x in the same run: the baseline of a pruned file
+    at 1.3x is 352 (the largest as fast), at 1.5x 320; nothing is 2.5x fast, so the fastest (288) is named and
+    marked not as fast. Only that size is evaluated."""
+    seen = {}
+
+    def fake_bench_files(files, imgsz, batch, runs, warmup, sizes):
+        seen["sizes"] = sizes
+        speed = {416: 1.0, 352: 1.38, 320: 1.66, 288: 2.02}
+        rows = [{"onnxruntime_speedup": speed[s], "onnxruntime_median_ms": 10 / speed[s]} for s in sizes]
+        rows[1] = {"onnxruntime_speedup": pruned_speedup, "onnxruntime_median_ms": 10 / pruned_speedup}
+        return rows
+
+    evaluated = []
+    monkeypatch.setattr(bench, "bench_files", fake_bench_files)
+    rows, rb = bench.bench_against_resizing(Path("dense.pt"), Path("pruned.pt"), 416, 416, [416, 352, 320, 288],
+                                            lambda s: evaluated.append(s) or {"mAP50-95": 0.5}, runs=3, warmup=0)
+    assert seen["sizes"] == [416, 416, 352, 320, 288] and len(rows) == 2
+    assert (rb["imgsz"], rb["as_fast"], rb["pruned_speedup"]) == (size, as_fast, pruned_speedup) and evaluated == [size]
+    text, worse = bench.describe_resize_baseline(rb, {"mAP50-95": 0.45})
+    assert text.startswith(f"dense at --img {size}: ") and "mAP50-95 0.5000; pruned file" in text
+    assert worse is as_fast  # as fast and more accurate than the pruned file: pruning did not earn its place
+    assert bench.describe_resize_baseline(rb, {"mAP50-95": 0.55})[1] is False

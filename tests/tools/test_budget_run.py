@@ -130,3 +130,66 @@ def test_search_images_are_a_seeded_subset_of_val(backend, tiny_data, tmp_path):
     chosen = image_files(sub.data["val"])
     assert len(chosen) == 1 and set(chosen) <= set(val) and chosen == image_files(again.data["val"])
     assert search_settings(settings, None, 0, tmp_path)[0] is settings
+
+
+@pytest.mark.parametrize("speedup, max_amount, pruned", [(2.5, 0.5, True), (1.5, 0.05, False)])
+def test_input_size_reaches_the_file_the_report_the_export_and_the_command(tiny_model, tiny_data, tmp_path, caplog,
+                                                                           capsys, monkeypatch, speedup, max_amount,
+                                                                           pruned):
+    """`--target-imgsz 64,32` on the real pipeline. Latency is faked as pixels x parameters (the choice between
+    sizes is tested on fake curves in test_budget.py, the timing in test_bench.py): 32 px alone is 2x. At 2.5x
+    only 32 px with channels removed meets it (64 px would need more than max_amount); at 1.5x with hardly any
+    pruning allowed, resizing alone wins and the dense model is written to deploy at 32 px. Either way the
+    deploy size reaches the checkpoint, the report, the file's own validation, the ONNX export, the printed
+    command and `yolo-prune export`."""
+    import logging
+
+    import onnx
+
+    from yolo_prune_plugin.tools import budget_run
+
+    from testkit import save_checkpoint
+
+    dense_params = sum(p.numel() for p in tiny_model.parameters())
+
+    def fake_measure(self, model, imgsz=None):
+        ratio = sum(p.numel() for p in model.parameters()) / dense_params
+        sp = (64 / (imgsz or 64)) / ratio
+        return round(10 / sp, 3), round(sp, 3), None
+
+    monkeypatch.setattr(budget_run._Timer, "measure", fake_measure)
+    weights = save_checkpoint(tiny_model, tmp_path / "best.pt")
+    dense_widths = [m.out_channels for m in tiny_model.modules() if isinstance(m, torch.nn.Conv2d)]
+    cfg = tmp_path / "prune.yaml"
+    cfg.write_text(f"target: {{max_evals: 3, max_amount: {max_amount}}}\nchannel: {{importance: l1}}\n"
+                   "bn_recalibration: {images: 0}\n")
+    caplog.set_level(logging.INFO, logger="yolo_prune_plugin")
+    rc = main(["prune", "--weights", str(weights), "--data", str(tiny_data), "--img", "64", "--device", "cpu",
+               "--workers", "0", "--batch-size", "4", "--structure", "channel", "--config", str(cfg),
+               "--target-speedup", str(speedup), "--target-imgsz", "64,32", *(["--export", "onnx"] if pruned else [])])
+    assert rc == 0, capsys.readouterr().err
+    entry = validate_report(json.loads((tmp_path / "prune_report.json").read_text()))[0]
+    t = entry.target
+    assert t["imgsz"] == {"searched": [64, 32], "joint": [32, 64] if pruned else [64], "evaluation": 64}
+    [resized] = [p for p in t["trace"] if p["amount"] == 0]
+    assert resized["imgsz"] == 32 and resized["speedup"] == 2.0
+    assert entry.deploy_imgsz == t["deploy_imgsz"] == t["chosen"]["imgsz"] == 32 and entry.imgsz == 64
+    assert (t["chosen"]["amount"] > 0) is pruned and t["chosen"]["speedup"] >= speedup
+    if pruned:  # no resize-only point is that fast
+        assert t["resize_baseline"] is None and "no resize-only point is as fast" in t["versus_resize"]
+        assert all(p["imgsz"] in (32, 64) and p["amount"] <= max_amount for p in t["trace"])
+    else:
+        assert t["resize_baseline"] == t["chosen"] and "resizing alone wins" in t["versus_resize"]
+        assert entry.method_details["resized_only"].startswith("no channel removed")
+    widths = [m.out_channels for m in torch.load(entry.output)["model"].modules() if isinstance(m, torch.nn.Conv2d)]
+    assert (sum(widths) < sum(dense_widths)) is pruned and len(widths) == len(dense_widths)
+    assert torch.load(entry.output)["prune"]["deploy_imgsz"] == 32
+    assert entry.eval["imgsz"] == 32  # the written file is validated at the size it deploys at
+    assert f"python export.py --weights {entry.output} --img 32 --include onnx" in caplog.text
+    if pruned:  # the export (the same code either way): in the run, and by `yolo-prune export` without --img
+        [onnx_file] = [a["path"] for a in entry.exports]
+        dims = [d.dim_value for d in onnx.load(onnx_file).graph.input[0].type.tensor_type.shape.dim]
+        assert dims == [1, 3, 32, 32]
+        capsys.readouterr()
+        assert main(["export", "--weights", entry.output, "--include", "onnx", "--overwrite"]) == 0
+        assert "Exporting at --img 32: the input size the budget search chose" in capsys.readouterr().out

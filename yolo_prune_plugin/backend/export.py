@@ -145,6 +145,17 @@ def artifact_path(weights: str | Path, fmt: str) -> Path:
     return Path(weights).with_suffix(SUPPORTED_FORMATS[fmt])
 
 
+def saved_deploy_imgsz(weights: Path, backend: Any = None) -> Optional[int]:
+    """The ``deploy_imgsz`` a budget search stored in a pruned checkpoint (None: none stored or not a file)."""
+    from .loading import load_checkpoint
+
+    if not Path(weights).is_file():
+        return None  # export_and_verify names the missing file
+    prune = load_checkpoint(weights, backend).get("prune") or {}
+    v = prune.get("deploy_imgsz") if isinstance(prune, dict) else None
+    return int(v) if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
 def export_and_verify(weights: str | Path, formats: Sequence[str], imgsz: int | Sequence[int] = 640,
                       device: str = "cpu", half: bool = False, dynamic: bool = False, simplify: bool = False,
                       opset: Optional[int] = None, atol: float = 1e-3, overwrite: bool = True,

@@ -59,9 +59,13 @@ def plan_weights(model: nn.Module, groups: list, dg: Any, plan: Mapping[str, Seq
     """The Conv2d weights of ``names`` that removing ``plan`` (root conv name -> channel indices) would leave,
     counted from the dependency ``groups`` of :func:`_build_groups` without pruning a copy (the amount bisection
     asks this ~10 times per prune). None where the count cannot be read off the groups (a grouped conv, an item
-    whose indices do not follow its root's): the caller prunes a copy then."""
+    whose indices do not follow its root's): the caller prunes a copy then.
+
+    Modules are matched by name, so the groups may come from another copy of the same architecture (a budget
+    search traces the graph once and prunes a fresh copy of the checkpoint's model at every probe)."""
     by_name = dict(groups)
-    gone: dict[tuple[int, bool], set] = {}
+    name_of = {id(m): n for n, m in dg.model.named_modules()}
+    gone: dict[tuple[str, bool], set] = {}
     for root, idxs in plan.items():
         g = by_name.get(root)
         if g is None:
@@ -77,7 +81,7 @@ def plan_weights(model: nn.Module, groups: list, dg: Any, plan: Mapping[str, Seq
             # a consumer can take each root channel several times (SPPF's cv2 reads cv1 four times over a concat):
             # its indices come in blocks of n; only how many distinct ones go matters here
             out = bool(dg.is_out_channel_pruning_fn(item.dep.handler))
-            gone.setdefault((id(mod), out), set()).update(
+            gone.setdefault((name_of[id(mod)], out), set()).update(
                 int(item.idxs[j + b * n]) for b in range(len(item.idxs) // n) for j in idxs)
     mods = dict(model.named_modules())
     total = 0
@@ -85,8 +89,8 @@ def plan_weights(model: nn.Module, groups: list, dg: Any, plan: Mapping[str, Seq
         m = mods[name]
         if m.groups != 1:
             return None
-        out = m.out_channels - len(gone.get((id(m), True), ()))
-        inp = m.in_channels - len(gone.get((id(m), False), ()))
+        out = m.out_channels - len(gone.get((name, True), ()))
+        inp = m.in_channels - len(gone.get((name, False), ()))
         total += out * inp * m.kernel_size[0] * m.kernel_size[1]
     return total
 

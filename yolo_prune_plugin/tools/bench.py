@@ -58,12 +58,13 @@ def _stats(ms: list[float]) -> tuple[float, float]:
 
 def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, threads: Optional[int] = None,
                 runs: int = 50, warmup: int = 5, backends: Sequence[str] = BACKENDS,
-                progress: bool = True, device: str = "cpu") -> list[dict]:
+                progress: bool = True, device: str = "cpu", sizes: Optional[Sequence[int]] = None) -> list[dict]:
     """Time each checkpoint in ``files`` (PyTorch eager and/or ONNX Runtime CPU); one dict per file.
 
     Keys: ``file``, ``params``, ``gflops`` (YOLOv5's thop formula at ``imgsz``), ``pt_bytes``, ``onnx_bytes``,
     ``<backend>_median_ms``, ``<backend>_p90_ms``, ``<backend>_speedup`` (first file's median / this median),
-    and the settings. ``threads``: torch intra-op threads and ONNX Runtime ``intra_op_num_threads`` (default:
+    and the settings. ``sizes``: each file's own input size (default ``imgsz`` for all; a model to deploy at a
+    smaller size is timed at it against the first at its own). ``threads``: torch intra-op threads and ONNX Runtime ``intra_op_num_threads`` (default:
     each library's own). ``device``: where PyTorch eager runs (``cpu``, ``0``/``cuda:0``; CUDA runs are
     synchronised before each time is taken); ONNX Runtime always runs on the CPU. Raises :class:`ConfigError` for
     bad arguments or a missing onnxruntime.
@@ -78,6 +79,9 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
     for name, v, lo in (("imgsz", imgsz, 32), ("batch", batch, 1), ("runs", runs, 1), ("warmup", warmup, 0)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ConfigError(f"bench {name}: expected an integer >= {lo}, got {v!r}")
+    sizes = list(sizes) if sizes is not None else [imgsz] * len(files)
+    if len(sizes) != len(files) or any(not isinstance(v, int) or isinstance(v, bool) or v < 32 for v in sizes):
+        raise ConfigError(f"bench sizes: expected one integer >= 32 per file, got {sizes!r}")
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise ConfigError(f"bench threads: expected an integer >= 1, got {threads!r}")
     if "onnxruntime" in backends:
@@ -90,11 +94,11 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
     tmp = Path(tempfile.mkdtemp(prefix="yolo-prune-bench-"))
     try:
         with torch_threads(threads):
-            x = bench_input(batch, imgsz)
-            made = [make_runner(f, tmp / str(i), x, backends, dev, threads, b) for i, f in enumerate(files)]
+            made = [make_runner(f, tmp / str(i), bench_input(batch, sz), backends, dev, threads, b)
+                    for i, (f, sz) in enumerate(zip(files, sizes))]
             rows = [r for r, _ in made]
-            for row in rows:
-                row.update(runs=runs, imgsz=imgsz, batch=batch)
+            for row, sz in zip(rows, sizes):
+                row.update(runs=runs, imgsz=sz, batch=batch)
             times = time_side_by_side([fns for _, fns in made], runs, warmup, progress)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -107,6 +111,41 @@ def bench_files(files: Sequence[str | Path], imgsz: int = 640, batch: int = 1, t
             med = row.get(f"{k}_median_ms")
             row[f"{k}_speedup"] = round(ref / med, 3) if ref and med else None
     return rows
+
+
+def bench_against_resizing(base: Path, out: Path, imgsz: int, deploy: int, sizes: Sequence[int],
+                           evaluate_at: Callable[[int], dict], runs: int = 30,
+                           warmup: int = 5) -> tuple[list[dict], Optional[dict]]:
+    """``out`` (at ``deploy``) and ``base`` at ``imgsz`` and at each size of ``sizes`` below ``imgsz``, timed in one
+    side-by-side run; ``base`` is then evaluated (``evaluate_at(size)`` -> metrics) at the largest lower size that
+    is at least as fast as ``out`` (the fastest one when none is): what ``--img`` alone gives at that speed.
+    Returns the rows of ``base`` and ``out`` (as :func:`bench_files`) and that resize baseline (None: no lower
+    size)."""
+    lower = [s for s in sizes if s < imgsz]
+    rows = bench_files([base, out] + [base] * len(lower), imgsz=imgsz, batch=1, runs=runs, warmup=warmup,
+                       sizes=[imgsz, deploy, *lower])
+    if not lower:
+        return rows, None
+    k = "onnxruntime" if rows[1].get("onnxruntime_speedup") else "torch"
+    target = rows[1][f"{k}_speedup"]
+    points = [{"imgsz": s, "speedup": r[f"{k}_speedup"], "median_ms": r[f"{k}_median_ms"]}
+              for s, r in zip(lower, rows[2:])]
+    fast = [p for p in points if p["speedup"] >= target]
+    pick = max(fast, key=lambda p: p["imgsz"]) if fast else max(points, key=lambda p: p["speedup"])
+    return rows[:2], {"runtime": k, "pruned_speedup": target, "imgsz": pick["imgsz"], "speedup": pick["speedup"],
+                      "as_fast": bool(fast), "metrics": evaluate_at(pick["imgsz"]), "sizes": points}
+
+
+def describe_resize_baseline(baseline: dict, after: Optional[dict]) -> tuple[str, bool]:
+    """One line comparing the pruned file with the dense model at the lower ``--img`` of ``baseline``; True when
+    resizing alone is at least as fast and at least as accurate (then pruning did not earn its place)."""
+    m = baseline["metrics"].get("mAP50-95")
+    pruned = (after or {}).get("mAP50-95")
+    text = (f"dense at --img {baseline['imgsz']}: {baseline['speedup']:.2f}x faster ({baseline['runtime']}), "
+            f"mAP50-95 {m:.4f}; pruned file: {baseline['pruned_speedup']:.2f}x, mAP50-95 "
+            + ("-" if pruned is None else f"{pruned:.4f}"))
+    worse = baseline["as_fast"] and pruned is not None and m >= pruned
+    return text, worse
 
 
 def require_onnxruntime(what: str) -> None:
@@ -220,6 +259,6 @@ def format_bench_table(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["bench_files", "format_bench_table", "make_runner", "time_side_by_side", "torch_threads", "bench_input",
+__all__ = ["bench_files", "bench_against_resizing", "describe_resize_baseline", "format_bench_table", "make_runner", "time_side_by_side", "torch_threads", "bench_input",
            "require_onnxruntime",
            "BACKENDS"]

@@ -38,6 +38,7 @@ class Point:
     drop: Optional[float] = None  # mAP50-95 drop from the dense model (set by the search)
     meets: Optional[bool] = None  # every limit met (set by the search)
     error: Optional[str] = None  # the prune failed at this amount (e.g. channels cannot be removed so far)
+    imgsz: Optional[int] = None  # input size it was evaluated and timed at (None: the evaluation size)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -146,16 +147,18 @@ def next_amount(ok: tuple[float, Optional[float]], bad: tuple[float, Optional[fl
 
 
 def search(evaluate: Callable[[float], Point], budget: Budget, *, max_amount: float = 0.9, tolerance: float = 0.02,
-           max_evals: int = 6, on_point: Optional[Callable[[Point], None]] = None) -> SearchResult:
+           max_evals: int = 6, on_point: Optional[Callable[[Point], None]] = None,
+           start: Optional[Point] = None) -> SearchResult:
     """Find the amount the budget asks for with at most ``max_evals`` calls of ``evaluate``.
 
-    The bracket starts at the dense model (amount 0, free) and ``max_amount`` (not measured until probed); each
-    probe moves one end. It stops when the bracket is ``tolerance`` wide, after ``max_evals`` probes, or when a
-    point fails both an accuracy and a compression limit (then no amount can meet the budget if the model is
-    monotone). ``on_point`` is called after every evaluation (progress, keeping the model).
+    The bracket starts at ``start`` (amount 0, already measured; default the dense model) and ``max_amount``
+    (not measured until probed); each probe moves one end. It stops when the bracket is ``tolerance`` wide, after
+    ``max_evals`` probes, or when a point fails both an accuracy and a compression limit (then no amount can meet
+    the budget if the model is monotone). ``on_point`` is called after every evaluation (progress, keeping the
+    model).
     """
     trace: list[Point] = []
-    d = dense_point(budget)
+    d = start or dense_point(budget)
     # ok end: the side the search keeps (maximise: low amounts pass accuracy; minimise: high amounts pass)
     ok: tuple[float, Optional[float]]
     bad: tuple[float, Optional[float]]
@@ -197,6 +200,90 @@ def search(evaluate: Callable[[float], Point], budget: Budget, *, max_amount: fl
     return SearchResult(*pick(trace, budget), trace=trace, reason=reason)
 
 
+def auto_sizes(imgsz: int, stride: int, low: float = 0.6) -> list[int]:
+    """``target.imgsz: auto``: the multiples of ``stride`` from ``imgsz`` down to about ``low`` of it (largest
+    first); ``imgsz`` itself is rounded down to a multiple of ``stride``."""
+    top = imgsz // stride * stride
+    bottom = max(stride, round(imgsz * low / stride) * stride)
+    return list(range(top, bottom - 1, -stride)) or [top]
+
+
+@dataclass
+class JointResult(SearchResult):
+    """:func:`joint_search`'s result: also the best resize-only point at least as fast as the chosen one."""
+
+    resize_baseline: Optional[Point] = None
+    sizes: list = field(default_factory=list)  # the input sizes searched (largest first)
+    joint_sizes: list = field(default_factory=list)  # the sizes at which amounts were searched
+
+
+def joint_search(evaluate: Callable[[int, float], Point], budget: Budget, sizes: list[int], base: int, *,
+                 max_amount: float = 0.9, tolerance: float = 0.02, max_evals: int = 6, joint: int = 2,
+                 on_point: Optional[Callable[[Point], None]] = None) -> JointResult:
+    """Search (input size, amount) for the most accurate point that meets every limit of ``budget`` (which must
+    set ``min_speedup`` or ``max_size``: a budget on accuracy alone is met best by the dense model).
+
+    First every size is measured unpruned (``evaluate(s, 0.0)``; ``base`` is the dense model, free): resize-only
+    points, the baseline every user has with ``--img``. Then, at the ``joint`` sizes where resizing alone is
+    closest to the speed limit without meeting it (the least pruning needed; ``base`` among them when nothing
+    else is), the amount search of :func:`search` finds the smallest amount meeting the speed/size limits
+    (``max_evals`` prunes shared between those sizes). The chosen point is the most accurate measured one that
+    meets every limit (resize-only points included); ``resize_baseline`` is the most accurate resize-only point at
+    least as fast as the chosen one.
+    """
+    if budget.min_speedup is None and budget.max_size is None:
+        raise ValueError("joint_search needs min_speedup or max_size")
+    trace: list[Point] = []
+
+    def measured(p: Point) -> Point:  # judged on the whole budget (the amount search sees speed/size only)
+        p.drop = None if p.error else round(budget.drop(p), 6)
+        p.meets = budget.meets(p)
+        trace.append(p)
+        if on_point is not None:
+            on_point(p)
+        return p
+
+    dense = dense_point(budget)
+    dense.imgsz, dense.meets = base, budget.meets(dense)
+    resized = {base: dense}
+    for s in sizes:
+        if s != base:
+            resized[s] = measured(evaluate(s, 0.0))
+    compress = Budget(budget.dense_map, None, budget.min_speedup, budget.max_size)  # amounts: speed/size only
+    short = sorted((s for s, p in resized.items() if not p.error and not compress.compression_ok(p)),
+                   key=lambda s: -(resized[s].speedup or 0.0))
+    chosen_sizes = short[:joint]
+    per = [max_evals // len(chosen_sizes) + (i < max_evals % len(chosen_sizes)) for i in range(len(chosen_sizes))] \
+        if chosen_sizes else []
+    reasons = []
+    for s, n in zip(chosen_sizes, per):
+        if n < 1:
+            continue
+        r = search(lambda a, s=s: evaluate(s, a), compress, max_amount=max_amount, tolerance=tolerance, max_evals=n,
+                   on_point=measured, start=resized[s])
+        reasons.append(f"{s}px: {r.reason}")
+    chosen, closest = pick_most_accurate(trace + ([dense] if dense.meets else []), budget)
+    ref = chosen or closest
+    baseline = None
+    if ref is not None:
+        fast = [p for p in resized.values() if not p.error and (p.speedup or 0.0) >= (ref.speedup or 0.0) - 1e-9]
+        baseline = max(fast, key=lambda p: p.metrics["mAP50-95"]) if fast else None
+    reason = "; ".join(reasons) or "resizing alone meets the budget at every size searched or none was left"
+    return JointResult(chosen, closest, trace=trace, reason=reason, resize_baseline=baseline, sizes=list(sizes),
+                       joint_sizes=chosen_sizes)
+
+
+def pick_most_accurate(trace: list[Point], budget: Budget) -> tuple[Optional[Point], Optional[Point]]:
+    """``(chosen, closest)`` of a joint search: the most accurate point within the budget (the faster, then the
+    less pruned on ties); else None and the measured point with the least violation."""
+    good = [p for p in trace if budget.meets(p)]
+    if good:
+        best = max(good, key=lambda p: (p.metrics["mAP50-95"], p.speedup or 0.0, -p.amount))
+        return best, best
+    pool = [p for p in trace if not p.error]
+    return None, (min(pool, key=lambda p: (budget.violation(p), p.amount)) if pool else None)
+
+
 def pick(trace: list[Point], budget: Budget) -> tuple[Optional[Point], Optional[Point]]:
     """``(chosen, closest)`` from the measured points: the largest amount within the budget (with ``max_drop``)
     or the most accurate one (smallest amount on ties); else None and the point with the least violation."""
@@ -215,7 +302,8 @@ def pick(trace: list[Point], budget: Budget) -> tuple[Optional[Point], Optional[
 
 def describe(p: Point, budget: Budget) -> str:
     """``amount 0.42: mAP50-95 0.301 (drop 0.012), 1.38x, params 0.61`` (what was measured)."""
-    parts = [f"amount {p.amount:.3f}: mAP50-95 {p.metrics['mAP50-95']:.4f} (drop {budget.drop(p):+.4f})"]
+    at = f"--img {p.imgsz}, " if p.imgsz is not None else ""
+    parts = [f"{at}amount {p.amount:.3f}: mAP50-95 {p.metrics['mAP50-95']:.4f} (drop {budget.drop(p):+.4f})"]
     if p.speedup is not None:
         parts.append(f"{p.speedup:.2f}x")
     if p.size is not None:
@@ -237,24 +325,27 @@ def limits_text(budget: Budget) -> str:
 
 def format_trace(result: SearchResult, budget: Budget) -> str:
     """A fixed-width table of every evaluated point (evaluation order), the chosen one marked with ``*``."""
-    head = (f"{'':2}{'amount':>7}{'P':>8}{'R':>8}{'mAP50':>8}{'mAP50-95':>10}{'drop':>9}{'ms':>9}{'speed-up':>10}"
-            f"{'size':>7}{'s':>7}  meets")
+    sized = any(p.imgsz is not None for p in result.trace)
+    img_head = f"{'img':>5}" if sized else ""
+    head = (f"{'':2}{img_head}{'amount':>7}{'P':>8}{'R':>8}"
+            f"{'mAP50':>8}{'mAP50-95':>10}{'drop':>9}{'ms':>9}{'speed-up':>10}{'size':>7}{'s':>7}  meets")
     lines = [head, "-" * len(head)]
     for p in result.trace:
+        img = f"{p.imgsz if p.imgsz is not None else '':>5}" if sized else ""
         if p.error:
-            lines.append(f"{'':2}{p.amount:>7.3f}  not pruned: {p.error}")
+            lines.append(f"{'':2}{img}{p.amount:>7.3f}  not pruned: {p.error}")
             continue
         m = p.metrics
         mark = "*" if p is result.chosen else ""
         lat = f"{p.latency_ms:.1f}" if p.latency_ms is not None else "-"
         sp = f"{p.speedup:.2f}x" if p.speedup is not None else "-"
         sz = f"{p.size:.2f}" if p.size is not None else "-"
-        lines.append(f"{mark:2}{p.amount:>7.3f}{m.get('P', 0):>8.3f}{m.get('R', 0):>8.3f}{m.get('mAP50', 0):>8.3f}"
+        lines.append(f"{mark:2}{img}{p.amount:>7.3f}{m.get('P', 0):>8.3f}{m.get('R', 0):>8.3f}{m.get('mAP50', 0):>8.3f}"
                      f"{m['mAP50-95']:>10.4f}{budget.drop(p):>+9.4f}{lat:>9}{sp:>10}{sz:>7}{p.seconds:>7.1f}  "
                      f"{'yes' if p.meets else 'no'}")
     lines.append(f"(dense mAP50-95 {budget.dense_map:.4f}; budget: {limits_text(budget)}; {result.reason})")
     return "\n".join(lines)
 
 
-__all__ = ["Point", "Budget", "SearchResult", "search", "pick", "next_amount", "dense_point", "describe",
-           "format_trace", "limits_text"]
+__all__ = ["Point", "Budget", "SearchResult", "JointResult", "search", "joint_search", "auto_sizes", "pick", "pick_most_accurate",
+           "next_amount", "dense_point", "describe", "format_trace", "limits_text"]

@@ -13,9 +13,7 @@ lines, the export banner: all about temporary files) is not shown; the search's 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
-import io
 import logging
 import random
 import shutil
@@ -29,18 +27,18 @@ import torch
 import torch.nn as nn
 
 from ..backend.data import image_files
-from ..backend.evaluation import EvalSettings, Metrics, evaluate
+from ..backend.evaluation import EvalSettings, Metrics, evaluate, make_dataloader
 from ..backend.loading import Backend
 from ..backend.patches import muted_yolov5
 from ..config import PruneConfig
 from ..errors import BudgetError, ConfigError, PruneError
 from ..prune.unstructured import count_parameters
 from ..report import ReportEntry
-from ..utils.files import atomic_write_text
 from ..utils.progress import progress
 from .bench import bench_input, make_runner, require_onnxruntime, time_side_by_side, torch_threads
-from .budget import METRIC_KEYS, Budget, Point, SearchResult, describe, format_trace, limits_text, pick, search
-from .sweep import CachedBatches, _fused, _plt, save_figure
+from .budget import (METRIC_KEYS, Budget, JointResult, Point, SearchResult, auto_sizes, describe, format_trace,
+                     joint_search, limits_text, pick, pick_most_accurate, search)
+from .sweep import CachedBatches, _fused
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -51,9 +49,16 @@ BIAS_NOTE = ("the amount was chosen on validation images (selection bias): the s
              "'final' is the chosen file on the full val set, and only held-out images give an unbiased number")
 
 
-def check_target(config: PruneConfig) -> None:
-    """Checks of ``target`` that need the environment (raised before the first epoch by ``api.preflight``)."""
+def check_target(config: PruneConfig, model: Optional[nn.Module] = None) -> None:
+    """Checks of ``target`` that need the environment or the model (raised before the first epoch by
+    ``api.preflight``, before any work by ``api.prune``)."""
     t = config.target
+    if isinstance(t.imgsz, tuple) and model is not None:
+        stride = model_stride(model)
+        for s in t.imgsz:
+            if s % stride:
+                raise ConfigError(f"target.imgsz: {s} is not a multiple of the model's stride {stride} "
+                                  f"(nearest: {max(stride, round(s / stride) * stride)})")
     changed = [f.name for f in dataclasses.fields(t) if getattr(t, f.name) != f.default]
     if not t.active and changed:
         raise ConfigError(f"target: sets {', '.join(changed)} but no budget; set target.max_drop, "
@@ -102,16 +107,18 @@ class _Timer:
                                                          self.threads, backend)
         self.count = 0
 
-    def measure(self, model: nn.Module) -> tuple[float, float, Optional[float]]:
-        """(median ms, dense median / median, .onnx bytes ratio or None) of ``model``."""
+    def measure(self, model: nn.Module, imgsz: Optional[int] = None) -> tuple[float, float, Optional[float]]:
+        """(median ms, dense median / median, .onnx bytes ratio or None) of ``model`` at ``imgsz`` (default: the
+        dense model's size), against the dense model at its own size."""
         self.count += 1
         d = self.tmp / f"probe{self.count}"
         d.mkdir()
         f = d / "probe.pt"
         torch.save({"model": copy.deepcopy(model).float().cpu(), "ema": None}, f)
+        x = self.x if imgsz is None else bench_input(1, imgsz)
         try:
             with torch_threads(self.threads):
-                row, fns = make_runner(f, d / "onnx", self.x, self.backends, self.device, self.threads, self.backend)
+                row, fns = make_runner(f, d / "onnx", x, self.backends, self.device, self.threads, self.backend)
                 dense_t, t = time_side_by_side([{self.runtime: self.dense_fns[self.runtime]},
                                                 {self.runtime: fns[self.runtime]}], SEARCH_RUNS, SEARCH_WARMUP)
         finally:
@@ -119,6 +126,12 @@ class _Timer:
         ms, dense_ms = _median(t[self.runtime]), _median(dense_t[self.runtime])
         onnx = row["onnx_bytes"] / self.dense_row["onnx_bytes"] if row.get("onnx_bytes") else None
         return round(ms, 3), round(dense_ms / ms, 3), onnx
+
+
+def model_stride(model: nn.Module) -> int:
+    """The largest stride of a YOLOv5 model (every input size is a multiple of it); 32 when it has none."""
+    st = getattr(model, "stride", None)
+    return max(int(st.max()), 32) if isinstance(st, torch.Tensor) and st.numel() else 32
 
 
 def _median(ms: list[float]) -> float:
@@ -132,16 +145,14 @@ class Prober:
 
     def __init__(self, source: Path, dense_model: nn.Module, prune_fn: Callable[[float], tuple[nn.Module, dict]],
                  config: PruneConfig, settings: EvalSettings, backend: Backend, imgsz: int):
-        from ..backend.evaluation import make_dataloader
-
         t = config.target
         self.prune_fn, self.config, self.backend = prune_fn, config, backend
         self.tmp = Path(tempfile.mkdtemp(prefix="yolo-prune-budget-"))
         try:
             self.settings, self.images, self.val_images = search_settings(settings, t.search_images, t.seed, self.tmp)
-            stride = max(int(dense_model.stride.max()), 32) if hasattr(dense_model, "stride") else 32
-            with muted_yolov5(backend):  # its label scan would name the temporary list of search images
-                self.batches = CachedBatches(make_dataloader(self.settings, stride, backend))
+            self.stride = model_stride(dense_model)
+            self.sized: dict[int, tuple[EvalSettings, CachedBatches]] = {}
+            self.dense_model = dense_model
             self.dense = self.evaluate(copy.deepcopy(dense_model).float().to(self.settings.device))
             self.timer = (_Timer(source, config, imgsz, self.settings.device, backend, self.tmp)
                           if config.structure == "channel" else None)
@@ -151,27 +162,44 @@ class Prober:
         self.dense_params = count_parameters(dense_model)
         self.last: Optional[tuple[nn.Module, dict]] = None
 
-    def evaluate(self, model: nn.Module) -> Metrics:
-        """``model`` (fused copy) on the search images; YOLOv5's fusing/validation output muted (warnings pass)."""
+    def batches(self, imgsz: Optional[int] = None) -> tuple[EvalSettings, CachedBatches]:
+        """The search images decoded once per input size (default: the evaluation size)."""
+        imgsz = imgsz or self.settings.imgsz
+        if imgsz not in self.sized:
+            settings = dataclasses.replace(self.settings, imgsz=imgsz)
+            with muted_yolov5(self.backend):  # its label scan would name the temporary list of search images
+                self.sized[imgsz] = settings, CachedBatches(make_dataloader(settings, self.stride, self.backend))
+        return self.sized[imgsz]
+
+    def evaluate(self, model: nn.Module, imgsz: Optional[int] = None) -> Metrics:
+        """``model`` (fused copy) on the search images at ``imgsz``; YOLOv5's fusing/validation output muted
+        (warnings pass)."""
+        settings, batches = self.batches(imgsz)
         with muted_yolov5(self.backend):
-            return evaluate(_fused(copy.deepcopy(model)), self.settings, self.batches, self.backend)
+            return evaluate(_fused(copy.deepcopy(model)), settings, batches, self.backend)
 
     def __call__(self, a: float) -> Point:
+        return self.probe(None, a)
+
+    def probe(self, imgsz: Optional[int], a: float) -> Point:
+        """The pipeline's prune at amount ``a`` (``a == 0``: the dense model, nothing pruned), evaluated and timed
+        at ``imgsz`` (None: the evaluation size)."""
         t1 = time.perf_counter()
         self.last = None
         try:
-            model, done = self.prune_fn(a)
+            model, done = ((copy.deepcopy(self.dense_model).float().to(self.settings.device).eval(), None) if a == 0
+                           else self.prune_fn(a))
         except PruneError as e:
-            return Point(a, {}, error=str(e), seconds=round(time.perf_counter() - t1, 2))
-        m = self.evaluate(model).to_dict()
-        lat = self.timer.measure(model) if self.timer is not None else (None, None, None)
+            return Point(a, {}, error=str(e), seconds=round(time.perf_counter() - t1, 2), imgsz=imgsz)
+        m = self.evaluate(model, imgsz).to_dict()
+        lat = self.timer.measure(model, imgsz) if self.timer is not None else (None, None, None)
         channel = self.config.structure == "channel"
         params = count_parameters(model)
         size = params / self.dense_params if self.config.target.size_of == "params" else lat[2]
         self.last = (model, done)
         return Point(a, {k: m[k] for k in METRIC_KEYS}, latency_ms=lat[0], speedup=lat[1], params=params,
                      size=round(size, 4) if channel and size is not None else None,
-                     seconds=round(time.perf_counter() - t1, 2))
+                     seconds=round(time.perf_counter() - t1, 2), imgsz=imgsz)
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
@@ -187,25 +215,32 @@ def budget_search(source: Path, dense_model: nn.Module, prune_fn: Callable[[floa
     try:
         dense = prober.dense
         budget = Budget.from_target(t, dense.map)
-        LOGGER.info("Budget search: %s (dense mAP50-95 %.4f on %d val images), amount in [0, %s], at most %d "
-                    "one-shot prunes", limits_text(budget), dense.map, prober.images, t.max_amount, t.max_evals)
-        kept: dict[float, tuple[nn.Module, dict]] = {}
+        sizes = search_sizes(t.imgsz, imgsz, prober.stride)
+        sized = f", input size in {sizes}" if sizes else ""
+        LOGGER.info("Budget search: %s (dense mAP50-95 %.4f on %d val images at %d px), amount in [0, %s]%s, at "
+                    "most %d one-shot prunes%s", limits_text(budget), dense.map, prober.images, imgsz, t.max_amount,
+                    sized, t.max_evals, f" and {len(sizes) - (imgsz in sizes)} resized dense models" if sizes else "")
+        kept: dict[tuple, tuple[nn.Module, Optional[dict]]] = {}
         trace: list[Point] = []
-        bar = progress(desc="budget", total=t.max_evals)
+        bar = progress(desc="budget", total=t.max_evals + (len(sizes) - (imgsz in sizes) if sizes else 0))
 
         def on_point(p: Point) -> None:
             trace.append(p)
             if prober.last is not None:
-                kept[p.amount] = prober.last
-            keep = pick(trace, budget)[1]
-            for a in [a for a in kept if keep is None or a != keep.amount]:
-                del kept[a]  # only the best point so far keeps its model in memory
+                kept[(p.imgsz, p.amount)] = prober.last
+            keep = _best_so_far(trace, budget, bool(sizes))
+            for k in [k for k in kept if keep is None or k != (keep.imgsz, keep.amount)]:
+                del kept[k]  # only the best point so far keeps its model in memory
             bar.update(1)
             bar.set_postfix_str(describe(p, budget) if not p.error else f"amount {p.amount}: not pruned")
 
         try:
-            result = search(prober, budget, max_amount=t.max_amount, tolerance=t.tolerance, max_evals=t.max_evals,
-                            on_point=on_point)
+            if sizes:
+                result = joint_search(prober.probe, budget, sizes, imgsz, max_amount=t.max_amount,
+                                      tolerance=t.tolerance, max_evals=t.max_evals, on_point=on_point)
+            else:
+                result = search(prober, budget, max_amount=t.max_amount, tolerance=t.tolerance,
+                                max_evals=t.max_evals, on_point=on_point)
         finally:
             bar.close()
     finally:
@@ -222,9 +257,43 @@ def budget_search(source: Path, dense_model: nn.Module, prune_fn: Callable[[floa
     if result.chosen is None:
         LOGGER.warning("yolo_prune_plugin: no amount meets the budget; writing the closest point "
                        "(target.write_best_effort): %s", describe(point, budget))
-    model, done = kept[point.amount]
+    model, done = kept[(point.imgsz, point.amount)]  # done None: a resize-only point, nothing pruned
     section = _section(config, budget, result, point, dense, n, total, seconds)
+    if sizes:
+        section.update(_imgsz_section(result, point, budget, imgsz))
     return SearchOutcome(section, model, done, dense, n == total)
+
+
+def search_sizes(imgsz_option: object, imgsz: int, stride: int) -> list[int]:
+    """The input sizes ``target.imgsz`` asks for (``auto``: :func:`auto_sizes`); [] when it is not set."""
+    if imgsz_option is None:
+        return []
+    return auto_sizes(imgsz, stride) if imgsz_option == "auto" else list(imgsz_option)
+
+
+def _best_so_far(trace: list[Point], budget: Budget, joint: bool) -> Optional[Point]:
+    """The point whose model is kept in memory while the search goes on."""
+    return (pick_most_accurate if joint else pick)(trace, budget)[1]
+
+
+def _imgsz_section(result: JointResult, point: Point, budget: Budget, imgsz: int) -> dict:
+    """The input-size part of the report's ``target``: the sizes searched, the deploy size and the resize-only
+    baseline (the most accurate dense model at a lower ``--img`` that is at least as fast as the chosen point)."""
+    deploy = point.imgsz or imgsz
+    base = result.resize_baseline
+    if point.amount == 0:
+        verdict = (f"resizing alone wins: the dense model at --img {deploy} is the most accurate point that meets "
+                   f"{limits_text(budget)}")
+    elif base is None:
+        verdict = f"no resize-only point is as fast as the chosen one ({point.speedup}x)"
+    else:
+        verdict = (f"dense at --img {base.imgsz or imgsz}: {base.speedup}x faster, keeps "
+                   f"{base.metrics['mAP50-95'] / budget.dense_map:.3f}; chosen: {point.speedup}x, keeps "
+                   f"{point.metrics['mAP50-95'] / budget.dense_map:.3f}" if budget.dense_map > 0 else "")
+    LOGGER.info("Budget: deploy at --img %d (%s); %s", deploy,
+                "resized, not pruned" if point.amount == 0 else f"amount {point.amount:.3f}", verdict)
+    return {"imgsz": {"searched": result.sizes, "joint": result.joint_sizes, "evaluation": imgsz},
+            "deploy_imgsz": deploy, "resize_baseline": base.to_dict() if base else None, "versus_resize": verdict}
 
 
 def _section(config: PruneConfig, budget: Budget, result: SearchResult, point: Point, dense: Metrics, n: int,
@@ -278,57 +347,5 @@ def log_final(section: dict) -> None:
     (LOGGER.info if f["meets"] else LOGGER.warning)("%s: %s", text, "held" if f["meets"] else "NOT held")
 
 
-# ---------------------------------------------------------------------------------------------- outputs
-def write_budget_files(section: dict, folder: Path, stem: str) -> dict[str, str]:
-    """``budget_<stem>.csv`` (every point) and ``budget_<stem>.png`` in ``folder``; returns their paths."""
-    folder.mkdir(parents=True, exist_ok=True)
-    keys = ("amount", *METRIC_KEYS, "drop", "latency_ms", "speedup", "size", "params", "seconds", "meets", "chosen",
-            "error")
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=keys, extrasaction="ignore")
-    w.writeheader()
-    for p in section["trace"]:
-        w.writerow({**p, **p["metrics"], "chosen": p["amount"] == section["amount"]})
-    paths = {"csv": folder / f"budget_{stem}.csv", "png": folder / f"budget_{stem}.png"}
-    atomic_write_text(buf.getvalue(), paths["csv"])
-    plot_budget(section, paths["png"])
-    return {k: str(v) for k, v in paths.items()}
-
-
-def plot_budget(section: dict, dest: Path) -> None:
-    """mAP50-95 against speed-up (or amount when nothing was timed), and against size when measured; the dense
-    model, the budget lines and the chosen point drawn."""
-    plt = _plt()
-    pts = [p for p in section["trace"] if not p.get("error")]
-    b, dense = section["budget"], section["dense_search"]["mAP50-95"]
-    timed = any(p.get("speedup") is not None for p in pts)
-    sized = any(p.get("size") is not None for p in pts)
-    panels = [("speedup", "speed-up (dense latency / pruned)", 1.0, b["min_speedup"])] if timed else \
-        [("amount", "amount", 0.0, None)]
-    if sized:
-        panels.append(("size", "size (pruned / dense)", 1.0, b["max_size"]))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, (key, label, dense_x, limit) in zip(axes[0], panels):
-        ax.scatter([p[key] for p in pts], [p["metrics"]["mAP50-95"] for p in pts],
-                   c=["tab:green" if p["meets"] else "tab:red" for p in pts], zorder=3, label="one-shot probes")
-        for p in pts:
-            ax.annotate(f"{p['amount']:.2f}", (p[key], p["metrics"]["mAP50-95"]), fontsize=7,
-                        xytext=(3, 3), textcoords="offset points")
-        ax.scatter([dense_x], [dense], marker="s", color="black", zorder=3, label=f"dense {dense:.3f}")
-        c = section["chosen"]
-        if c.get(key) is not None:
-            ax.scatter([c[key]], [c["metrics"]["mAP50-95"]], marker="*", s=220, color="gold", edgecolors="black",
-                       zorder=4, label=f"chosen: amount {c['amount']:.3f}")
-        if b["max_drop"] is not None:
-            ax.axhline(dense - b["max_drop"], color="tab:blue", ls="--", lw=1, label=f"max drop {b['max_drop']:.3f}")
-        if limit is not None:
-            ax.axvline(limit, color="tab:purple", ls="--", lw=1, label=f"limit {limit}")
-        ax.set_xlabel(label)
-        ax.set_ylabel("mAP50-95 (search images)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    save_figure(fig, dest, f"Budget search: {section['evaluations']} one-shot prunes in {section['seconds']:.0f}s")
-
-
 __all__ = ["budget_search", "BudgetError", "SearchOutcome", "check_target", "final_check", "log_final",
-           "write_budget_files", "plot_budget", "recheck_budget", "Prober", "search_settings", "SEARCH_RUNS"]
+           "recheck_budget", "Prober", "search_settings", "search_sizes", "model_stride", "SEARCH_RUNS"]
