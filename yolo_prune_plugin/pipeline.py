@@ -159,6 +159,7 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
     source = Path(source).expanduser().resolve()
     out = out or output_path(source, config)
     check_output_free(out, config, ctx.backend)
+    ctx = replace(ctx, cache_dir=ctx.cache_dir or out.parent)  # measured tables are kept beside the output
     ckpt = ckpt if ckpt is not None else load_checkpoint(source, ctx.backend)
     dtype = next(source_model(ckpt).parameters()).dtype  # YOLOv5 writes fp16: keep what the source holds
     mode = mode or ("finetune" if config.finetune.epochs else "oneshot")

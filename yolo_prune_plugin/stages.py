@@ -35,6 +35,8 @@ class RunContext:
     #: ``structure: channel``: the channels to remove, fixed by the run (``channel.regularize`` trained them away);
     #: None: ranked by the channel importance
     channel_plan: Optional[dict] = None
+    #: where measured tables are cached (``channel.allocation: latency``: ``latency_<imgsz>.json``); None: not kept
+    cache_dir: Optional[Path] = None
 
     @property
     def export_device(self) -> str:
@@ -120,7 +122,8 @@ def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan:
                         exclude=config.exclude, calibration=calibration, max_layer_ratio=ch.max_layer_ratio,
                         imgsz=ctx.imgsz, cost_aware=ch.cost_aware, round_share=ch.round_share,
                         allocation=ch.allocation, cache=None if cache is None else _cached(cache, "channel", dict),
-                        plan=ctx.channel_plan)
+                        plan=ctx.channel_plan,
+                        latency_cache=ctx.cache_dir / f"latency_{ctx.imgsz}.json" if ctx.cache_dir else None)
     done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True)}
     if ctx.channel_plan is not None:
         done["channels"]["plan"] = "channel.regularize: the channels its penalty trained away"

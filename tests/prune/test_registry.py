@@ -90,7 +90,7 @@ def test_channel_options_defaults():
 def test_channel_choices():
     assert STRUCTURES == ("unstructured", "channel")
     assert set(DATA_AWARE_CHANNEL_IMPORTANCES) <= set(CHANNEL_IMPORTANCES)
-    assert CHANNEL_ALLOCATIONS == ("global", "sensitivity")
+    assert CHANNEL_ALLOCATIONS == ("global", "sensitivity", "latency")
 
 
 @pytest.mark.parametrize("has_data, want_reconstruct, want_allocation", [

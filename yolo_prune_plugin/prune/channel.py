@@ -25,6 +25,7 @@ import copy
 import logging
 import math
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
@@ -170,11 +171,13 @@ def _apply_plan(model: nn.Module, plan: dict, ignored_names: Sequence[str], imgs
 
 
 def _scores(model: nn.Module, importance: str, ignored_names: list, calibration: Any, trace_imgsz: int,
-            cost_aware: float, allocation: str = DEFAULT_ALLOCATION
+            cost_aware: float, allocation: str = DEFAULT_ALLOCATION, imgsz: int = 640,
+            latency_cache: Optional[Path] = None
             ) -> tuple[dict[str, torch.Tensor], Optional[float], Optional[dict]]:
     """Each channel group's ranking scores (root conv name -> one score per channel: the importance, or with
-    ``allocation: sensitivity`` the measured error), the calibration loss of the data-aware criteria (None
-    otherwise) and the sensitivity summary (None without it)."""
+    ``allocation: sensitivity`` the measured error; ``latency``: that error, or the importance without images,
+    per millisecond a channel costs on ONNX Runtime at ``imgsz``), the calibration loss of the data-aware
+    criteria (None otherwise) and the sensitivity / latency summary (None without it)."""
     mods = dict(model.named_modules())
     loss = None
     images = calibration[0] if isinstance(calibration, (tuple, list)) else calibration
@@ -203,11 +206,23 @@ def _scores(model: nn.Module, importance: str, ignored_names: list, calibration:
         from .channel_sensitivity import obs_scores
 
         scores, sens = obs_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
-    if allocation == "sensitivity":
+    if allocation == "sensitivity" or (allocation == "latency" and isinstance(images, torch.Tensor)):
         from .channel_sensitivity import sensitivity_scores
 
         scores, sens_a = sensitivity_scores(model, [(n, g) for n, g in groups if n in scores], dg, scores, images)
         sens = {**(sens or {}), **sens_a}
+    if allocation == "latency":  # the least accuracy per millisecond saved goes first
+        from .latency import channel_latency, latency_table
+
+        table = latency_table(model, imgsz, cache=latency_cache)
+        ms = channel_latency(model, [(n, g) for n, g in groups if n in scores], dg, table)
+        mean = sum(ms.values()) / len(ms)
+        for n in scores:
+            scores[n] = scores[n] / (ms[n] / mean)
+        sens = {**(sens or {}), "latency": {"imgsz": imgsz, "runtime": table["key"]["runtime"], "threads": 1,
+                                            "measured": table["measured"], "layers": len(table["layers"]),
+                                            "cache": str(latency_cache) if latency_cache else None,
+                                            "ms_per_channel": {n: round(v, 5) for n, v in ms.items()}}}
     if cost_aware:
         macs = channel_macs(model, [(n, g) for n, g in groups if n in scores], dg, trace_imgsz)
         mean = sum(macs.values()) / len(macs)
@@ -218,13 +233,15 @@ def _scores(model: nn.Module, importance: str, ignored_names: list, calibration:
 
 def _search(model: nn.Module, amount: float, scope: list, w_before: int, ignored_names: list, importance: str,
             calibration: Any, trace_imgsz: int, cost_aware: float, allocation: str, round_to: int,
-            max_layer_ratio: float, round_share: float, tolerance: float, cache: Optional[dict]) -> tuple:
+            max_layer_ratio: float, round_share: float, tolerance: float, cache: Optional[dict], imgsz: int = 640,
+            latency_cache: Optional[Path] = None) -> tuple:
     """Importance once on the original model, then bisection on the number ``k`` of globally lowest-ranked
     channels removed until ``amount`` is met; ``(achieved, k, plan, scores, loss, sensitivity, total)``."""
     cache = {} if cache is None else cache
     if "scores" not in cache:
         cache["scores"], cache["loss"], cache["sens"] = _scores(model, importance, ignored_names, calibration,
-                                                                trace_imgsz, cost_aware, allocation)
+                                                                trace_imgsz, cost_aware, allocation, imgsz,
+                                                                latency_cache)
         cache["achieved"] = {}
     scores, loss, sens = cache["scores"], cache["loss"], cache["sens"]
     total = sum(len(v) for v in scores.values())
@@ -283,8 +300,8 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
                   imgsz: int = 640, trace_imgsz: int = 64, tolerance: float = AMOUNT_TOLERANCE,
                   cost_aware: float = DEFAULT_COST_AWARE, round_share: float = DEFAULT_ROUND_SHARE,
                   allocation: str = DEFAULT_ALLOCATION, log: bool = True,
-                  cache: Optional[dict] = None, plan: Optional[Mapping[str, Sequence[int]]] = None
-                  ) -> ChannelPruneResult:
+                  cache: Optional[dict] = None, plan: Optional[Mapping[str, Sequence[int]]] = None,
+                  latency_cache: Optional[Path] = None) -> ChannelPruneResult:
     """Remove whole output channels of ``model`` (a YOLOv5 ``DetectionModel``, in place) with Torch-Pruning.
 
     ``amount``: fraction of the Conv2d weights in scope to remove (input channels removed from a consumer
@@ -307,6 +324,9 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     number of removed channels achieves do not depend on ``amount``, so they are computed once. ``plan``: the
     channels to remove, fixed beforehand (a result's ``plan``, e.g. the targets ``channel.regularize`` trained
     away): no ranking, no bisection; it must name groups of this model and still reach ``amount``.
+    ``allocation: latency``: the scores (sensitivity with images, else the importance) per millisecond a channel
+    costs on ONNX Runtime CPU at ``imgsz`` (:mod:`yolo_prune_plugin.prune.latency`; the layer table cached in
+    ``latency_cache`` when given).
     Raises :class:`ConfigError` for bad arguments, :class:`PruneError` when the amount cannot be met.
     """
     t0 = time.perf_counter()
@@ -352,7 +372,7 @@ def channel_prune(model: nn.Module, amount: float, *, importance: Optional[str] 
     else:
         achieved, k, plan, scores, loss, sens, total = _search(
             model, amount, scope, w_before, ignored_names, importance, calibration, trace_imgsz, cost_aware,
-            allocation, round_to, max_layer_ratio, round_share, tolerance, cache)
+            allocation, round_to, max_layer_ratio, round_share, tolerance, cache, imgsz, latency_cache)
     q = k / total
     tagged = copy.deepcopy(model)  # BN running means := channel ids, to learn which channels each conv kept
     for mod in tagged.modules():

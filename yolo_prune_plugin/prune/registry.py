@@ -64,8 +64,9 @@ STRUCTURES = ("unstructured", "channel")
 #: (``obs``: structured OBS on the consumers' input statistics, prune/channel_sensitivity.py; images only)
 CHANNEL_IMPORTANCES = ("l1", "l2", "bn", "lamp", "taylor", "obs")
 DATA_AWARE_CHANNEL_IMPORTANCES = ("taylor", "obs")
-#: how many channels each group loses: the importance ranking across groups, or measured consumer output error
-CHANNEL_ALLOCATIONS = ("global", "sensitivity")
+#: how many channels each group loses: the importance ranking across groups, measured consumer output error, or
+#: that error per millisecond a channel costs on ONNX Runtime (prune/latency.py)
+CHANNEL_ALLOCATIONS = ("global", "sensitivity", "latency")
 
 
 @dataclass(frozen=True)
