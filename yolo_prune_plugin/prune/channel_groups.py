@@ -143,18 +143,13 @@ def _build_groups(model: nn.Module, ignored: list[nn.Module], imgsz: int) -> tup
     return dg, groups
 
 
-def channel_macs(model: nn.Module, groups: list, dg: Any, imgsz: int) -> dict[str, float]:
-    """Multiply-accumulates (at ``imgsz``) that one channel of each group costs, summed over its Conv2d members.
-
-    For each group ``(root name, group)`` from :func:`_build_groups`: an output channel of a member conv costs
-    ``k*k*in/groups`` MACs per output position, an input channel of a consumer conv ``k*k*out/groups``; both
-    times that conv's output positions (measured by one forward pass at ``imgsz``). Linear in ``imgsz**2``, so
-    the ratios between groups do not depend on ``imgsz``.
-    """
-    hw: dict[nn.Module, int] = {}
+def conv_sizes(model: nn.Module, imgsz: int) -> dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]]:
+    """Each Conv2d's input and output (height, width) at ``imgsz`` (one forward pass of zeros, the model left in
+    its mode)."""
+    sizes: dict[nn.Module, tuple[tuple[int, int], tuple[int, int]]] = {}
 
     def hook(mod: nn.Module, inp: Any, out: torch.Tensor) -> None:
-        hw[mod] = int(out.shape[-1] * out.shape[-2])
+        sizes[mod] = (tuple(inp[0].shape[-2:]), tuple(out.shape[-2:]))
 
     hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d)]
     p = next(model.parameters())
@@ -167,6 +162,18 @@ def channel_macs(model: nn.Module, groups: list, dg: Any, imgsz: int) -> dict[st
         for h in hs:
             h.remove()
         model.train(was)
+    return sizes
+
+
+def channel_macs(model: nn.Module, groups: list, dg: Any, imgsz: int) -> dict[str, float]:
+    """Multiply-accumulates (at ``imgsz``) that one channel of each group costs, summed over its Conv2d members.
+
+    For each group ``(root name, group)`` from :func:`_build_groups`: an output channel of a member conv costs
+    ``k*k*in/groups`` MACs per output position, an input channel of a consumer conv ``k*k*out/groups``; both
+    times that conv's output positions (measured by one forward pass at ``imgsz``). Linear in ``imgsz**2``, so
+    the ratios between groups do not depend on ``imgsz``.
+    """
+    hw = {m: o[0] * o[1] for m, (_, o) in conv_sizes(model, imgsz).items()}
     cost: dict[str, float] = {}
     for name, g in groups:
         seen, c = set(), 0.0

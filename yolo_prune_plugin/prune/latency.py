@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
-import torch
 import torch.nn as nn
 
 #: untimed and timed runs per measurement (the median is kept); enough for a layer's few milliseconds
@@ -29,23 +28,10 @@ STEP = 0.25
 
 def conv_inputs(model: nn.Module, imgsz: int) -> dict[str, tuple[int, int]]:
     """Each Conv2d's input height and width at ``imgsz`` (one forward pass of zeros)."""
-    names = {m: n for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    seen: dict[str, tuple[int, int]] = {}
-    def hook(mod: nn.Module, inp: Any) -> None:  # returns None: the input passes unchanged
-        seen.setdefault(names[mod], tuple(inp[0].shape[-2:]))
+    from .channel_groups import conv_sizes
 
-    hooks = [m.register_forward_pre_hook(hook) for m in names]
-    p = next(model.parameters())
-    was = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(torch.zeros(1, 3, imgsz, imgsz, device=p.device, dtype=p.dtype))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    return seen
+    names = {m: n for n, m in model.named_modules()}
+    return {names[m]: i for m, (i, _) in conv_sizes(model, imgsz).items()}
 
 
 def _conv_graph(cin: int, cout: int, k: int, s: int, pad: int) -> bytes:
