@@ -237,7 +237,7 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
             LOGGER.info("Timing %s (%d px) against %s (%d px) (PyTorch eager and ONNX Runtime, batch 1)...",
                         out.name, ctx.imgsz, reference.note if ref else base.name, base_ctx.imgsz)
             if config.structure == "channel" and not ref and config.evaluate and base_ctx.settings is not None:
-                _bench_against_resizing(entry, source, out, base_ctx, ctx.imgsz)
+                _bench_against_resizing(entry, source, out, base_ctx, ctx.imgsz, source_model(ckpt))
             else:
                 entry.bench = bench_files([base, out], imgsz=base_ctx.imgsz, batch=1, runs=BENCH_RUNS, warmup=5,
                                           sizes=[base_ctx.imgsz, ctx.imgsz])
@@ -251,16 +251,17 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
     return entry
 
 
-def _bench_against_resizing(entry: ReportEntry, source: Path, out: Path, ctx: RunContext, deploy: int) -> None:
+def _bench_against_resizing(entry: ReportEntry, source: Path, out: Path, ctx: RunContext, deploy: int,
+                            model: nn.Module) -> None:
     """``bench`` of a channel prune: also the dense model at lower ``--img`` sizes in the same timing run, and the
-    one as fast as the pruned file evaluated on the same val images (``entry.resize_baseline``)."""
+    one as fast as the pruned file evaluated on the same val images (``entry.resize_baseline``). ``model``: one
+    already loaded with the source's strides (the checkpoint is not read again for them)."""
     from .backend.evaluation import evaluate_weights
     from .tools.bench import bench_against_resizing, describe_resize_baseline
     from .tools.budget import auto_sizes
     from .tools.budget_run import model_stride
 
-    model = load_checkpoint(source, ctx.backend)
-    sizes = auto_sizes(ctx.imgsz, model_stride(source_model(model)))
+    sizes = auto_sizes(ctx.imgsz, model_stride(model))
 
     def evaluate_at(s: int) -> dict:
         LOGGER.info("Validating %s at --img %d (the resize baseline)...", source.name, s)
