@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 SHARED = ROOT.parent / "shared" if (ROOT.parent / "shared").is_dir() else Path("/work/shared")
 
 
-def data_for(name: str, out: Path) -> tuple[Path, Path, Path, int, str]:
+def data_for(name: str, out: Path, seed: int = 0) -> tuple[Path, Path, Path, int, str]:
     """(search data YAML, held-out data YAML, weights, input size, description): calibration, search and
     evaluation images disjoint."""
     import yaml
@@ -52,6 +52,8 @@ def data_for(name: str, out: Path) -> tuple[Path, Path, Path, int, str]:
                 "below on `test` (117 images, never seen)")
     d = yaml.safe_load(src.read_text())
     files = image_files(d["val"], Path(d["path"]))
+    turn = (64 * seed) % len(files)  # seed 1: the other half is held out (a second split)
+    files = files[turn:] + files[:turn]
     parts = {"calibration": files[:32], "search": files[32:64], "evaluation": files[64:]}
     for k, v in parts.items():
         (out / f"{k}.txt").write_text("".join(f"{f}\n" for f in v))
@@ -61,8 +63,9 @@ def data_for(name: str, out: Path) -> tuple[Path, Path, Path, int, str]:
         f.write_text(yaml.safe_dump({**d, "train": str(out / "calibration.txt"), "val": str(out / f"{k}.txt")}))
         made.append(f)
     return (made[0], made[1], SHARED / "weights" / "yolov5n.pt", 640,
-            "official yolov5n on coco128 (COCO train images: the checkpoint has seen them), sorted by name: the "
-            "first 32 calibrate, the next 32 are the search's, every number below on the last 64")
+            "official yolov5n on coco128 (COCO train images: the checkpoint has seen them), sorted by name"
+            f"{f' and turned by {turn}' if turn else ''}: the first 32 calibrate, the next 32 are the search's, "
+            "every number below on the last 64")
 
 
 def main() -> None:
@@ -74,6 +77,12 @@ def main() -> None:
                     help="joint (imgsz: auto), channel (today's allocation), latency (channel.allocation: latency)")
     ap.add_argument("--search-images", type=int, default=120, help="corn-pest: a seeded subset of valid")
     ap.add_argument("--runs", type=int, default=30, help="timed rounds of the held-out latency table")
+    ap.add_argument("--round-to", type=int, default=None, help="channel.round_to of every search (default: the "
+                    "plugin's)")
+    ap.add_argument("--seed", type=int, default=0, help="calibration and search-subset seed; coco128: seed 1 holds "
+                    "out the other half of the images")
+    ap.add_argument("--after-finetune", type=int, default=0,
+                    help="target.after_finetune: fine-tune each chosen point N epochs on the train split")
     args = ap.parse_args()
     speedups = [float(x) for x in args.speedups.split(",")]
     searches = [x for x in args.searches.split(",") if x]
@@ -92,7 +101,7 @@ def main() -> None:
     from yolo_prune_plugin.tools.budget import auto_sizes
 
     backend = get_backend()
-    search_yaml, test_yaml, weights, base, what = data_for(args.dataset, out)
+    search_yaml, test_yaml, weights, base, what = data_for(args.dataset, out, args.seed)
     sizes = tuple(auto_sizes(base, 32))
     dense = out / "dense.pt"
     shutil.copyfile(weights, dense)
@@ -110,13 +119,18 @@ def main() -> None:
                 folder.mkdir(exist_ok=True)
                 w = folder / "best.pt"
                 shutil.copyfile(dense, w)
-                target = {"min_speedup": x, "search_images": args.search_images, "write_best_effort": True}
+                target = {"min_speedup": x, "search_images": args.search_images, "write_best_effort": True,
+                          "seed": args.seed}
                 if imgsz_opt:
                     target["imgsz"] = imgsz_opt
+                if args.after_finetune:
+                    target["after_finetune"] = args.after_finetune
                 t0 = time.perf_counter()
                 channel = {"allocation": "latency"} if name == "latency" else {}
+                if args.round_to:
+                    channel["round_to"] = args.round_to
                 [e] = prune(w, search_yaml, imgsz=base, device="cpu", workers=0, structure="channel", target=target,
-                            channel=channel)
+                            channel=channel, calibration={"seed": args.seed})
                 seconds = time.perf_counter() - t0
                 t = e.target
                 deploy = e.deploy_imgsz or base
@@ -127,12 +141,13 @@ def main() -> None:
                              "evaluations": t["evaluations"], "wall_seconds": round(seconds, 1),
                              "test_map": held, "test_retention": round(held / test_map[base], 4),
                              "resize_baseline": (t.get("resize_baseline") or {}).get("imgsz"),
-                             "versus_resize": t.get("versus_resize"), "output": e.output}
+                             "versus_resize": t.get("versus_resize"), "output": e.output,
+                             "finetune_seconds": (e.finetune or {}).get("seconds")}
             rows.append(row)
         files = [dense] * len(sizes) + [Path(r[k]["output"]) for r in rows for k in searches]
-        sizes = list(sizes) + [r[k]["deploy_imgsz"] for r in rows for k in searches]
+        timed = list(sizes) + [r[k]["deploy_imgsz"] for r in rows for k in searches]
         bench = bench_files(files, imgsz=base, runs=args.runs, warmup=5, threads=1, backends=("onnxruntime",),
-                            sizes=sizes)
+                            sizes=timed)
     speed = [b["onnxruntime_speedup"] for b in bench]
     resize = {s: {"speedup": speed[i], "retention": round(test_map[s] / test_map[base], 4)}
               for i, s in enumerate(sizes)}
@@ -165,7 +180,8 @@ def main() -> None:
             v = r[name]
             what = ("resize only" if v["amount"] == 0 else f"amount {v['amount']:.3f}") + f" at {v['deploy_imgsz']}"
             best = v.get("best_resize_as_fast_test")
-            lines.append(f"| {r['min_speedup']}× | {label[name]} | {what}"
+            ft = f", then {args.after_finetune} fine-tune epochs" if args.after_finetune else ""
+            lines.append(f"| {r['min_speedup']}× | {label[name]}{ft} | {what}"
                          f"{'' if v['met'] else ' (not met)'} | {v['test_speedup']:.2f}× | "
                          f"{v['test_retention']:.3f} | {'-' if best is None else f'{best:.3f}'} | "
                          f"{v['search_seconds']:.0f} s, "

@@ -14,7 +14,8 @@ YOLOv5's per-epoch validation (which picks ``best.pt``) runs on the first ``--se
 Rows:
 * dense                    the checkpoint as is
 * dense + N ep FT          the dense checkpoint fine-tuned with the identical recipe (the reference)
-* STRUCTURE:AMOUNT[:distill]  e.g. ``channel:0.5``, ``channel:0.5:distill``, ``obs:0.7``, ``global:0.5``: pruned
+* STRUCTURE:AMOUNT[:distill|:reg]  e.g. ``channel:0.5``, ``channel:0.5:distill``, ``channel:0.5:reg``
+                           (``finetune.recipe: regularize``), ``obs:0.7``, ``global:0.5``: pruned
                            and fine-tuned through the plugin's pipeline (``pipeline.run``, as ``yolo-prune prune
                            --finetune-epochs N``); one-shot and fine-tuned numbers
 Retention = mAP50-95 / mAP50-95 of the dense FT. Wall time per epoch is the mean of the fine-tune's epochs.
@@ -127,10 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     def row(spec: str) -> None:
         with driving_yolov5(b):
             kind, amount, *rest = spec.split(":")
-            distill = "distill" in rest
-            cfg = {"amount": float(amount), "overwrite": True, "suffix": f"_{kind}{amount}{'_kd' if distill else ''}",
+            distill, reg = "distill" in rest, "reg" in rest
+            tag = ("_kd" if distill else "") + ("_reg" if reg else "")
+            cfg = {"amount": float(amount), "overwrite": True, "suffix": f"_{kind}{amount}{tag}",
                    "finetune": {"epochs": args.epochs, "lr_scale": args.lr_scale, "distill": distill,
-                                "distill_weight": args.distill_weight}}
+                                "distill_weight": args.distill_weight,
+                                "recipe": "regularize" if reg else "plain"}}
             cfg.update({"structure": "channel"} if kind == "channel" else {"method": kind})
             if kind != "channel" and kind not in METHODS:
                 raise SystemExit(f"--rows {spec}: expected channel or one of {', '.join(METHODS)}")
@@ -140,9 +143,19 @@ def main(argv: list[str] | None = None) -> int:
             e = pipeline.run(src, config_from_dict(cfg, source=f"--rows {spec}"), ctx, before=dense,
                              before_source="dense, validated once")
             after, one = e.metrics_after or {}, e.metrics_oneshot or {}
-            save({"model": f"{spec} + {args.epochs} ep FT{' (distill)' if distill else ''}", **after,
+            pen = (e.finetune.get("phases") or {}).get("regularize") or {}
+            ft_hist = e.finetune["history"] if (e.finetune.get("phases") or {}).get("finetune", True) else []
+            label = " (distill)" if distill else " (recipe regularize)" if reg else ""
+            last = Path(e.finetune["run"]) / "weights" / "last.pt"  # the best.pt pick against the last epoch
+            last_map = evaluate_weights(last, settings, backend=b).map if last.is_file() and \
+                Path(e.finetune["source"]).name == "best.pt" else None
+            save({"model": f"{spec} + {args.epochs} ep FT{label}", **after,
                   "oneshot_mAP50-95": one.get("mAP50-95"), "oneshot_mAP50": one.get("mAP50"),
-                  "epoch_s": epoch_s(e.finetune["history"]), "seconds": e.finetune["seconds"],
+                  "epoch_s": epoch_s(pen.get("history", []) + ft_hist),
+                  "seconds": round(pen.get("seconds", 0) + (e.finetune["seconds"] if ft_hist else 0), 1),
+                  "removed_mAP50-95": (pen.get("metrics_removed") or {}).get("mAP50-95"),
+                  "last_mAP50-95": last_map, "kept": Path(e.finetune["source"]).name,
+                  "residual": pen.get("residual"), "removal_output_change": pen.get("removal_output_change"),
                   "distill": e.finetune.get("distill"),
                   "params": [(e.channels or {}).get(k) for k in ("params_before", "params_after")],
                   "nms_timeouts": nms.count - n0, "history": e.finetune["history"]})

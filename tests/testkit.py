@@ -188,3 +188,20 @@ def seeded_rand(*shape: int, seed: int = 0) -> torch.Tensor:
     """``torch.rand(*shape)`` from a generator of its own: the same numbers whatever ran before in this worker
     (YOLOv5's ``train.main`` reseeds the global RNG)."""
     return torch.rand(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def config_from_flags(argv: list, prefix: str, match: "str | None" = None):
+    """The config `yolo-prune <argv>` builds from its flags (``prefix``: "" for prune, "prune-" for train); with
+    ``match``, assert instead that it is refused with that one-line error."""
+    import pytest
+
+    from yolo_prune_plugin.cli import _config_from_args, build_parser
+    from yolo_prune_plugin.errors import ConfigError
+
+    ns = build_parser().parse_known_args(argv)[0]
+    if match is None:
+        return _config_from_args(ns, prefix)
+    with pytest.raises(ConfigError, match=match) as e:
+        _config_from_args(ns, prefix)
+    assert "\n" not in str(e.value)
+    return None

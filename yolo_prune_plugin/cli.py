@@ -69,6 +69,9 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    default=None, help="skip validation after pruning")
     p.add_argument(f"--{prefix}finetune-epochs", type=int, metavar="N",
                    help="fine-tune epochs after pruning, in YOLOv5's own training loop on the data's train split")
+    p.add_argument(f"--{prefix}finetune-recipe", metavar="R", help="recovery recipe: plain (prune, then fine-tune) or "
+                   "regularize (train the planned channels to zero first, then remove them and fine-tune; structure "
+                   "channel) (config: finetune.recipe)")
     p.add_argument(f"--{prefix}finetune-distill", action="store_true", default=None,
                    help="distil from the unpruned model during the fine-tune (config: finetune.distill)")
     for flag, key, metavar, what in TARGET_FLAGS:
@@ -77,6 +80,8 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
     p.add_argument(f"--{prefix}target-imgsz", metavar="auto|N,N", help="also search the input size: auto (stride "
                    "multiples down to about 0.6 of --img) or sizes, e.g. 416,352,320 (target.imgsz; with a speed-up "
                    "budget)")
+    p.add_argument(f"--{prefix}target-after-finetune", type=int, metavar="N", help="fine-tune the chosen point for "
+                   "N epochs and check target.max_drop on the fine-tuned model (target.after_finetune)")
 
 
 #: budget flags: ``--target-drop`` (prune) / ``--prune-target-drop`` (train) -> ``target.max_drop``, ...
@@ -91,6 +96,7 @@ def _target_override(ns: argparse.Namespace, prefix: str) -> Optional[dict]:
     pre = prefix.replace("-", "_")
     given = {key: getattr(ns, f"{pre}target_{flag}", None) for flag, key, _, _ in TARGET_FLAGS}
     given["imgsz"] = getattr(ns, f"{pre}target_imgsz", None)
+    given["after_finetune"] = getattr(ns, f"{pre}target_after_finetune", None)
     given = {k: v for k, v in given.items() if v is not None}
     return given or None
 
@@ -103,7 +109,8 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
     overrides["target"] = _target_override(ns, prefix)
     path = getattr(ns, pre + "config", None)
     finetune = {k: v for k, v in (("epochs", getattr(ns, pre + "finetune_epochs", None)),
-                                  ("distill", getattr(ns, pre + "finetune_distill", None))) if v is not None}
+                                  ("distill", getattr(ns, pre + "finetune_distill", None)),
+                                  ("recipe", getattr(ns, pre + "finetune_recipe", None))) if v is not None}
     if prefix and path is None and not finetune and all(v is None for v in overrides.values()):
         return None  # `yolo-prune train` without any prune option behaves exactly like YOLOv5's train
     for k, v in overrides.items():  # name the flag in errors: "--prune-amount: 'amount' must ..."

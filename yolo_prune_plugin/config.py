@@ -11,8 +11,8 @@ import yaml
 from .errors import ConfigError
 from .prune.registry import (CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions,
                              ChannelRegularize, ObsOptions, data_aware_names, method_names)
-from .options import (TARGET_RUNTIMES, TARGET_SIZES, BNRecalibrationOptions, CalibrationOptions, ExportOptions,
-                      FinetuneOptions, ScheduleOptions, SweepOptions, TargetOptions)
+from .options import (FINETUNE_RECIPES, TARGET_RUNTIMES, TARGET_SIZES, BNRecalibrationOptions, CalibrationOptions,
+                      ExportOptions, FinetuneOptions, ScheduleOptions, SweepOptions, TargetOptions)
 from .utils.validate import (_amount, _at_least, _bool, _choice, _in_range, _number, _str_list, _type_name,
                              _typed_option, _unknown_key)
 
@@ -133,6 +133,12 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = _bool(v, q, where)
             elif k == "distill_weight":
                 out[k] = _in_range(v, q, where, 0, 100, lo_closed=True, hi_closed=True)
+            elif k == "recipe":
+                out[k] = _choice(v, q, where, FINETUNE_RECIPES)
+            elif k == "regularize_share":
+                out[k] = _in_range(v, q, where, 0, 1, lo_closed=True, hi_closed=True)
+            elif k == "regularize_weight":
+                out[k] = _in_range(v, q, where, 0, 1)
             else:
                 out[k] = None if v is None else int(_number(v, q, where, integer=True))
         elif cls is ChannelRegularize:
@@ -186,8 +192,14 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
 
 def _target_option(v: Any, k: str, q: str, where: str) -> Any:
     """One ``target.<k>`` value, checked."""
-    if k in ("relative", "write_best_effort", "after_finetune"):
+    if k in ("relative", "write_best_effort"):
         return _bool(v, q, where)
+    if k == "after_finetune":
+        if v is None or v is False or v == 0:
+            return None
+        if v is True:
+            raise ConfigError(f"{where}: '{q}' is a number of fine-tune epochs (e.g. 10), not true")
+        return _at_least(v, q, where, 1)
     if k == "runtime":
         return _choice(v, q, where, TARGET_RUNTIMES)
     if k == "size_of":
@@ -263,9 +275,10 @@ def _check_target(cfg: "PruneConfig", where: str) -> None:
                           "accurate answer")
     if t.relative and t.max_drop is None:
         raise ConfigError(f"{where}: 'target.relative' applies to target.max_drop, which is not set")
-    if t.after_finetune:
-        raise ConfigError(f"{where}: 'target.after_finetune' (a search on fine-tuned accuracy) is not available "
-                          "yet; the search runs on one-shot models and the budget is re-checked after 'finetune'")
+    n = t.after_finetune
+    if n and cfg.finetune.epochs and cfg.finetune.epochs != n:
+        raise ConfigError(f"{where}: 'target.after_finetune' ({n}) fine-tunes the chosen point for {n} epochs but "
+                          f"'finetune.epochs' is {cfg.finetune.epochs}: set one of them (or both to the same number)")
 
 
 def merge_overrides(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict:
@@ -353,9 +366,17 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
     if cfg.amount is None and not cfg.target.active:
         raise ConfigError(f"{source}: 'amount' is null; set a fraction in [0, 1) or a 'target' budget")
     _check_target(cfg, source)
+    if cfg.target.active and cfg.target.after_finetune:  # the budget's fine-tune is the pipeline's finetune stage
+        cfg = replace(cfg, finetune=replace(cfg.finetune, epochs=cfg.target.after_finetune))
     if cfg.schedule.final_amount is not None and cfg.finetune.epochs:
         raise ConfigError(f"{source}: 'schedule' (prune during training) and 'finetune' (prune, then train) are "
                           "alternatives; set only one")
+    if cfg.finetune.recipe == "regularize" and cfg.structure != "channel":
+        raise ConfigError(f"{source}: 'finetune.recipe: regularize' trains away the channels a channel prune "
+                          "removes: it needs 'structure: channel' (or finetune.recipe: plain)")
+    if cfg.finetune.recipe == "regularize" and cfg.channel.regularize is not None:
+        raise ConfigError(f"{source}: 'finetune.recipe: regularize' and 'channel.regularize' both train the plan "
+                          "away (after training / during it): set only one")
     if cfg.channel.regularize is not None and cfg.structure != "channel":
         raise ConfigError(f"{source}: 'channel.regularize' trains channels to be removed: it needs 'structure: channel'")
     if cfg.channel.regularize is not None and cfg.target.active:

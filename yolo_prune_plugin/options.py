@@ -47,6 +47,16 @@ class FinetuneOptions:
     warmup: bool = False  # YOLOv5's >=100-iteration lr warmup from 0 (most of a short fine-tune)
     distill: bool = False  # add an output-level term from the dense (unpruned) model to YOLOv5's loss
     distill_weight: float = 1.0  # the teacher term's weight (its parts carry YOLOv5's own box/obj/cls gains)
+    # plain: prune, then fine-tune all epochs; regularize (structure: channel): the dense model first trains the
+    # planned channels toward zero for regularize_share of the epochs, exactly that plan is removed, then the
+    # smaller model is fine-tuned for the rest (training/recovery.py)
+    recipe: str = "plain"
+    regularize_share: float = 0.5  # share of the epochs in the penalty phase (recipe: regularize)
+    regularize_weight: float = 0.5  # lambda of the penalty phase (as channel.regularize.weight)
+
+
+#: ``finetune.recipe`` values
+FINETUNE_RECIPES = ("plain", "regularize")
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ class TargetOptions:
     search_images: Optional[int] = None  # a seeded subset of val for the search (None: all)
     seed: int = 0
     write_best_effort: bool = False  # an impossible budget writes the closest point instead of nothing
-    after_finetune: bool = False  # not available yet (refused)
+    after_finetune: Optional[int] = None  # fine-tune the chosen point N epochs; max_drop is checked after it
     imgsz: Optional[Union[str, tuple]] = None  # also search the input size: "auto" | (sizes,) (None: eval size only)
 
     @property

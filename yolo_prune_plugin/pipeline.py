@@ -215,7 +215,7 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
     if config.finetune.epochs:
         _save(out, ckpt, model, dtype, entry, config, ctx)
         entry.metrics_oneshot, entry.metrics_after = entry.metrics_after, None
-        ckpt, model = finetune_stage(out, model.float(), entry, config, ctx, dense=source_model(ckpt))
+        ckpt, model = _recover(source, ckpt, model, done, out, dtype, entry, config, ctx)
 
     _save(out, ckpt, model, dtype, entry, config, ctx)
     if config.export:
@@ -249,6 +249,33 @@ def _run(source: str | Path, config: PruneConfig, ctx: RunContext, *, ckpt: Opti
         LOGGER.info("Deploy %s at --img %d (the budget search chose it), e.g. python export.py --weights %s "
                     "--img %d --include onnx", out.name, entry.deploy_imgsz, out, entry.deploy_imgsz)
     return entry
+
+
+def _recover(source: Path, ckpt: Mapping[str, Any], model: nn.Module, done: Mapping[str, Any], out: Path,
+             dtype: torch.dtype, entry: ReportEntry, config: PruneConfig, ctx: RunContext) -> tuple[Any, nn.Module]:
+    """``finetune``: the recipe's phases on the one-shot file ``out`` (plain: fine-tune it; regularize: train the
+    dense ``ckpt`` with the plan's channels penalised, remove exactly that plan, write it to ``out``, fine-tune the
+    rest of the epochs). Returns the final checkpoint and model."""
+    from .stages import regularize_stage
+    from .training.recovery import phase_epochs, recipe_section
+
+    dense = source_model(ckpt)
+    k, rest = phase_epochs(config)
+    plan = done.get("plan") if isinstance(done, Mapping) else None
+    if not k or not plan:
+        if k and not plan:
+            LOGGER.info("finetune.recipe regularize: nothing was removed (no plan to train away); plain fine-tune")
+        return finetune_stage(out, model.float(), entry, config, ctx, dense=dense)
+    ckpt, model, penalty = regularize_stage(source, dense, plan, k, entry, config, ctx)
+    entry.finetune = recipe_section(config, penalty, None)
+    _save(out, ckpt, model, dtype, entry, config, ctx)  # the plan removed: evaluated, the next phase's source
+    penalty["metrics_removed"] = entry.metrics_after
+    entry.finetune = recipe_section(config, penalty, None)
+    if rest:
+        entry.metrics_after = None
+        ckpt, model = finetune_stage(out, model.float(), entry, config, ctx, dense=dense, epochs=rest)
+        entry.finetune = recipe_section(config, penalty, entry.finetune)
+    return ckpt, model
 
 
 def _bench_against_resizing(entry: ReportEntry, source: Path, out: Path, ctx: RunContext, deploy: int,

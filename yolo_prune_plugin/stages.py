@@ -108,7 +108,9 @@ def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan:
     from .prune.calibration import load_calibration_batch
     from .prune.channel import FALLBACK_IMPORTANCE, channel_prune
 
-    ch = config.channel.resolved(ctx.settings is not None and "channel.reconstruct" not in plan)
+    t = config.target
+    ch = config.channel.resolved(ctx.settings is not None and "channel.reconstruct" not in plan,
+                                 speed_budget=t.min_speedup is not None and t.runtime == "onnxruntime")
     c = config.calibration
     imp = FALLBACK_IMPORTANCE if "channel.importance" in plan else ch.importance
     calibration = None
@@ -124,7 +126,8 @@ def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan:
                         allocation=ch.allocation, cache=None if cache is None else _cached(cache, "channel", dict),
                         plan=ctx.channel_plan,
                         latency_cache=ctx.cache_dir / f"latency_{ctx.imgsz}.json" if ctx.cache_dir else None)
-    done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True)}
+    done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True),
+                            "plan": res.plan}
     if ctx.channel_plan is not None:
         done["channels"]["plan"] = "channel.regularize: the channels its penalty trained away"
         LOGGER.info("Removed exactly the %d channels channel.regularize trained away (no re-ranking)",
@@ -158,11 +161,13 @@ def _calibration_data(ctx: RunContext, what: str) -> dict:
 
 
 def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: PruneConfig,
-                   ctx: RunContext, dense: Optional[nn.Module] = None) -> tuple[dict, nn.Module]:
+                   ctx: RunContext, dense: Optional[nn.Module] = None,
+                   epochs: Optional[int] = None) -> tuple[dict, nn.Module]:
     """Fine-tune the one-shot file ``out`` in YOLOv5's own loop with its zeros held (``finetune.distill``: from
     ``dense``, the unpruned model); the fine-tuned checkpoint and its model. YOLOv5's own final validation of the
     fine-tune run is not reused: it runs with YOLOv5's NMS time limit, and every "after" number the plugin reports
-    comes from its own validation without that limit."""
+    comes from its own validation without that limit. ``epochs``: the fine-tune's share of ``finetune.epochs``
+    (a recipe's last phase; None: all of them)."""
     from .training.finetune import finetune_checkpoint
     from .training.masks import count_leaks, count_masked, zero_masks
 
@@ -170,7 +175,8 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     project, name, hyp_path = finetune_location(Path(entry.checkpoint))
     channel = config.structure == "channel"  # a smaller dense architecture: trained as it is, no mask to hold
     masks = {} if channel else zero_masks(model, config.include, config.exclude)
-    ft = finetune_checkpoint(out, ctx.opt, ft_cfg.epochs, lr_scale=ft_cfg.lr_scale,
+    epochs = ft_cfg.epochs if epochs is None else epochs
+    ft = finetune_checkpoint(out, ctx.opt, epochs, lr_scale=ft_cfg.lr_scale,
                              imgsz=ft_cfg.imgsz or entry.deploy_imgsz,  # recovery at the size it deploys at
                              include=config.include, exclude=config.exclude, masks=masks or None,
                              warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel,
@@ -182,7 +188,7 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
                          f"{out} still holds the one-shot pruned model")
     leaks = dict(ft.leaks)
     leaks["best_pruned.pt"] = count_leaks(tuned, masks)
-    entry.finetune = {"epochs": ft_cfg.epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
+    entry.finetune = {"epochs": epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
                       "warmup": ft.warmup, "loop": ft.loop, "distill": ft.distill, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
                       "masked_weights": count_masked(masks), "seconds": round(ft.seconds, 1),
                       "history": ft.history}
@@ -191,6 +197,68 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
         raise PruneError(f"{ft.best}: pruned weights became non-zero during fine-tuning ({leaks}); "
                          f"{out} still holds the one-shot pruned model")
     return ckpt, tuned
+
+
+def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, entry: Any, config: PruneConfig,
+                     ctx: Any) -> tuple[dict, nn.Module, dict]:
+    """Train ``source`` (the dense checkpoint) for ``epochs`` with the penalty on ``plan``'s channels, then remove
+    exactly the plan from the last epoch's model (the pipeline's channel prune with a fixed plan: reconstruction and
+    BatchNorm statistics as configured). Returns the trained checkpoint, the pruned model and the phase's record
+    for the report."""
+    from dataclasses import replace as _replace
+
+    from .prune.channel import channel_prune
+    from .training.channel_regularize import ChannelRegularizer
+    from .training.finetune import finetune_checkpoint
+    from .training.recovery import bn_residual, output_change
+
+    config = _replace(config, amount=entry.amount)  # a budget search's amount; a plan is checked against it
+    ft = config.finetune
+    reg = ChannelRegularizer(config, ctx.backend, plan=plan, weight=ft.regularize_weight)
+    hooks = [("on_train_start", reg.train_start), ("on_train_epoch_start", reg.epoch_start),
+             ("on_train_batch_end", lambda *a, **k: reg.batch_end()),
+             ("on_fit_epoch_end", lambda log_vals, epoch, best_fitness, fi: reg.fit_epoch_end(epoch))]
+    project, name, _ = finetune_location(Path(entry.checkpoint))
+    LOGGER.info("finetune.recipe regularize: %d of %d epochs train the dense model's %d planned channels toward "
+                "zero (weight %g), then exactly that plan is removed", epochs, ft.epochs,
+                sum(len(v) for v in plan.values()), reg.reg.weight)
+    try:
+        run = finetune_checkpoint(source, ctx.opt, epochs, lr_scale=ft.lr_scale, imgsz=ft.imgsz or entry.deploy_imgsz,
+                                  include=config.include, exclude=config.exclude, masks=None, warmup=ft.warmup,
+                                  project=project, name=name.replace("_finetune", "_regularize"),
+                                  backend=ctx.backend, keep_architecture=True, hooks=hooks)
+    finally:
+        reg.close()
+    if not reg.targets:
+        raise PruneError(f"finetune.recipe regularize: the penalty never started in {run.save_dir}")
+    # the last epoch, not YOLOv5's best.pt: its fitness on a small val split prefers the epochs before the
+    # penalty had done its work (docs/recovery.md)
+    ckpt = load_checkpoint(run.last, ctx.backend)
+    trained = source_model(ckpt).float().to(ctx.device)
+    residual = {"before": bn_residual(dense, reg.targets), "after": bn_residual(trained, reg.targets)}
+    removed = copy.deepcopy(trained)
+    channel_prune(removed, config.amount, plan=plan, include=config.include, exclude=config.exclude,
+                  imgsz=ctx.imgsz, log=False)
+    change = None
+    if ctx.settings is not None:
+        from .prune.calibration import load_calibration_images
+
+        images = load_calibration_images(ctx.settings.data, ctx.imgsz, n=8, batch_size=8, seed=0, device=ctx.device,
+                                         allow_overlap=True)
+        change = round(output_change(trained, removed, images), 6)
+    model, done = prune_stage(ckpt, config, _replace(ctx, channel_plan=plan))
+    penalty = {p["epoch"]: p for p in reg.history}
+    record = {"epochs": epochs, "weight": reg.reg.weight, "fade_batches": reg.batches, "run": str(run.save_dir),
+              "source": str(run.last),
+              "seconds": round(run.seconds, 1), "imgsz": run.imgsz, "lr0": run.hyp["lr0"],
+              "history": [{**h, **penalty.get(h["epoch"], {})} for h in run.history],
+              "residual": residual, "removal_output_change": change,
+              "removal": {k: done[k] for k in ("seconds", "recalibration") if k in done}}
+    LOGGER.info("finetune.recipe regularize: planned channels' BatchNorm |scale|+|shift| %.4g -> %.4g (%d of %d "
+                "still above 1e-3); removing them changed the outputs by %s", residual["before"]["l1"],
+                residual["after"]["l1"], residual["after"]["alive"], residual["after"]["channels"],
+                "n/a" if change is None else f"{100 * change:.2f} %")
+    return ckpt, model, record
 
 
 def finetune_location(checkpoint: Path) -> tuple[Path, str, Optional[Path]]:

@@ -93,12 +93,13 @@ def test_channel_choices():
     assert CHANNEL_ALLOCATIONS == ("global", "sensitivity", "latency")
 
 
-@pytest.mark.parametrize("has_data, want_reconstruct, want_allocation", [
-    (True, True, "sensitivity"), (False, False, "global"),
+@pytest.mark.parametrize("has_data, speed, want_reconstruct, want_allocation", [
+    (True, False, True, "sensitivity"), (False, False, False, "global"), (True, True, True, "latency"),
+    (False, True, False, "latency"),
 ])
-def test_channel_resolved_decides_data_dependent_defaults(has_data, want_reconstruct, want_allocation):
+def test_channel_resolved_decides_data_dependent_defaults(has_data, speed, want_reconstruct, want_allocation):
     c = ChannelOptions(round_to=4)
-    r = c.resolved(has_data)
+    r = c.resolved(has_data, speed_budget=speed)
     assert (r.reconstruct, r.allocation) == (want_reconstruct, want_allocation)
     assert r.round_to == 4 and r.importance is None  # the rest unchanged
     assert (c.reconstruct, c.allocation) == (None, None)  # a new object; the original is untouched
@@ -107,7 +108,7 @@ def test_channel_resolved_decides_data_dependent_defaults(has_data, want_reconst
 @pytest.mark.parametrize("has_data", [True, False])
 def test_channel_resolved_keeps_explicit_choices(has_data):
     c = ChannelOptions(reconstruct=not has_data, allocation="global" if has_data else "sensitivity")
-    assert c.resolved(has_data) == c
+    assert c.resolved(has_data) == c == c.resolved(has_data, speed_budget=True)
 
 
 def test_module_stays_free_of_torch():

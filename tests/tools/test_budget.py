@@ -112,7 +112,11 @@ def test_target_config_round_trip_and_flags_replace_amount(tmp_path):
     ({"target": {"max_drop": 0.01, "size_of": "flops"}}, "'target.size_of' must be one of params, onnx"),
     ({"target": {"max_drop": 0.01, "max_evals": 1}}, "'target.max_evals' must be >= 2"),
     ({"target": {"max_drop": 0.01, "search_images": 0}}, "'target.search_images' must be >= 1"),
-    ({"target": {"max_drop": 0.01, "after_finetune": True}}, "'target.after_finetune' .* not available yet"),
+    ({"target": {"max_drop": 0.01, "after_finetune": True}}, "'target.after_finetune' is a number of fine-tune epochs"),
+    ({"target": {"max_drop": 0.01, "after_finetune": -2}}, "'target.after_finetune' must be >= 1"),
+    ({"target": {"max_drop": 0.01, "after_finetune": "ten"}}, "'target.after_finetune'"),
+    ({"target": {"max_drop": 0.01, "after_finetune": 10}, "finetune": {"epochs": 5}},
+     r"'target.after_finetune' \(10\) fine-tunes the chosen point for 10 epochs but 'finetune.epochs' is 5"),
     ({"target": {"min_speedup": 1.2, "relative": True}, "structure": "channel"}, "'target.relative' applies to"),
     ({"target": {"max_drop": 0.01}, "schedule": {"final_amount": 0.5}}, "cannot drive 'schedule'"),
     ({"target": {"max_dorp": 0.01}}, "unknown key 'target.max_dorp'; did you mean 'target.max_drop'"),
@@ -142,6 +146,30 @@ def test_flags_win_over_the_yaml_amount_or_target(tmp_path):
     y.write_text("amount: 0.4\ntarget: {max_drop: 0.01}\n")
     with pytest.raises(ConfigError, match="'target' chooses the amount"):
         load_config(y)
+
+
+@pytest.mark.parametrize("data,epochs,after", [
+    ({"target": {"min_speedup": 1.5, "max_drop": 0.02, "after_finetune": 10}, "structure": "channel"}, 10, 10),
+    ({"target": {"max_drop": 0.02, "after_finetune": 3}, "finetune": {"epochs": 3}}, 3, 3),
+    ({"target": {"max_drop": 0.02, "after_finetune": False}}, 0, None),
+    ({"target": {"max_drop": 0.02, "after_finetune": 0}, "finetune": {"epochs": 2}}, 2, None),
+])
+def test_after_finetune_is_the_finetune_stage(data, epochs, after):
+    cfg = config_from_dict(data)
+    assert (cfg.finetune.epochs, cfg.target.after_finetune) == (epochs, after)
+    assert config_from_dict(cfg.to_dict()) == cfg  # the stamp written into the checkpoint loads back
+
+
+@pytest.mark.parametrize("prefix", ["", "prune-"])
+@pytest.mark.parametrize("n,match", [("4", None), ("-1", "after_finetune' must be >= 1")])
+def test_after_finetune_flag(prefix, n, match):
+    from testkit import config_from_flags
+
+    argv = ["train" if prefix else "prune", *([] if prefix else ["--weights", "w.pt"]), f"--{prefix}target-speedup",
+            "1.5", f"--{prefix}target-drop", "0.02", f"--{prefix}structure", "channel",
+            f"--{prefix}target-after-finetune", n]
+    cfg = config_from_flags(argv, prefix, match)
+    assert match or (cfg.target.after_finetune == 4 and cfg.finetune.epochs == 4)
 
 
 def test_final_check_after_finetune():
@@ -331,3 +359,23 @@ def test_imgsz_flags(argv, prefix):
     ns = parser.parse_known_args([a if a != "auto" else "320,300" for a in argv])[0]
     with pytest.raises(ConfigError, match=r"300 is not \(nearest: 288\)"):
         _config_from_args(ns, prefix)
+
+
+def test_frontier_marks_the_points_no_other_beats():
+    from yolo_prune_plugin.tools.budget import frontier, frontier_text
+
+    def pt(imgsz, amount, speedup, m):
+        return {"imgsz": imgsz, "amount": amount, "speedup": speedup, "metrics": {"mAP50-95": m}}
+
+    section = {"dense_search": {"mAP50-95": 0.5}, "imgsz": {"evaluation": 416},
+               "chosen": pt(288, 0.16, 2.02, 0.47),
+               "trace": [pt(320, 0.0, 1.66, 0.49), pt(416, 0.6, 1.55, 0.25), pt(288, 0.0, 1.99, 0.48),
+                         pt(288, 0.16, 2.02, 0.47), {**pt(416, 0.9, None, 0.0), "error": "no channel left"}]}
+    rows = frontier(section)
+    assert [r["what"] for r in rows] == ["dense, --img 416", "channel 60%", "dense, --img 320", "dense, --img 288",
+                                         "channel 16% at --img 288"]
+    assert [r["frontier"] for r in rows] == [True, False, True, True, True]
+    assert [r["chosen"] for r in rows] == [False, False, False, False, True]
+    text = frontier_text(section)
+    assert "*    2.02x      0.940  channel 16% at --img 288  <- chosen" in text
+    assert "     1.55x      0.500  channel 60%" in text

@@ -71,7 +71,8 @@ def test_impossible_budget_writes_nothing_and_says_why(tiny_model, tiny_data, tm
     assert rc == 1, err
     assert err.startswith("yolo-prune: error: target: no amount in [0, 0.9] meets speed-up >= 50.00x (2 evaluations")
     assert "closest: amount 0." in err and "nothing written" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "prune.yaml"]
+    # no pruned file, report or plot; only the measured latency table is kept for the next run (a cache)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.pt", "latency_64.json", "prune.yaml"]
 
 
 def test_target_with_amount_is_refused_before_any_work(small_ckpt, tiny_data, capsys):
@@ -111,8 +112,11 @@ def test_demo_ends_with_a_budget_search(tiny_model, tmp_path, caplog):
     out = demo_budget(ck, data, imgsz=64, device="cpu", target={"max_evals": 2})
     assert out["png"] == str(tmp_path / "exp" / "budget" / "budget_best.png")
     assert (tmp_path / "exp" / "weights" / "best_budget.pt").is_file()
-    assert out["entry"].structure == "channel" and out["entry"].target["evaluations"] == 2
-    assert "The fastest channel-pruned model within 1 mAP50-95 point" in caplog.text and "faster in ONNX" in caplog.text
+    t = out["entry"].target
+    assert out["entry"].structure == "channel" and t["options"]["imgsz"] == "auto" and t["budget"]["min_speedup"] == 1.5
+    assert "Accuracy against speed for the demo model" in caplog.text and "At least 1.5x faster" in caplog.text
+    table = caplog.text.split("* = on the frontier):")[1].split("At least")[0]
+    assert "1.00x      1.000  dense, --img 64" in table and len(table.strip().splitlines()) == 2 + len(t["trace"])
 
 
 def test_search_images_are_a_seeded_subset_of_val(backend, tiny_data, tmp_path):
@@ -141,7 +145,8 @@ def test_input_size_reaches_the_file_the_report_the_export_and_the_command(tiny_
     only 32 px with channels removed meets it (64 px would need more than max_amount); at 1.5x with hardly any
     pruning allowed, resizing alone wins and the dense model is written to deploy at 32 px. Either way the
     deploy size reaches the checkpoint, the report, the file's own validation, the ONNX export, the printed
-    command and `yolo-prune export`."""
+    command and `yolo-prune export`. The pruned case also asks `--target-after-finetune 1` with a max_drop: the
+    search leaves the drop to the fine-tuned file, which is fine-tuned at the deploy size and re-checked."""
     import logging
 
     import onnx
@@ -166,7 +171,8 @@ def test_input_size_reaches_the_file_the_report_the_export_and_the_command(tiny_
     caplog.set_level(logging.INFO, logger="yolo_prune_plugin")
     rc = main(["prune", "--weights", str(weights), "--data", str(tiny_data), "--img", "64", "--device", "cpu",
                "--workers", "0", "--batch-size", "4", "--structure", "channel", "--config", str(cfg),
-               "--target-speedup", str(speedup), "--target-imgsz", "64,32", *(["--export", "onnx"] if pruned else [])])
+               "--target-speedup", str(speedup), "--target-imgsz", "64,32",
+               *(["--export", "onnx", "--target-drop", "0.5", "--target-after-finetune", "1"] if pruned else [])])
     assert rc == 0, capsys.readouterr().err
     entry = validate_report(json.loads((tmp_path / "prune_report.json").read_text()))[0]
     t = entry.target
@@ -175,10 +181,19 @@ def test_input_size_reaches_the_file_the_report_the_export_and_the_command(tiny_
     assert resized["imgsz"] == 32 and resized["speedup"] == 2.0
     assert entry.deploy_imgsz == t["deploy_imgsz"] == t["chosen"]["imgsz"] == 32 and entry.imgsz == 64
     assert (t["chosen"]["amount"] > 0) is pruned and t["chosen"]["speedup"] >= speedup
-    if pruned:  # no resize-only point is that fast
+    if pruned:  # no resize-only point is that fast; the drop limit was left to the fine-tuned file
         assert t["resize_baseline"] is None and "no resize-only point is as fast" in t["versus_resize"]
+        assert t["after_finetune"]["epochs"] == 1 and t["after_finetune"]["search_limits"]["max_drop"] is None
+        assert t["after_finetune"]["max_drop_on"] == "fine-tuned model" and t["budget"]["max_drop"] == 0.5
+        assert t["final"]["on"] == "fine-tuned model" and t["final"]["max_drop"] == 0.5
+        assert t["one_shot"]["on"] == "one-shot model" and entry.finetune["epochs"] == 1
+        assert entry.finetune["imgsz"] == 32  # recovery at the deploy size
+        assert entry.channels["allocation"] == "latency"  # the default allocation of a speed budget
+        assert entry.channels["latency"]["measured"] > 0 and (tmp_path / "latency_64.json").is_file()
+        assert "max_drop 0.5000 is checked on the file after 1 fine-tune epochs" in caplog.text
         assert all(p["imgsz"] in (32, 64) and p["amount"] <= max_amount for p in t["trace"])
     else:
+        assert "after_finetune" not in t and t["final"]["on"] == "one-shot model"
         assert t["resize_baseline"] == t["chosen"] and "resizing alone wins" in t["versus_resize"]
         assert entry.method_details["resized_only"].startswith("no channel removed")
     widths = [m.out_channels for m in torch.load(entry.output)["model"].modules() if isinstance(m, torch.nn.Conv2d)]

@@ -69,6 +69,7 @@ class TrainingObjects:
     start_epoch: int
     resumed: bool
     imgsz: Optional[int] = None  # train()'s checked image size
+    batches: Optional[int] = None  # batches this run will train: nb x (epochs - start_epoch)
 
 
 def _yolov5_train_frame(*names: str) -> Any:
@@ -112,8 +113,10 @@ def training_objects(backend: Backend) -> TrainingObjects:
     model = loc["model"]
     model = getattr(model, "module", model)  # DDP
     start = int(loc.get("start_epoch", 0))
+    nb, epochs = loc.get("nb"), loc.get("epochs")
+    batches = int(nb) * (int(epochs) - start) if isinstance(nb, int) and isinstance(epochs, int) else None
     return TrainingObjects(model, loc["optimizer"], loc["ema"], start, bool(loc.get("resume")) or start > 0,
-                           loc.get("imgsz") if isinstance(loc.get("imgsz"), int) else None)
+                           loc.get("imgsz") if isinstance(loc.get("imgsz"), int) else None, batches)
 
 
 def _set_train_locals(frame: Any, **values: Any) -> None:

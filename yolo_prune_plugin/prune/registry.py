@@ -96,12 +96,14 @@ class ChannelOptions:
     regularize: Optional[ChannelRegularize] = None  # group-sparsity penalty during training (train / train end)
     cost_aware: float = 0.0  # > 0: rank by importance / (MACs per channel)^alpha (faster, less accurate one-shot)
 
-    def resolved(self, has_data: bool) -> "ChannelOptions":
+    def resolved(self, has_data: bool, speed_budget: bool = False) -> "ChannelOptions":
         """The options with the data-dependent defaults (``reconstruct``, ``allocation``: None) decided for a run
-        with / without data."""
+        with / without data; ``speed_budget``: a ``target.min_speedup`` on ONNX Runtime, which makes ``latency`` the
+        default allocation (measured: docs/benchmarks.md, issue 25)."""
+        default = "latency" if speed_budget else "sensitivity" if has_data else "global"
         return dataclasses.replace(
             self, reconstruct=has_data if self.reconstruct is None else self.reconstruct,
-            allocation=("sensitivity" if has_data else "global") if self.allocation is None else self.allocation)
+            allocation=default if self.allocation is None else self.allocation)
 
 
 def method_names() -> tuple[str, ...]:

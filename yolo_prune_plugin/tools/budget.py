@@ -347,5 +347,42 @@ def format_trace(result: SearchResult, budget: Budget) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Point", "Budget", "SearchResult", "JointResult", "search", "joint_search", "auto_sizes", "pick", "pick_most_accurate",
+def frontier(section: dict) -> list[dict]:
+    """The accuracy-speed frontier of a budget report section (``target``): every timed point as ``{"what",
+    "imgsz", "amount", "speedup", "retention", "frontier", "chosen"}`` sorted by speed-up, the dense model first;
+    ``frontier``: no other point is at least as fast and more accurate (retention of the search's dense mAP50-95)."""
+    dense = section["dense_search"]["mAP50-95"]
+    base = (section.get("imgsz") or {}).get("evaluation")
+    c = section["chosen"]
+    rows = [{"what": "dense" + (f", --img {base}" if base else ""), "imgsz": base, "amount": 0.0, "speedup": 1.0,
+             "retention": 1.0, "chosen": False}]
+    for p in section["trace"]:
+        if p.get("error") or p.get("speedup") is None:
+            continue
+        at = p.get("imgsz")
+        if p["amount"] == 0:
+            what = f"dense, --img {at}"
+        else:
+            what = f"channel {p['amount']:.0%}" + (f" at --img {at}" if at is not None and at != base else "")
+        rows.append({"what": what, "imgsz": at, "amount": p["amount"], "speedup": p["speedup"],
+                     "retention": p["metrics"]["mAP50-95"] / dense if dense > 0 else 0.0,
+                     "chosen": p["amount"] == c["amount"] and at == c.get("imgsz")})
+    rows.sort(key=lambda r: (r["speedup"], r["retention"]))
+    for r in rows:
+        r["frontier"] = not any(o is not r and o["speedup"] >= r["speedup"] and o["retention"] > r["retention"]
+                                for o in rows)
+    return rows
+
+
+def frontier_text(section: dict) -> str:
+    """:func:`frontier` as a table: speed-up, retention, what; ``*`` on the frontier, ``<- chosen``."""
+    lines = ["  speed-up  retention  point"]
+    for r in frontier(section):
+        mark = "*" if r["frontier"] else " "
+        lines.append(f"{mark} {r['speedup']:>7.2f}x  {r['retention']:>9.3f}  {r['what']}"
+                     f"{'  <- chosen' if r['chosen'] else ''}")
+    return "\n".join(lines)
+
+
+__all__ = ["Point", "Budget", "frontier", "frontier_text", "SearchResult", "JointResult", "search", "joint_search", "auto_sizes", "pick", "pick_most_accurate",
            "next_amount", "dense_point", "describe", "format_trace", "limits_text"]

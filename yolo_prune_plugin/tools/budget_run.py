@@ -37,7 +37,7 @@ from ..report import ReportEntry
 from ..utils.progress import progress
 from .bench import bench_input, make_runner, require_onnxruntime, time_side_by_side, torch_threads
 from .budget import (METRIC_KEYS, Budget, JointResult, Point, SearchResult, auto_sizes, describe, format_trace,
-                     joint_search, limits_text, pick, pick_most_accurate, search)
+                     frontier_text, joint_search, limits_text, pick, pick_most_accurate, search)
 from .sweep import CachedBatches, _fused
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -214,7 +214,16 @@ def budget_search(source: Path, dense_model: nn.Module, prune_fn: Callable[[floa
     prober = Prober(source, dense_model, prune_fn, config, settings, backend, imgsz)
     try:
         dense = prober.dense
-        budget = Budget.from_target(t, dense.map)
+        budget = full = Budget.from_target(t, dense.map)
+        if t.after_finetune and budget.max_drop is not None and (t.min_speedup is not None or t.max_size is not None):
+            budget = dataclasses.replace(budget, max_drop=None)  # fine-tuning wins accuracy back, never speed
+            LOGGER.info("Budget: target.after_finetune %d: the search picks the most accurate one-shot point within "
+                        "%s; max_drop %.4f is checked on the file after %d fine-tune epochs", t.after_finetune,
+                        limits_text(budget), full.max_drop, t.after_finetune)
+        elif t.after_finetune and budget.max_drop is not None:
+            LOGGER.info("Budget: target.after_finetune %d with max_drop alone: the search keeps max_drop on one-shot "
+                        "models (a fine-tuned accuracy is known only after fine-tuning), then fine-tunes the chosen "
+                        "amount and re-checks it", t.after_finetune)
         sizes = search_sizes(t.imgsz, imgsz, prober.stride)
         sized = f", input size in {sizes}" if sizes else ""
         LOGGER.info("Budget search: %s (dense mAP50-95 %.4f on %d val images at %d px), amount in [0, %s]%s, at "
@@ -258,9 +267,16 @@ def budget_search(source: Path, dense_model: nn.Module, prune_fn: Callable[[floa
         LOGGER.warning("yolo_prune_plugin: no amount meets the budget; writing the closest point "
                        "(target.write_best_effort): %s", describe(point, budget))
     model, done = kept[(point.imgsz, point.amount)]  # done None: a resize-only point, nothing pruned
-    section = _section(config, budget, result, point, dense, n, total, seconds)
+    section = _section(config, full, result, point, dense, n, total, seconds)
+    if t.after_finetune:
+        section["after_finetune"] = {"epochs": t.after_finetune, "search_limits": budget.to_dict(),
+                                     "max_drop_on": "fine-tuned model" if budget.max_drop is None and
+                                     full.max_drop is not None else "one-shot probes and the fine-tuned model"}
     if sizes:
         section.update(_imgsz_section(result, point, budget, imgsz))
+    if any(p.speedup is not None for p in result.trace):
+        LOGGER.info("Budget: accuracy against speed (retention of the dense mAP50-95 on the search images; * = no "
+                    "other point is as fast and more accurate):\n%s", frontier_text(section))
     return SearchOutcome(section, model, done, dense, n == total)
 
 
@@ -330,7 +346,9 @@ def final_check(section: dict, before: Optional[dict], after: Optional[dict], fi
 
 def recheck_budget(entry: ReportEntry) -> None:
     """The budget re-checked on the written file's full-val metrics (after fine-tuning when there was one)."""
-    if entry.target:
+    if entry.target and entry.target.get("after_finetune") and not entry.finetune:
+        entry.target["one_shot"] = final_check(entry.target, entry.metrics_before, entry.metrics_after, False)
+    elif entry.target:
         entry.target["final"] = final_check(entry.target, entry.metrics_before, entry.metrics_after,
                                             finetuned=bool(entry.finetune))
         log_final(entry.target)

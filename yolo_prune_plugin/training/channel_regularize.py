@@ -31,16 +31,18 @@ from ..config import PruneConfig
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
 
-def regularize_targets(model: nn.Module, config: PruneConfig) -> tuple[dict[str, torch.Tensor], dict]:
+def regularize_targets(model: nn.Module, config: PruneConfig,
+                       plan: Optional[dict] = None) -> tuple[dict[str, torch.Tensor], dict]:
     """``({BatchNorm name: channel indices}, plan)``: the channels that channel pruning of ``model`` at
-    ``config.amount`` would remove, and that pruning's plan (:attr:`ChannelPruneResult.plan`)."""
+    ``config.amount`` would remove (or that ``plan``, a :attr:`ChannelPruneResult.plan`, removes: every member of
+    each group, not only its root), and that pruning's plan."""
     from ..prune.channel import channel_prune
 
     ch = config.channel
     m = copy.deepcopy(model).float().eval()
-    res = channel_prune(m, config.amount, importance="l1", round_to=ch.round_to, include=config.include,
+    res = channel_prune(m, config.amount or 0.0, importance="l1", round_to=ch.round_to, include=config.include,
                         exclude=config.exclude, max_layer_ratio=ch.max_layer_ratio, cost_aware=ch.cost_aware,
-                        round_share=ch.round_share, log=False)
+                        round_share=ch.round_share, log=False, plan=plan)
     mods = dict(model.named_modules())
     out = {}
     for conv, kept in res.kept.items():
@@ -55,9 +57,22 @@ def regularize_targets(model: nn.Module, config: PruneConfig) -> tuple[dict[str,
 class ChannelRegularizer:
     """The penalty's life in one training run: targets at ``from_epoch``, the gradient hook, per-epoch values."""
 
-    def __init__(self, config: PruneConfig, backend: Optional[Backend] = None) -> None:
+    def __init__(self, config: PruneConfig, backend: Optional[Backend] = None, plan: Optional[dict] = None,
+                 weight: Optional[float] = None) -> None:
+        """``plan``: train exactly these channels away from the first epoch (prune-aware fine-tuning of a finished
+        checkpoint, training/recovery.py) instead of choosing them at ``channel.regularize.from_epoch``;
+        ``weight``: the penalty's lambda (default ``channel.regularize.weight``)."""
+        from ..prune.registry import ChannelRegularize
+
         self.config = config
-        self.reg = config.channel.regularize
+        reg = config.channel.regularize or ChannelRegularize()
+        self.reg = reg if plan is None and weight is None else \
+            ChannelRegularize(weight=reg.weight if weight is None else weight, from_epoch=0)
+        self.fixed_plan = plan
+        self.fade = plan is not None  # a fixed plan is faded to exactly zero by the end of the run
+        self.ema: Any = None
+        self.batches: Optional[int] = None  # batches in the run (the fade's length)
+        self.batch = 0
         self.backend = backend
         self.model: Optional[nn.Module] = None
         self.optimizer: Any = None
@@ -72,6 +87,7 @@ class ChannelRegularizer:
         """``on_train_start``: YOLOv5's model and optimizer, read from its ``train()``."""
         objs = training_objects(self.backend)
         self.attach(objs.model, objs.optimizer, objs.start_epoch)
+        self.ema, self.batches = objs.ema, objs.batches
 
     def attach(self, model: nn.Module, optimizer: torch.optim.Optimizer, start_epoch: int = 0) -> None:
         self.model, self.optimizer, self.epoch = model, optimizer, int(start_epoch) - 1
@@ -81,14 +97,31 @@ class ChannelRegularizer:
         self.epoch += 1
         if self.epoch < self.reg.from_epoch or self._handle is not None or self.model is None:
             return
-        self.targets, self.plan = regularize_targets(self.model, self.config)
+        self.targets, self.plan = regularize_targets(self.model, self.config, self.fixed_plan)
         self._handle = add_gradient_hook(self.optimizer, self.add_gradients)
         LOGGER.info("channel.regularize: L1 %.3g on the BatchNorm scales and shifts of %d channels in %d layers from epoch %d",
                     self.reg.weight, sum(len(v) for v in self.targets.values()), len(self.targets), self.epoch)
 
-    def _parameters(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    @torch.no_grad()
+    def batch_end(self) -> None:
+        """``on_train_batch_end`` (after the optimizer step and the EMA update), with a fixed plan: the targeted
+        scales and shifts of the model and of its EMA are scaled so that they follow ``1 - b / B`` (batch ``b`` of
+        the run's ``B``) and are exactly 0 after the last batch: the plan is trained away however far the penalty
+        got, gradually, while the rest of the network adapts (removal is then lossless)."""
+        if not self.fade or not self.targets or not self.batches:
+            return
+        self.batch += 1
+        prev = max(0.0, 1.0 - (self.batch - 1) / self.batches)
+        now = max(0.0, 1.0 - self.batch / self.batches)
+        ratio = now / prev if prev > 0 else 0.0
+        models = [self.model] + ([self.ema.ema] if getattr(self.ema, "ema", None) is not None else [])
+        for m in models:
+            for p, idx in self._parameters(m):
+                p.data[idx] = p.data[idx] * ratio
+
+    def _parameters(self, model: Optional[nn.Module] = None) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``(parameter, targeted indices)``: the BatchNorm scale and shift of every targeted layer."""
-        mods = dict(self.model.named_modules())
+        mods = dict((model or self.model).named_modules())
         return [(p, idx.to(p.device)) for name, idx in self.targets.items()
                 for p in (mods[name].weight, mods[name].bias)]
 

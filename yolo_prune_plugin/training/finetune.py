@@ -26,7 +26,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -137,7 +137,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                         project: str | Path | None = None, name: Optional[str] = None,
                         hyp_path: str | Path | None = None, backend: Optional[Backend] = None,
                         keep_architecture: bool = False, teacher: Optional[nn.Module] = None,
-                        distill_weight: float = 1.0, **train_overrides: Any) -> FinetuneResult:
+                        distill_weight: float = 1.0, hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+                        **train_overrides: Any) -> FinetuneResult:
     """Train ``weights`` for ``epochs`` more epochs with YOLOv5's ``train.main``, holding ``masks`` at zero.
 
     ``base_opt`` (a YOLOv5 train ``opt`` or its ``vars``) gives data, batch size, device, optimizer, hyp, ...;
@@ -145,7 +146,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     (dense fine-tune, e.g. a baseline). ``keep_architecture``: train the module stored in ``weights`` (a
     channel-pruned model) instead of YOLOv5 rebuilding its YAML. ``teacher``: the dense model to distil from
     (:mod:`~yolo_prune_plugin.backend.distillation`, weight ``distill_weight``; None: YOLOv5's loss alone, the
-    loop untouched). ``train_overrides`` are further YOLOv5 options. The run goes to
+    loop untouched). ``hooks``: further ``(YOLOv5 callback name, function)`` pairs registered after the plugin's own
+    (e.g. the penalty phase's regulariser). ``train_overrides`` are further YOLOv5 options. The run goes to
     ``project/name`` (never overwriting: YOLOv5 increments the name). Raises :class:`PruneError` on a leak.
     """
     b = backend or get_backend()
@@ -220,6 +222,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                      ("on_train_batch_end", lambda *a, **k: keeper.batch_end()), ("on_fit_epoch_end", fit_epoch_end),
                      ("on_model_save", model_save), ("on_train_end", train_end)):
         cb.register_action(hook, name=HOOK_NAME, callback=fn)
+    for hook, fn in hooks:
+        cb.register_action(hook, name=f"{HOOK_NAME}_extra", callback=fn)
     LOGGER.info("yolo_prune_plugin: fine-tuning %s for %d epochs (lr0 %.4g, %s masked weights, warmup %s%s)",
                 weights.name, epochs, hyp["lr0"], "no" if not masks else "the pruned", "on" if warmup else "off",
                 f", distilling from the dense model (weight {distill_weight:g})" if teacher is not None else "")
