@@ -195,7 +195,7 @@ def _target_option(v: Any, k: str, q: str, where: str) -> Any:
     if k in ("relative", "write_best_effort"):
         return _bool(v, q, where)
     if k == "after_finetune":
-        if v is None or v is False or v == 0:
+        if v is None or v == 0:  # off (false, 0)
             return None
         if v is True:
             raise ConfigError(f"{where}: '{q}' is a number of fine-tune epochs (e.g. 10), not true")

@@ -267,10 +267,9 @@ def _recover(source: Path, ckpt: Mapping[str, Any], model: nn.Module, done: Mapp
             LOGGER.info("finetune.recipe regularize: nothing was removed (no plan to train away); plain fine-tune")
         return finetune_stage(out, model.float(), entry, config, ctx, dense=dense)
     ckpt, model, penalty = regularize_stage(source, dense, plan, k, entry, config, ctx)
-    entry.finetune = recipe_section(config, penalty, None)
+    entry.finetune = recipe_section(config, penalty, None)  # holds `penalty` itself: updated below in place
     _save(out, ckpt, model, dtype, entry, config, ctx)  # the plan removed: evaluated, the next phase's source
     penalty["metrics_removed"] = entry.metrics_after
-    entry.finetune = recipe_section(config, penalty, None)
     if rest:
         entry.metrics_after = None
         ckpt, model = finetune_stage(out, model.float(), entry, config, ctx, dense=dense, epochs=rest)

@@ -199,8 +199,8 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     return ckpt, tuned
 
 
-def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, entry: Any, config: PruneConfig,
-                     ctx: Any) -> tuple[dict, nn.Module, dict]:
+def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, entry: ReportEntry,
+                     config: PruneConfig, ctx: RunContext) -> tuple[dict, nn.Module, dict]:
     """Train ``source`` (the dense checkpoint) for ``epochs`` with the penalty on ``plan``'s channels, then remove
     exactly the plan from the last epoch's model (the pipeline's channel prune with a fixed plan: reconstruction and
     BatchNorm statistics as configured). Returns the trained checkpoint, the pruned model and the phase's record
@@ -236,13 +236,13 @@ def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, en
     ckpt = load_checkpoint(run.last, ctx.backend)
     trained = source_model(ckpt).float().to(ctx.device)
     residual = {"before": bn_residual(dense, reg.targets), "after": bn_residual(trained, reg.targets)}
-    removed = copy.deepcopy(trained)
-    channel_prune(removed, config.amount, plan=plan, include=config.include, exclude=config.exclude,
-                  imgsz=ctx.imgsz, log=False)
     change = None
-    if ctx.settings is not None:
+    if ctx.settings is not None:  # what the removal alone does to the outputs (no reconstruction or recalibration)
         from .prune.calibration import load_calibration_images
 
+        removed = copy.deepcopy(trained)
+        channel_prune(removed, config.amount, plan=plan, include=config.include, exclude=config.exclude,
+                      imgsz=ctx.imgsz, log=False)
         images = load_calibration_images(ctx.settings.data, ctx.imgsz, n=8, batch_size=8, seed=0, device=ctx.device,
                                          allow_overlap=True)
         change = round(output_change(trained, removed, images), 6)

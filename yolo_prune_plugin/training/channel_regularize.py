@@ -68,8 +68,7 @@ class ChannelRegularizer:
         reg = config.channel.regularize or ChannelRegularize()
         self.reg = reg if plan is None and weight is None else \
             ChannelRegularize(weight=reg.weight if weight is None else weight, from_epoch=0)
-        self.fixed_plan = plan
-        self.fade = plan is not None  # a fixed plan is faded to exactly zero by the end of the run
+        self.fixed_plan = plan  # a fixed plan is also faded to exactly zero by the end of the run (batch_end)
         self.ema: Any = None
         self.batches: Optional[int] = None  # batches in the run (the fade's length)
         self.batch = 0
@@ -108,7 +107,7 @@ class ChannelRegularizer:
         scales and shifts of the model and of its EMA are scaled so that they follow ``1 - b / B`` (batch ``b`` of
         the run's ``B``) and are exactly 0 after the last batch: the plan is trained away however far the penalty
         got, gradually, while the rest of the network adapts (removal is then lossless)."""
-        if not self.fade or not self.targets or not self.batches:
+        if self.fixed_plan is None or not self.targets or not self.batches:
             return
         self.batch += 1
         prev = max(0.0, 1.0 - (self.batch - 1) / self.batches)
