@@ -36,7 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--amount", type=float, default=0.5)
     ap.add_argument("--weight", type=float, default=0.05, help="channel.regularize.weight of the penalty row")
     ap.add_argument("--from-epoch", type=int, default=5, help="channel.regularize.from_epoch of the penalty row")
-    ap.add_argument("--rows", default="penalty,control", help="comma-separated: penalty, control")
+    ap.add_argument("--max-drop", default="0.02", help="channel.regularize.max_drop of the penalty row (none: a "
+                    "fixed lambda; the 'fixed' row always uses none)")
+    ap.add_argument("--rows", default="penalty,control", help="comma-separated: penalty, fixed (lambda never adapts), "
+                    "control")
     ap.add_argument("--seeds", default="0", help="comma-separated training seeds")
     args = ap.parse_args(argv)
     import torch
@@ -55,11 +58,13 @@ def main(argv: list[str] | None = None) -> int:
     result: dict = {"args": vars(args), "rows": []}
     for seed in [int(s) for s in args.seeds.split(",") if s.strip()]:
         for kind in [r.strip() for r in args.rows.split(",") if r.strip()]:
-            if kind not in ("penalty", "control"):
-                raise SystemExit(f"--rows: expected penalty or control, got {kind!r}")
+            if kind not in ("penalty", "fixed", "control"):
+                raise SystemExit(f"--rows: expected penalty, fixed or control, got {kind!r}")
             cfg: dict = {"structure": "channel", "amount": args.amount, "overwrite": True}
-            if kind == "penalty":
-                cfg["channel"] = {"regularize": {"weight": args.weight, "from_epoch": args.from_epoch}}
+            if kind != "control":
+                max_drop = None if kind == "fixed" or args.max_drop.lower() == "none" else float(args.max_drop)
+                cfg["channel"] = {"regularize": {"weight": args.weight, "from_epoch": args.from_epoch,
+                                                 "max_drop": max_drop}}
             name = f"{kind}_s{seed}"
             t0 = time.perf_counter()
             plugin = api.train(prune=cfg, data=str(train_data), weights=str(args.weights), epochs=args.epochs,
@@ -73,7 +78,9 @@ def main(argv: list[str] | None = None) -> int:
             with driving_yolov5(b):
                 dense = evaluate_weights(e.checkpoint, settings, backend=b)
                 pruned = evaluate_weights(e.output, settings, backend=b)
-            row = {"row": kind, "seed": seed, "file": Path(e.checkpoint).name,
+            val = _val_curve(out / name / "results.csv")
+            row = {"row": kind, "seed": seed, "file": Path(e.checkpoint).name, "val_mAP50-95": val,
+                   "residual": (e.channels or {}).get("residual"),
                    "plan": (e.channels or {}).get("plan"), "dense_mAP50-95": dense.map, "pruned_mAP50-95": pruned.map,
                    "dense_mAP50": dense.map50, "pruned_mAP50": pruned.map50,
                    "retention": round(pruned.map / dense.map, 4) if dense.map else None,
@@ -85,6 +92,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] {name}: dense {dense.map:.4f} -> channel {args.amount:g} one-shot {pruned.map:.4f} "
                   f"(retention {row['retention']}), {seconds:.0f} s", flush=True)
     return 0
+
+
+def _val_curve(csv: Path) -> list[float]:
+    """YOLOv5's per-epoch val mAP50-95 from a run's ``results.csv`` (empty when absent)."""
+    if not csv.is_file():
+        return []
+    lines = [[c.strip() for c in line.split(",")] for line in csv.read_text().splitlines() if line.strip()]
+    col = next((i for i, h in enumerate(lines[0]) if h.endswith("mAP_0.5:0.95")), None)
+    return [round(float(r[col]), 4) for r in lines[1:]] if col is not None else []
 
 
 if __name__ == "__main__":

@@ -176,3 +176,19 @@ def test_an_unexpected_failure_is_one_line_naming_the_source(backend, small_ckpt
     with pytest.raises(PruneError, match=rf"^{small_ckpt}: pruning failed \(RuntimeError: injected\); run with --verbose"):
         pipeline.run(small_ckpt, config_from_dict({"amount": 0.4, "method": "global"}), _ctx(backend))
     assert not small_ckpt.with_name("best_pruned.pt").exists() and not list(small_ckpt.parent.glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("oneshot,after,warned", [(0.088, 0.076, True), (0.51, 0.59, False), (None, 0.5, False)])
+def test_a_finetune_that_lowered_val_map_is_reported(caplog, oneshot, after, warned):
+    """Measured on a coco128 split (64 train images, 80 classes): every fine-tune scored below the one-shot file."""
+    import logging
+
+    from yolo_prune_plugin.pipeline import _warn_if_finetune_lost
+    from yolo_prune_plugin.report import ReportEntry
+
+    caplog.set_level(logging.WARNING, logger="yolo_prune_plugin")
+    e = ReportEntry("a.pt", "a_pruned.pt", "finetune", "global", 0.3, "cpu", 64,
+                    metrics_oneshot=None if oneshot is None else {"mAP50-95": oneshot},
+                    metrics_after={"mAP50-95": after})
+    _warn_if_finetune_lost(e)
+    assert ("fine-tuning lowered mAP50-95 on the val split (0.0880 one-shot -> 0.0760)" in caplog.text) is warned

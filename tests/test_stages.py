@@ -184,7 +184,8 @@ def _stub_finetune(monkeypatch, tuned_file: Path, seen: dict):
     def finetune_checkpoint(weights, base_opt, epochs, **kw):
         seen.update(weights=weights, epochs=epochs, **kw)
         return SimpleNamespace(best=tuned_file, leaks={"live model": 0}, imgsz=64, warmup=False, loop={}, distill=None,
-                               hyp={"lr0": 0.001}, save_dir=tuned_file.parent, seconds=1.0, history=[{"epoch": 0}])
+                               hyp={"lr0": 0.001}, save_dir=tuned_file.parent, seconds=1.0, history=[{"epoch": 0}],
+                               kept={"file": tuned_file.name, "rule": kw.get("keep"), "epoch": 0})
 
     monkeypatch.setattr(F, "finetune_checkpoint", finetune_checkpoint)
 
@@ -216,6 +217,8 @@ def test_finetune_stage_holds_the_zeros_and_refuses_leaks(backend, small_model, 
     assert sum(int(v.sum()) for v in seen["masks"].values()) == masked  # the zeros are what training holds
     assert entry.leaks == {"live model": 0, "best_pruned.pt": 0} and entry.finetune["masked_weights"] == masked
     assert entry.finetune["epochs"] == 2 and entry.finetune["lr0"] == 0.001
+    assert seen["keep"] == "last" and seen["lr_schedule"] == "run"  # keep auto: last.pt, then compared with best.pt
+    assert entry.finetune["kept"]["rule"] == "auto" and entry.finetune["lr_schedule"] == "run"
     assert next(model.parameters()).dtype == torch.float32 and model is source_model(ckpt)  # the fine-tuned file's
     assert torch.equal(model.model[0].conv.weight, tuned.model[0].conv.weight.half().float())
 
@@ -231,3 +234,45 @@ def test_finetune_stage_refuses_a_lost_channel_architecture(backend, tiny_model,
     with pytest.raises(PruneError, match=r"the fine-tuned model lost the pruned architecture \(channel counts differ\)"):
         finetune_stage(out, pruned, _entry(src), cfg, _ctx(backend))
     assert seen["keep_architecture"] is True and seen["masks"] is None  # channels: no zeros to hold
+
+
+@pytest.mark.parametrize("min_images,maps,epochs,want,why", [
+    (1, {"best.pt": 0.6, "last.pt": 0.4}, (1, 2), "best.pt", "higher fitness on the 2 val images"),
+    (1, {"best.pt": 0.4, "last.pt": 0.6}, (1, 2), "last.pt", "higher fitness on the 2 val images"),
+    (1, {"best.pt": 0.6, "last.pt": 0.4}, (2, 2), "last.pt", "best.pt is the last epoch"),
+    (100, {"best.pt": 0.6, "last.pt": 0.4}, (1, 2), "last.pt", r"the val split has 2 images \(< 100\)"),
+])
+def test_keep_auto_compares_best_and_last_on_the_val_split(backend, tiny_data, tmp_path, monkeypatch, min_images,
+                                                            maps, epochs, want, why):
+    """``finetune.keep: auto``: the plugin's own validation of best.pt and last.pt on the fine-tune data's val split
+    decides (YOLOv5's fitness), only on a split of at least ``AUTO_KEEP_MIN_IMAGES`` images; the record says why."""
+    import re
+
+    import yolo_prune_plugin.backend.evaluation as E
+    import yolo_prune_plugin.options as O
+    from yolo_prune_plugin.stages import choose_kept
+
+    monkeypatch.setattr(O, "AUTO_KEEP_MIN_IMAGES", min_images)
+    seen = []
+
+    def evaluate_weights(f, settings, loader=None, backend=None):
+        seen.append((Path(f).name, len(loader.dataset)))
+        return E.Metrics(0.5, 0.5, maps[Path(f).name], maps[Path(f).name])
+
+    monkeypatch.setattr(E, "evaluate_weights", evaluate_weights)
+    w = tmp_path / "weights"
+    w.mkdir()
+    for f in ("best.pt", "last.pt"):
+        (w / f).write_bytes(b"x")
+    settings = E.make_settings(tiny_data, 64, 2, "cpu", workers=0, backend=backend)
+    ctx = RunContext(backend, CPU, 64, settings=settings, opt={"data": str(tiny_data)})
+    best_epoch, last_epoch = epochs
+    path, rec = choose_kept(w / "last.pt", {"file": "last.pt", "rule": "last", "best_epoch": best_epoch,
+                                            "last_epoch": last_epoch, "epoch": last_epoch}, ctx)
+    assert path == w / want and rec["file"] == want and rec["rule"] == "auto" and re.search(why, rec["why"])
+    assert rec["epoch"] == (best_epoch if want == "best.pt" else last_epoch)
+    if "fitness" in why:
+        assert seen == [("best.pt", 2), ("last.pt", 2)]
+        assert rec["fitness"] == {k: pytest.approx(v) for k, v in maps.items()}
+    else:
+        assert seen == []

@@ -119,7 +119,9 @@ class PrunePlugin:
 
     def on_fit_epoch_end(self, log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
         if self.regularizer is not None:
-            self._guard("channel.regularize log", lambda: self.regularizer.fit_epoch_end(epoch))
+            from .training.channel_regularize import val_map
+
+            self._guard("channel.regularize log", lambda: self.regularizer.fit_epoch_end(epoch, val_map(log_vals)))
             self.history = self.regularizer.history
         elif is_main_process():
             self._guard("schedule bookkeeping", lambda: self.gradual.fit_epoch_end(log_vals, epoch, fi))

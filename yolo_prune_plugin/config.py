@@ -11,8 +11,8 @@ import yaml
 from .errors import ConfigError
 from .prune.registry import (CHANNEL_ALLOCATIONS, CHANNEL_IMPORTANCES, OBS_ALLOCATIONS, STRUCTURES, ChannelOptions,
                              ChannelRegularize, ObsOptions, data_aware_names, method_names)
-from .options import (FINETUNE_RECIPES, TARGET_RUNTIMES, TARGET_SIZES, BNRecalibrationOptions, CalibrationOptions,
-                      ExportOptions, FinetuneOptions, ScheduleOptions, SweepOptions, TargetOptions)
+from .options import (FINETUNE_KEEP, FINETUNE_LR_SCHEDULES, FINETUNE_RECIPES, TARGET_RUNTIMES, TARGET_SIZES,
+                      BNRecalibrationOptions, CalibrationOptions, ExportOptions, FinetuneOptions, ScheduleOptions, SweepOptions, TargetOptions)
 from .utils.validate import (_amount, _at_least, _bool, _choice, _in_range, _number, _str_list, _type_name,
                              _typed_option, _unknown_key)
 
@@ -135,6 +135,10 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = _in_range(v, q, where, 0, 100, lo_closed=True, hi_closed=True)
             elif k == "recipe":
                 out[k] = _choice(v, q, where, FINETUNE_RECIPES)
+            elif k == "lr_schedule":
+                out[k] = _choice(v, q, where, FINETUNE_LR_SCHEDULES)
+            elif k == "keep":
+                out[k] = _choice(v, q, where, FINETUNE_KEEP)
             elif k == "regularize_share":
                 out[k] = _in_range(v, q, where, 0, 1, lo_closed=True, hi_closed=True)
             elif k == "regularize_weight":
@@ -142,7 +146,10 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
             else:
                 out[k] = None if v is None else int(_number(v, q, where, integer=True))
         elif cls is ChannelRegularize:
-            out[k] = _in_range(v, q, where, 0, 1) if k == "weight" else _at_least(v, q, where, 0)
+            if k == "max_drop":
+                out[k] = None if v is None else _in_range(v, q, where, 0, 1, note=" (mAP50-95, absolute)")
+            else:
+                out[k] = _in_range(v, q, where, 0, 1) if k == "weight" else _at_least(v, q, where, 0)
         elif cls is ChannelOptions:
             if k == "importance":
                 out[k] = None if v is None else _choice(v, q, where, CHANNEL_IMPORTANCES)

@@ -53,10 +53,20 @@ class FinetuneOptions:
     recipe: str = "plain"
     regularize_share: float = 0.5  # share of the epochs in the penalty phase (recipe: regularize)
     regularize_weight: float = 0.5  # lambda of the penalty phase (as channel.regularize.weight)
+    # run: the checkpoint's own (its saved opt.cos_lr, else YOLOv5's linear decay to lr0 x lrf); linear; cosine
+    lr_schedule: str = "run"
+    # auto: the better of best.pt and last.pt by the plugin's own validation on the data's val split when it has at
+    # least AUTO_KEEP_MIN_IMAGES images, else last.pt; last: the last epoch (EMA); best: YOLOv5's best.pt
+    keep: str = "auto"
 
 
 #: ``finetune.recipe`` values
 FINETUNE_RECIPES = ("plain", "regularize")
+#: ``finetune.lr_schedule`` values and ``finetune.keep`` values
+FINETUNE_LR_SCHEDULES = ("run", "linear", "cosine")
+FINETUNE_KEEP = ("auto", "last", "best")
+#: ``finetune.keep: auto`` compares best.pt and last.pt only on a val split of at least this many images (fewer: last)
+AUTO_KEEP_MIN_IMAGES = 100
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,7 @@ def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan:
         calibration = _cached(cache, "batch", lambda: load_calibration_batch(
             data, ctx.imgsz, n=c.images, seed=c.seed, allow_overlap=c.allow_overlap))
     dense = copy.deepcopy(model) if ch.reconstruct or ch.compensate else None
+    residual = _plan_residual(model, config, ctx.channel_plan) if ctx.channel_plan is not None else None
     res = channel_prune(model, config.amount, importance=imp, round_to=ch.round_to, include=config.include,
                         exclude=config.exclude, calibration=calibration, max_layer_ratio=ch.max_layer_ratio,
                         imgsz=ctx.imgsz, cost_aware=ch.cost_aware, round_share=ch.round_share,
@@ -129,9 +130,16 @@ def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan:
     done: dict[str, Any] = {"seconds": round(res.seconds, 3), "details": {}, "channels": res.to_dict(per_layer=True),
                             "plan": res.plan}
     if ctx.channel_plan is not None:
-        done["channels"]["plan"] = "channel.regularize: the channels its penalty trained away"
-        LOGGER.info("Removed exactly the %d channels channel.regularize trained away (no re-ranking)",
-                    sum(len(v) for v in res.plan.values()))
+        done["channels"]["plan"] = "the channels the penalty trained toward zero (channel.regularize / recipe)"
+        done["channels"]["residual"] = residual
+        LOGGER.info("Removed exactly the planned channels (no re-ranking): %d in %d groups, %d BatchNorm channels with "
+                    "the groups' members; their |scale|+|shift| before removal %.4g, %d still above 1e-3",
+                    sum(len(v) for v in res.plan.values()), len(res.plan), residual["channels"], residual["l1"],
+                    residual["alive"])
+        if residual["alive"] and not config.finetune.epochs:
+            LOGGER.warning("yolo_prune_plugin: %d of %d planned channels were not trained away (|scale|+|shift| > "
+                           "1e-3): removing them costs accuracy; fine-tune after the removal with "
+                           "--prune-finetune-epochs N (finetune.epochs)", residual["alive"], residual["channels"])
     if dense is not None:
         from .prune.reconstruction import reconstruct_layers
 
@@ -143,6 +151,16 @@ def _channel_prune(model: nn.Module, config: PruneConfig, ctx: RunContext, plan:
         LOGGER.info("Reconstructed %d layers against the dense model on %d train images (%s s)", rec["layers"],
                     rec["images"], rec["seconds"])
     return done
+
+
+def _plan_residual(model: nn.Module, config: PruneConfig, plan: dict) -> dict:
+    """``|scale| + |shift|`` of the BatchNorm channels ``plan`` removes (every member of each group), before the
+    removal (:func:`~yolo_prune_plugin.training.recovery.bn_residual`)."""
+    from .training.channel_regularize import regularize_targets
+    from .training.recovery import bn_residual
+
+    targets, _ = regularize_targets(model, config, plan)
+    return bn_residual(model, targets)
 
 
 def _cached(cache: Optional[dict], key: str, load: Any) -> Any:
@@ -180,7 +198,10 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
                              imgsz=ft_cfg.imgsz or entry.deploy_imgsz,  # recovery at the size it deploys at
                              include=config.include, exclude=config.exclude, masks=masks or None,
                              warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel,
-                             teacher=dense if ft_cfg.distill else None, distill_weight=ft_cfg.distill_weight)
+                             teacher=dense if ft_cfg.distill else None, distill_weight=ft_cfg.distill_weight,
+                             keep="last" if ft_cfg.keep == "auto" else ft_cfg.keep, lr_schedule=ft_cfg.lr_schedule)
+    if ft_cfg.keep == "auto":
+        ft.best, ft.kept = choose_kept(ft.best, ft.kept, ctx)
     ckpt = load_checkpoint(ft.best, ctx.backend)
     tuned = source_model(ckpt).float()
     if channel and _channels(tuned) != _channels(model):
@@ -189,7 +210,8 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
     leaks = dict(ft.leaks)
     leaks["best_pruned.pt"] = count_leaks(tuned, masks)
     entry.finetune = {"epochs": epochs, "lr_scale": ft_cfg.lr_scale, "imgsz": ft.imgsz,
-                      "warmup": ft.warmup, "loop": ft.loop, "distill": ft.distill, "lr0": ft.hyp["lr0"], "run": str(ft.save_dir), "source": str(ft.best),
+                      "warmup": ft.warmup, "loop": ft.loop, "distill": ft.distill, "lr0": ft.hyp["lr0"],
+                      "lr_schedule": ft_cfg.lr_schedule, "run": str(ft.save_dir), "source": str(ft.best), "kept": ft.kept,
                       "masked_weights": count_masked(masks), "seconds": round(ft.seconds, 1),
                       "history": ft.history}
     entry.leaks = leaks
@@ -197,6 +219,43 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
         raise PruneError(f"{ft.best}: pruned weights became non-zero during fine-tuning ({leaks}); "
                          f"{out} still holds the one-shot pruned model")
     return ckpt, tuned
+
+
+def choose_kept(last: Path, kept: dict, ctx: RunContext) -> tuple[Path, dict]:
+    """``finetune.keep: auto``: ``best.pt`` or ``last.pt`` (``last``) of a fine-tune run, whichever has the
+    higher YOLOv5 fitness (0.1 mAP50 + 0.9 mAP50-95) in the plugin's own validation (no NMS time limit) on the val
+    split of the fine-tune's data YAML, when that split has at least ``AUTO_KEEP_MIN_IMAGES`` images; otherwise
+    ``last.pt`` (YOLOv5's pick on a few dozen images followed one class, not the test split: docs/recovery.md).
+    Returns the file and the report's ``kept`` record."""
+    from .backend.evaluation import evaluate_weights, make_dataloader, make_settings
+    from .options import AUTO_KEEP_MIN_IMAGES
+
+    best = last.with_name("best.pt")
+    rec = {**kept, "rule": "auto", "file": last.name, "epoch": kept.get("last_epoch")}
+    if not best.is_file() or kept.get("best_epoch") in (None, kept.get("last_epoch")) or ctx.settings is None:
+        rec["why"] = "best.pt is the last epoch" if best.is_file() else "no best.pt"
+        return last, rec
+    s = ctx.settings
+    data = ctx.opt.get("data") or s.data  # the fine-tune's own data YAML: its val split, never the report's
+    settings = make_settings(data, s.imgsz, s.batch_size, s.device, s.single_cls, s.workers, ctx.backend)
+    loader = make_dataloader(settings, backend=ctx.backend)
+    n = len(loader.dataset)
+    rec["val_images"] = n
+    if n < AUTO_KEEP_MIN_IMAGES:
+        rec["why"] = f"the val split has {n} images (< {AUTO_KEEP_MIN_IMAGES}): too few to pick between epochs"
+        LOGGER.info("finetune.keep auto: kept last.pt (%s)", rec["why"])
+        return last, rec
+    fit = {}
+    for f in (best, last):
+        m = evaluate_weights(f, settings, loader, backend=ctx.backend)
+        fit[f.name] = round(0.1 * m.map50 + 0.9 * m.map, 6)
+    choice = best if fit["best.pt"] > fit["last.pt"] else last
+    rec.update(file=choice.name, epoch=kept["best_epoch"] if choice == best else kept.get("last_epoch"),
+               fitness={"best.pt": fit["best.pt"], "last.pt": fit["last.pt"]},
+               why=f"higher fitness on the {n} val images")
+    LOGGER.info("finetune.keep auto: kept %s (fitness on %d val images: best.pt %.4f, last.pt %.4f)", choice.name, n,
+                fit["best.pt"], fit["last.pt"])
+    return choice, rec
 
 
 def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, entry: ReportEntry,
@@ -208,7 +267,7 @@ def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, en
     from dataclasses import replace as _replace
 
     from .prune.channel import channel_prune
-    from .training.channel_regularize import ChannelRegularizer
+    from .training.channel_regularize import ChannelRegularizer, val_map
     from .training.finetune import finetune_checkpoint
     from .training.recovery import bn_residual, output_change
 
@@ -217,7 +276,7 @@ def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, en
     reg = ChannelRegularizer(config, ctx.backend, plan=plan, weight=ft.regularize_weight)
     hooks = [("on_train_start", reg.train_start), ("on_train_epoch_start", reg.epoch_start),
              ("on_train_batch_end", lambda *a, **k: reg.batch_end()),
-             ("on_fit_epoch_end", lambda log_vals, epoch, best_fitness, fi: reg.fit_epoch_end(epoch))]
+             ("on_fit_epoch_end", lambda log_vals, epoch, best_fitness, fi: reg.fit_epoch_end(epoch, val_map(log_vals)))]
     project, name, _ = finetune_location(Path(entry.checkpoint))
     LOGGER.info("finetune.recipe regularize: %d of %d epochs train the dense model's %d planned channels toward "
                 "zero (weight %g), then exactly that plan is removed", epochs, ft.epochs,
@@ -226,7 +285,8 @@ def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, en
         run = finetune_checkpoint(source, ctx.opt, epochs, lr_scale=ft.lr_scale, imgsz=ft.imgsz or entry.deploy_imgsz,
                                   include=config.include, exclude=config.exclude, masks=None, warmup=ft.warmup,
                                   project=project, name=name.replace("_finetune", "_regularize"),
-                                  backend=ctx.backend, keep_architecture=True, hooks=hooks)
+                                  backend=ctx.backend, keep_architecture=True, hooks=hooks, keep="last",
+                                  lr_schedule=ft.lr_schedule)
     finally:
         reg.close()
     if not reg.targets:

@@ -3,7 +3,7 @@ package and for the upstream-checkout layout (top-level ``train``/``utils``; the
 stands in for a checkout): a plain config prunes, ``finetune:`` fine-tunes, ``schedule:`` prunes gradually,
 ``structure: channel`` removes channels (one epoch each). The PyPI layout runs the plain, fine-tune and schedule
 configs, the checkout layout the channel one (its calibration reads the train split through the layout's dataset
-class): the other modes' code is the same on both layouts (the signature drift between them is tested on mimics
+class) and ``finetune.recipe: regularize`` at train end (its fade reads ``nb``/``epochs`` from the layout's ``train()``): the other modes' code is the same on both layouts (the signature drift between them is tested on mimics
 in tests/backend/test_calls.py). The weights are a real checkpoint file, so YOLOv5's own ``torch.load`` must work
 through ``register`` alone."""
 
@@ -69,13 +69,15 @@ def setup(backend, tmp_path_factory):
     configs = {}
     for name, text in (("plain", "amount: 0.3\n"), ("finetune", "amount: 0.3\nfinetune: {epochs: 1}\n"),
                        ("schedule", "schedule: {start_epoch: 0, end_epoch: 0, final_amount: 0.4}\n"),
-                       ("channel", "amount: 0.3\nstructure: channel\n")):
+                       ("channel", "amount: 0.3\nstructure: channel\n"),
+                       ("recipe", "amount: 0.3\nstructure: channel\nchannel: {importance: l1}\n"
+                                  "finetune: {epochs: 2, recipe: regularize}\n")):
         configs[name] = tmp / f"{name}.yaml"
         configs[name].write_text(text)
     return data, cfg, weights, configs
 
 
-MODES = {"pypi": ("plain", "finetune", "schedule"), "checkout": ("channel",)}
+MODES = {"pypi": ("plain", "finetune", "schedule"), "checkout": ("channel", "recipe")}
 
 
 @pytest.mark.parametrize("layout", ["pypi", "checkout"])
@@ -94,14 +96,20 @@ def test_three_line_path_runs_every_mode(backend, setup, tmp_path, layout):
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
     assert sorted(result) == sorted(MODES[layout])
     for name, mode, amount in (("plain", "oneshot", 0.3), ("finetune", "finetune", 0.3),
-                               ("schedule", "schedule", 0.4), ("channel", "oneshot", 0.3)):
+                               ("schedule", "schedule", 0.4), ("channel", "oneshot", 0.3),
+                               ("recipe", "finetune", 0.3)):
         if name not in result:
             continue
         r = result[name]
         assert r == {"error": None, "ran": True, "mode": mode, "report": r["report"], "kind": layout}, r
         report = json.loads(Path(r["report"]).read_text())
         entry = validate_report(report)[0]
-        if name == "channel":  # channels removed: a smaller model, not zeros
+        if name == "recipe":  # penalty phase (its fade reads nb/epochs from train()), exact removal, fine-tune
+            ft = entry.finetune
+            assert ft["split"]["regularize_epochs"] == ft["split"]["finetune_epochs"] == 1
+            assert ft["phases"]["regularize"]["fade_batches"] == 1  # 4 images, batch 4 (the layout's own train())
+            assert ft["phases"]["regularize"]["residual"]["after"]["alive"] == 0
+        if name in ("channel", "recipe"):  # channels removed: a smaller model, not zeros
             assert entry.structure == "channel" and abs(entry.channels["achieved"] - amount) <= 0.02
             assert entry.channels["params_after"] < entry.channels["params_before"]
         else:

@@ -55,6 +55,46 @@ def test_regulariser_changes_only_the_targeted_gradients(small_model):
     assert all(torch.equal(p.grad, seen[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("max_drop", [0.02, None])
+def test_lambda_backs_off_when_val_drops_and_pushes_when_the_penalty_stalls(small_model, caplog, max_drop):
+    """``channel.regularize.max_drop``: the reference is the best val mAP50-95 before the penalty; an epoch more than
+    max_drop below it halves lambda (floor weight / 64), an epoch within max_drop / 2 whose L1 sum did not fall by
+    10 % raises it 1.5x (cap 4 x weight); the gradient added is the current lambda; ``null``: lambda never moves."""
+    caplog.set_level(logging.INFO, logger="yolo_prune_plugin")
+    cfg = config_from_dict({"structure": "channel", "amount": 0.3,
+                            "channel": {"regularize": {"weight": 0.1, "from_epoch": 2, "max_drop": max_drop}}})
+    model = small_model.train()
+    reg = ChannelRegularizer(cfg)
+    reg.attach(model, torch.optim.SGD(model.parameters(), lr=0.0), start_epoch=0)
+    for epoch, val in enumerate([0.50, 0.60]):  # before the penalty: the reference is the best of them
+        reg.epoch_start()
+        reg.fit_epoch_end(epoch, val)
+    assert not reg.history and reg.reference == 0.60
+    reg.epoch_start()
+    weights = []
+    for epoch, val in enumerate([0.55, 0.50, 0.595, 0.6, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30, 0.30], start=2):
+        weights.append(reg.weight)
+        reg.fit_epoch_end(epoch, val)  # nothing trains here: the L1 sum never falls
+    if max_drop is None:
+        assert set(weights) == {0.1} and not any("regularize_change" in h for h in reg.history)
+        return
+    assert weights[:5] == pytest.approx([0.1, 0.05, 0.025, 0.0375, 0.05625])  # halve, halve, push, push
+    assert reg.weight == pytest.approx(0.1 / 64)  # the floor after six more halvings
+    assert [h["regularize_weight"] for h in reg.history][:3] == pytest.approx([0.1, 0.05, 0.025])
+    assert "is 0.0500 below 0.6000 (max_drop 0.02)" in reg.history[0]["regularize_change"]
+    assert "L1 sum fell < 10 %" in reg.history[2]["regularize_change"] and "lambda 0.1 -> 0.05" in caplog.text
+    for _ in range(20):  # stalled and on target: pushed up to the cap
+        reg.fit_epoch_end(99, 0.60)
+    assert reg.weight == pytest.approx(0.4)
+    model.zero_grad()
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    reg.add_gradients()
+    bn, idx = next(iter(reg.targets.items()))
+    w = dict(model.named_modules())[bn].weight
+    assert torch.allclose(w.grad[idx], 0.4 * torch.sign(w.detach()[idx]))
+
+
 @pytest.mark.parametrize("cfg,match", [
     ({"structure": "channel", "channel": {"regularize": {"weight": -1}}}, "'channel.regularize.weight' must be in"),
     ({"structure": "channel", "channel": {"regularize": {"from": 1}}}, "channel.regularize.from"),
@@ -62,14 +102,18 @@ def test_regulariser_changes_only_the_targeted_gradients(small_model):
     ({"channel": {"regularize": {"weight": 0.001}}}, "needs 'structure: channel'"),
     ({"structure": "channel", "target": {"max_size": 0.6}, "channel": {"regularize": {"weight": 0.01}}},
      "'target' chooses the amount only at train end"),
+    ({"structure": "channel", "channel": {"regularize": {"max_drop": 1.5}}},
+     r"'channel.regularize.max_drop' must be in \(0, 1\) \(mAP50-95, absolute\)"),
 ])
 def test_bad_regularize_configs(cfg, match):
     with pytest.raises(ConfigError, match=match):
         config_from_dict(cfg)
 
 
-def test_penalty_is_logged_per_epoch_in_a_real_training_run(backend, tiny_data, tmp_path):
-    """Real YOLOv5 train.main, 2 epochs, penalty from epoch 1: in the report history for epoch 1 only."""
+def test_penalty_is_logged_per_epoch_in_a_real_training_run(backend, tiny_data, tmp_path, caplog):
+    """Real YOLOv5 train.main, 2 epochs, penalty from epoch 1: in the report history for epoch 1 only (with lambda);
+    the train-end prune removes exactly the plan and reports what was left of it (one epoch at lambda 0.001 trains
+    nothing away: a warning names the fine-tune that wins it back)."""
     from yolo_prune_plugin.cli import main
     from yolo_prune_plugin.tools.synthetic import TINY
 
@@ -86,7 +130,10 @@ def test_penalty_is_logged_per_epoch_in_a_real_training_run(backend, tiny_data, 
     assert [r["epoch"] for r in hist] == [1] and hist[0]["regularize_penalty"] > 0 and hist[0]["regularize_channels"] > 0
     ch = report["results"][0]["channels"]
     assert abs(ch["achieved"] - 0.3) <= 0.02
-    assert ch["importance"] == "plan" and ch["plan"].startswith("channel.regularize")  # no re-ranking at train end
+    assert ch["importance"] == "plan" and ch["plan"].startswith("the channels the penalty")  # no re-ranking
+    assert ch["residual"]["channels"] == hist[0]["regularize_channels"] and hist[0]["regularize_weight"] == 0.001
+    assert 0 < ch["residual"]["alive"] <= ch["residual"]["channels"] and ch["residual"]["l1"] > 0
+    assert "planned channels were not trained away" in caplog.text and "--prune-finetune-epochs" in caplog.text
 
 
 @pytest.mark.parametrize("fitness, pruned", [((0.5, 0.4), "last.pt"), ((0.5, 0.6), "best.pt")])

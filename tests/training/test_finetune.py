@@ -224,3 +224,43 @@ def test_finetune_options_ignore_the_host_process_argv(backend, tiny_model, tiny
 
 class _Stop(Exception):
     pass
+
+
+@pytest.mark.parametrize("keep,schedule", [("last", "cosine"), ("best", "linear"), ("auto", "run")])
+def test_the_written_file_holds_the_weights_the_report_names(backend, tiny_model, tiny_data, tmp_path, keep,
+                                                               schedule):
+    """``finetune.keep`` and ``finetune.lr_schedule`` through ``api.prune``: the report's ``finetune.kept`` names the
+    file and epoch (``best``: the epoch of highest fitness in the history), the pruned file holds exactly that
+    file's weights, and YOLOv5 ran with the schedule asked for (``cos_lr``; the per-epoch lr follows it)."""
+    w = save_checkpoint(tiny_model, tmp_path / "model.pt")
+    [e] = api.prune(w, tiny_data, imgsz=64, batch_size=2, device="cpu", workers=0, structure="channel", amount=0.3,
+                    finetune={"epochs": 3, "keep": keep, "lr_schedule": schedule, "lr_scale": 5.0},
+                    channel={"reconstruct": False}, bn_recalibration={"images": 0})
+    ft = e.finetune
+    kept, run = ft["kept"], Path(ft["run"])
+    fitness = {r["epoch"]: r["fitness"] for r in ft["history"]}
+    assert kept["rule"] == keep and kept["last_epoch"] == 2 and fitness[kept["best_epoch"]] == max(fitness.values())
+    file = "last.pt" if keep == "auto" else f"{keep}.pt"  # auto: 2 val images are too few to pick by
+    assert kept["file"] == file and Path(ft["source"]) == run / "weights" / file
+    assert kept["epoch"] == (kept["best_epoch"] if keep == "best" else 2) and ft["lr_schedule"] == schedule
+    if keep == "auto":
+        assert "the val split has 2 images" in kept["why"] or kept["why"] == "best.pt is the last epoch"
+    assert yaml.safe_load((run / "opt.yaml").read_text())["cos_lr"] is (schedule == "cosine")
+    lrs = [r["lr"][0] for r in ft["history"]]
+    assert lrs[-1] < lrs[0]  # decays in both schedules (YOLOv5's lambda of the epoch)
+    written = load_checkpoint(tmp_path / "model_pruned.pt")["model"].float().state_dict()
+    source = torch.load(run / "weights" / kept["file"], weights_only=False)
+    source = (source.get("ema") or source["model"]).float().state_dict()
+    assert written.keys() == source.keys()
+    assert all(torch.allclose(written[k].float(), source[k].float(), atol=1e-3) for k in written)
+
+
+@pytest.mark.parametrize("data,match", [
+    ({"finetune": {"epochs": 2, "keep": "median"}}, "'finetune.keep' must be one of auto, last, best"),
+    ({"finetune": {"epochs": 2, "lr_schedule": "onecycle"}}, "'finetune.lr_schedule' must be one of run, linear, "
+     "cosine"),
+])
+def test_bad_keep_and_schedule_are_one_line_errors(data, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        config_from_dict(data)
+    assert "\n" not in str(e.value)

@@ -172,3 +172,30 @@ def test_a_fixed_plan_fades_to_zero_and_nothing_else_moves(planned):
             assert torch.equal(p.detach()[~keep], torch.zeros_like(p.detach()[~keep]))
         assert torch.equal(p.detach()[keep], before[n][keep]), f"{n}: moved but not in the plan"
     reg.close()
+
+
+def test_regularize_recipe_at_train_end(backend, tiny_data, tiny_cfg, tmp_path):
+    """The train-end hook (`yolo-prune train --prune-finetune-recipe regularize`, here through `run_training`, the
+    same registration): after YOLOv5's own training the penalty phase trains best.pt (run `<run>_regularize` beside
+    the run), exactly the plan is removed, the rest fine-tunes (`<run>_finetune`); the report names the file kept."""
+    from pathlib import Path
+
+    from yolo_prune_plugin.api import run_training
+
+    from testkit import tiny_train_opt
+
+    opt = tiny_train_opt(backend, tiny_data, tiny_cfg, tmp_path, "exp")
+    cfg = config_from_dict({**CHANNEL, "channel": {"importance": "l1"}, "bn_recalibration": {"images": 0},
+                            "finetune": {"epochs": 2, "recipe": "regularize", "regularize_weight": 0.9}})
+    plugin = run_training(opt, cfg, backend)
+    assert plugin.error is None and plugin.ran
+    run = Path(opt.save_dir)
+    report = validate_report(json.loads((run / "prune_report.json").read_text()))
+    ft = report[0].finetune
+    assert ft["split"] == {"regularize_epochs": 1, "finetune_epochs": 1, "share": 0.5}
+    pen = ft["phases"]["regularize"]
+    assert pen["run"] == str(tmp_path / "exp_regularize") and ft["run"] == str(tmp_path / "exp_finetune")
+    assert pen["residual"]["after"]["alive"] == 0 and pen["removal_output_change"] < 1e-4
+    assert ft["kept"]["file"] == "last.pt" and ft["source"] == str(tmp_path / "exp_finetune" / "weights" / "last.pt")
+    shape, _ = plain_attempt_load(report[0].output)
+    assert shape[-1] == 8

@@ -77,6 +77,10 @@ class ChannelRegularize:
 
     weight: float = 0.5  # lambda of lambda * sum (|gamma| + |beta|) over the targeted channels (measured: corn-pest)
     from_epoch: int = 0  # first epoch (0-based) with the penalty; the targets are chosen at its start
+    # the penalty's largest cost: an epoch whose val mAP50-95 is more than this below the best before the penalty
+    # halves lambda (floor: weight / 64); an epoch within half of it whose penalty fell < 10 % raises lambda by 1.5x
+    # (cap: 4 x weight); null = a fixed lambda
+    max_drop: Optional[float] = 0.02
 
 
 @dataclass(frozen=True)

@@ -65,7 +65,7 @@ class FinetuneResult:
     """What :func:`finetune_checkpoint` did."""
 
     save_dir: Path
-    best: Path  # the file to keep: best.pt, or last.pt when YOLOv5 saved no best.pt
+    best: Path  # the file to keep (``keep``): last.pt, or best.pt (last.pt when YOLOv5 saved no best.pt)
     last: Path
     results: Optional[tuple]  # YOLOv5's final validation of best.pt (P, R, mAP50, mAP50-95, losses)
     history: list[dict]
@@ -81,6 +81,7 @@ class FinetuneResult:
     model: Optional[nn.Module] = field(default=None, repr=False)  # the live training objects (tests)
     ema_model: Optional[nn.Module] = field(default=None, repr=False)
     masks: Masks = field(default_factory=dict, repr=False)
+    kept: dict = field(default_factory=dict)  # which file was kept and why: file, rule, epochs of best.pt/last.pt
 
     @property
     def leaked(self) -> int:
@@ -138,7 +139,7 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                         hyp_path: str | Path | None = None, backend: Optional[Backend] = None,
                         keep_architecture: bool = False, teacher: Optional[nn.Module] = None,
                         distill_weight: float = 1.0, hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
-                        **train_overrides: Any) -> FinetuneResult:
+                        keep: str = "best", lr_schedule: str = "run", **train_overrides: Any) -> FinetuneResult:
     """Train ``weights`` for ``epochs`` more epochs with YOLOv5's ``train.main``, holding ``masks`` at zero.
 
     ``base_opt`` (a YOLOv5 train ``opt`` or its ``vars``) gives data, batch size, device, optimizer, hyp, ...;
@@ -147,7 +148,9 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     channel-pruned model) instead of YOLOv5 rebuilding its YAML. ``teacher``: the dense model to distil from
     (:mod:`~yolo_prune_plugin.backend.distillation`, weight ``distill_weight``; None: YOLOv5's loss alone, the
     loop untouched). ``hooks``: further ``(YOLOv5 callback name, function)`` pairs registered after the plugin's own
-    (e.g. the penalty phase's regulariser). ``train_overrides`` are further YOLOv5 options. The run goes to
+    (e.g. the penalty phase's regulariser). ``keep``: ``"best"`` (YOLOv5's best.pt, its fitness on the data's val
+    split) or ``"last"`` (the last epoch); ``lr_schedule``: ``"run"`` (``base_opt``'s ``cos_lr``), ``"linear"`` or
+    ``"cosine"`` (YOLOv5's ``cos_lr``). ``train_overrides`` are further YOLOv5 options. The run goes to
     ``project/name`` (never overwriting: YOLOv5 increments the name). Raises :class:`PruneError` on a leak.
     """
     b = backend or get_backend()
@@ -155,6 +158,10 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     base = _as_dict(base_opt)
     if epochs < 1:
         raise ConfigError(f"finetune.epochs must be >= 1, got {epochs}")
+    if keep not in ("best", "last"):
+        raise ConfigError(f"finetune.keep must be one of best, last, got {keep!r}")
+    if lr_schedule not in ("run", "linear", "cosine"):
+        raise ConfigError(f"finetune.lr_schedule must be one of run, linear, cosine, got {lr_schedule!r}")
     hyp = finetune_hyp(load_hyp(base.get("hyp"), b), lr_scale, warmup)
     opt = train_opt([], b)  # YOLOv5's defaults, never the host process's sys.argv
     for k, v in base.items():
@@ -170,6 +177,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     opt.project, opt.name, opt.exist_ok = str(project), name, False
     opt.noautoanchor = True  # keep the anchors the weights were trained with
     opt.roboflow_upload, opt.upload_dataset, opt.s3_upload_dir, opt.hf_model_id = False, False, None, None
+    if lr_schedule != "run":
+        opt.cos_lr = lr_schedule == "cosine"
     for k, v in train_overrides.items():
         if not hasattr(opt, k):
             raise ConfigError(f"finetune: unknown YOLOv5 train option {k!r}")
@@ -188,6 +197,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     def fit_epoch_end(log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
         if any(r["epoch"] == int(epoch) for r in state["history"]):
             return  # COCO's extra call after the final validation
+        if _first(fi) == _first(best_fitness):  # YOLOv5 writes best.pt after this hook when fi == best_fitness
+            state["best_epoch"] = int(epoch)
         row = history_row(log_vals, epoch, fi)
         live = keeper.leaks()
         row.update({"sparsity": round(sparsity_stats(keeper.model, conv_layers(keeper.model, include, exclude))
@@ -249,9 +260,13 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     if "last" not in state:
         raise PruneError(f"fine-tune run {opt.save_dir} ended without on_train_end (stopped early?)")
     last, best = state["last"], state["best"]
-    keep = best if best.is_file() else last
-    if not keep.is_file():
+    kept = last if keep == "last" or not best.is_file() else best
+    if not kept.is_file():
         raise PruneError(f"fine-tune run {opt.save_dir} saved no checkpoint")
+    epochs_run = [r["epoch"] for r in state["history"]]
+    kept_record = {"file": kept.name, "rule": keep, "last_epoch": max(epochs_run) if epochs_run else None,
+                   "best_epoch": state.get("best_epoch"),
+                   "epoch": (max(epochs_run) if epochs_run else None) if kept == last else state.get("best_epoch")}
     leaks = {f"live_{k}": v for k, v in keeper.leaks().items()} if keeper.masks else {}
     if keeper.masks:
         leaks["saved_last_each_epoch"] = state["saved_leaks"]
@@ -259,15 +274,22 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
             if f.is_file():
                 for k, v in file_leaks(f, keeper.masks, b).items():
                     leaks[f"{f.name}:{k}"] = v
-    result = FinetuneResult(Path(opt.save_dir), keep, last, state.get("results"), state["history"], leaks,
+    result = FinetuneResult(Path(opt.save_dir), kept, last, state.get("results"), state["history"], leaks,
                             count_masked(keeper.masks), seconds, opt.imgsz, hyp, warmup,
                             {**state.get("loop", {}), "ema_updates": getattr(keeper.ema, "updates", None)},
                             _distill_summary(state["distill"]), state["distill"] and state["distill"].teacher,
                             keeper.model,
-                            keeper.ema.ema if keeper.ema is not None else None, keeper.masks)
+                            keeper.ema.ema if keeper.ema is not None else None, keeper.masks, kept_record)
     if result.leaked:
         raise PruneError(f"fine-tune {result.save_dir}: pruned weights became non-zero ({leaks})")
     return result
+
+
+def _first(x: Any) -> float:
+    """The first number of a fitness value (YOLOv5 passes a 1-element array or a float)."""
+    import numpy as np
+
+    return float(np.asarray(x, dtype=float).ravel()[0])
 
 
 def _distill_summary(stats: Any) -> Optional[dict]:
