@@ -6,9 +6,10 @@
 
 Defaults: corn-pest (third-party yolov5n, 4 classes) at 416 px. Every fine-tune trains on the data's ``train``
 split (400 images) with the same recipe (the plugin's defaults: lr_scale 0.1, no warm-up, one optimizer step
-per batch, the last epoch kept, the checkpoint's saved hyp/optimizer, batch 16, ``--seed``) and every number is the
-plugin's validation (YOLOv5's ``val.run`` without the NMS time limit) on the untouched ``test`` split, at the
-training image size. YOLOv5's per-epoch validation (which picks ``best.pt``) runs on the first ``--select`` images of
+per batch, ``keep: auto`` — the last epoch on a val split of ``--select`` < 100 images —, the checkpoint's saved
+hyp/optimizer, batch 16, ``--seed``) and every number is the plugin's validation (YOLOv5's ``val.run`` without the
+NMS time limit) on the untouched ``test`` split, at the training image size. YOLOv5's per-epoch validation (which
+picks ``best.pt``) runs on ``--select`` images (a seeded random sample; until 2026-12-06 the first ones by name) of
 the data's own ``val`` split, never on the test split (``noval`` is not usable: YOLOv5 7.0.14 then fails on
 ``map50s``); both ``best.pt`` and ``last.pt`` of every fine-tune are scored (columns best.pt / last.pt).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import random
 import statistics
 import sys
 import time
@@ -42,7 +44,7 @@ SHARED = next((p for p in (ROOT.parent / "shared", ROOT.parents[1] / "shared") i
 
 
 def _split_yamls(src: Path, out: Path, eval_split: str, select: int) -> tuple[Path, Path]:
-    """Two data YAMLs: for training, ``val`` = the first ``select`` images of the data's own ``val`` split (YOLOv5's
+    """Two data YAMLs: for training, ``val`` = ``select`` images (seeded random) of the data's own ``val`` split (YOLOv5's
     per-epoch validation picks ``best.pt`` on them, cheaply, never on the evaluation split); for the plugin's
     evaluation, ``val`` = ``eval_split`` (``test``)."""
     import yaml
@@ -56,7 +58,9 @@ def _split_yamls(src: Path, out: Path, eval_split: str, select: int) -> tuple[Pa
     sel = out / "select"  # links, so that YOLOv5's label cache is written here, not into the shared data
     for kind in ("images", "labels"):
         (sel / kind).mkdir(parents=True, exist_ok=True)
-    for f in images[:select]:
+    # a seeded random sample, not the first images by name: corn-pest's first 32 `valid` images are one class, and
+    # YOLOv5's best.pt pick on them followed that class (docs/benchmarks.md, issue 26 second round)
+    for f in sorted(random.Random(0).sample(images, min(select, len(images)))):
         label = Path(str(f.parent).replace("images", "labels")) / f"{f.stem}.txt"
         for src, dst in ((f, sel / "images" / f.name), (label, sel / "labels" / label.name)):
             if src.exists() and not dst.exists():
