@@ -295,7 +295,6 @@ def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, en
     # penalty had done its work (docs/recovery.md)
     ckpt = load_checkpoint(run.last, ctx.backend)
     trained = source_model(ckpt).float().to(ctx.device)
-    residual = {"before": bn_residual(dense, reg.targets), "after": bn_residual(trained, reg.targets)}
     change = None
     if ctx.settings is not None:  # what the removal alone does to the outputs (no reconstruction or recalibration)
         from .prune.calibration import load_calibration_images
@@ -307,6 +306,8 @@ def regularize_stage(source: Path, dense: nn.Module, plan: dict, epochs: int, en
                                          allow_overlap=True)
         change = round(output_change(trained, removed, images), 6)
     model, done = prune_stage(ckpt, config, _replace(ctx, channel_plan=plan))
+    # "after": what the removal measured on the same trained model (the plan's BatchNorm channels, every group member)
+    residual = {"before": bn_residual(dense, reg.targets), "after": done["channels"]["residual"]}
     penalty = {p["epoch"]: p for p in reg.history}
     record = {"epochs": epochs, "weight": reg.reg.weight, "fade_batches": reg.batches, "run": str(run.save_dir),
               "source": str(run.last),

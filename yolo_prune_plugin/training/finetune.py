@@ -39,9 +39,10 @@ from ..backend.patches import driving_yolov5
 from ..backend.training_loop import keep_checkpoint_architecture, steady_training_loop, train_opt
 from ..config import DATA_AWARE_METHODS, PruneConfig
 from ..errors import ConfigError, PruneError
+from ..options import FINETUNE_LR_SCHEDULES
 from ..prune.unstructured import conv_layers, sparsity_stats
 from .masks import MaskKeeper, Masks, count_masked, file_leaks
-from .schedule import history_row
+from .schedule import _scalar, history_row
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
 
@@ -160,8 +161,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
         raise ConfigError(f"finetune.epochs must be >= 1, got {epochs}")
     if keep not in ("best", "last"):
         raise ConfigError(f"finetune.keep must be one of best, last, got {keep!r}")
-    if lr_schedule not in ("run", "linear", "cosine"):
-        raise ConfigError(f"finetune.lr_schedule must be one of run, linear, cosine, got {lr_schedule!r}")
+    if lr_schedule not in FINETUNE_LR_SCHEDULES:
+        raise ConfigError(f"finetune.lr_schedule must be one of {', '.join(FINETUNE_LR_SCHEDULES)}, got {lr_schedule!r}")
     hyp = finetune_hyp(load_hyp(base.get("hyp"), b), lr_scale, warmup)
     opt = train_opt([], b)  # YOLOv5's defaults, never the host process's sys.argv
     for k, v in base.items():
@@ -197,7 +198,7 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     def fit_epoch_end(log_vals: Any, epoch: int, best_fitness: Any, fi: Any) -> None:
         if any(r["epoch"] == int(epoch) for r in state["history"]):
             return  # COCO's extra call after the final validation
-        if _first(fi) == _first(best_fitness):  # YOLOv5 writes best.pt after this hook when fi == best_fitness
+        if _scalar(fi) == _scalar(best_fitness):  # YOLOv5 writes best.pt after this hook when fi == best_fitness
             state["best_epoch"] = int(epoch)
         row = history_row(log_vals, epoch, fi)
         live = keeper.leaks()
@@ -263,10 +264,9 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     kept = last if keep == "last" or not best.is_file() else best
     if not kept.is_file():
         raise PruneError(f"fine-tune run {opt.save_dir} saved no checkpoint")
-    epochs_run = [r["epoch"] for r in state["history"]]
-    kept_record = {"file": kept.name, "rule": keep, "last_epoch": max(epochs_run) if epochs_run else None,
-                   "best_epoch": state.get("best_epoch"),
-                   "epoch": (max(epochs_run) if epochs_run else None) if kept == last else state.get("best_epoch")}
+    last_epoch = max((r["epoch"] for r in state["history"]), default=None)
+    kept_record = {"file": kept.name, "rule": keep, "last_epoch": last_epoch, "best_epoch": state.get("best_epoch"),
+                   "epoch": last_epoch if kept == last else state.get("best_epoch")}
     leaks = {f"live_{k}": v for k, v in keeper.leaks().items()} if keeper.masks else {}
     if keeper.masks:
         leaks["saved_last_each_epoch"] = state["saved_leaks"]
@@ -283,13 +283,6 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     if result.leaked:
         raise PruneError(f"fine-tune {result.save_dir}: pruned weights became non-zero ({leaks})")
     return result
-
-
-def _first(x: Any) -> float:
-    """The first number of a fitness value (YOLOv5 passes a 1-element array or a float)."""
-    import numpy as np
-
-    return float(np.asarray(x, dtype=float).ravel()[0])
 
 
 def _distill_summary(stats: Any) -> Optional[dict]:
