@@ -74,6 +74,14 @@ def _prune_options(p: argparse.ArgumentParser, prefix: str) -> None:
                    "channel) (config: finetune.recipe)")
     p.add_argument(f"--{prefix}finetune-distill", action="store_true", default=None,
                    help="distil from the unpruned model during the fine-tune (config: finetune.distill)")
+    p.add_argument(f"--{prefix}finetune-keep", metavar="K", help="which fine-tuned weights are written: auto (best.pt "
+                   "or last.pt by the plugin's validation on a val split of 100+ images, else last), last or best "
+                   "(config: finetune.keep)")
+    p.add_argument(f"--{prefix}finetune-lr-schedule", metavar="S", help="the fine-tune's learning-rate schedule: run "
+                   "(the checkpoint's own), linear or cosine (config: finetune.lr_schedule)")
+    p.add_argument(f"--{prefix}finetune-distill-features", type=float, metavar="W",
+                   help="with the distillation: a feature term on the neck outputs that feed Detect, W x YOLOv5's "
+                   "loss at the start (config: finetune.distill_features)")
     for flag, key, metavar, what in TARGET_FLAGS:
         p.add_argument(f"--{prefix}target-{flag}", type=float, metavar=metavar,
                        help=f"{what} (target.{key}; instead of an amount)")
@@ -110,7 +118,11 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
     path = getattr(ns, pre + "config", None)
     finetune = {k: v for k, v in (("epochs", getattr(ns, pre + "finetune_epochs", None)),
                                   ("distill", getattr(ns, pre + "finetune_distill", None)),
-                                  ("recipe", getattr(ns, pre + "finetune_recipe", None))) if v is not None}
+                                  ("recipe", getattr(ns, pre + "finetune_recipe", None)),
+                                  ("distill_features", getattr(ns, pre + "finetune_distill_features", None)),
+                                  ("keep", getattr(ns, pre + "finetune_keep", None)),
+                                  ("lr_schedule", getattr(ns, pre + "finetune_lr_schedule", None)))
+                if v is not None}
     if prefix and path is None and not finetune and all(v is None for v in overrides.values()):
         return None  # `yolo-prune train` without any prune option behaves exactly like YOLOv5's train
     for k, v in overrides.items():  # name the flag in errors: "--prune-amount: 'amount' must ..."
@@ -123,6 +135,9 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
         base = load_config(path).target if path else None
         overrides["target"] = {**(base.__dict__ if base else {}), **overrides["target"]}
     cfg = load_config(path, **overrides)
+    for k, v in finetune.items():  # each value checked under its flag's name ("--finetune-keep: ...")
+        alone = {k: v, "distill": True} if k == "distill_features" else {k: v}  # its pairing is checked below
+        config_from_dict({"finetune": alone}, source=f"--{prefix}finetune-{k.replace('_', '-')}")
     if finetune:
         cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, **finetune})
     return cfg

@@ -131,7 +131,7 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = _in_range(v, q, where, 0, 10, hi_closed=True)
             elif k in ("warmup", "distill"):
                 out[k] = _bool(v, q, where)
-            elif k == "distill_weight":
+            elif k in ("distill_weight", "distill_features"):
                 out[k] = _in_range(v, q, where, 0, 100, lo_closed=True, hi_closed=True)
             elif k == "recipe":
                 out[k] = _choice(v, q, where, FINETUNE_RECIPES)
@@ -378,6 +378,10 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
     if cfg.schedule.final_amount is not None and cfg.finetune.epochs:
         raise ConfigError(f"{source}: 'schedule' (prune during training) and 'finetune' (prune, then train) are "
                           "alternatives; set only one")
+    if cfg.finetune.distill_features > 0 and not cfg.finetune.distill:
+        raise ConfigError(f"{source}: 'finetune.distill_features' ({cfg.finetune.distill_features:g}) is a term of the "
+                          "distillation from the unpruned model: it needs 'finetune.distill: true' (or "
+                          "--finetune-distill)")
     if cfg.finetune.recipe == "regularize" and cfg.structure != "channel":
         raise ConfigError(f"{source}: 'finetune.recipe: regularize' trains away the channels a channel prune "
                           "removes: it needs 'structure: channel' (or finetune.recipe: plain)")

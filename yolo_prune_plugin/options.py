@@ -47,6 +47,9 @@ class FinetuneOptions:
     warmup: bool = False  # YOLOv5's >=100-iteration lr warmup from 0 (most of a short fine-tune)
     distill: bool = False  # add an output-level term from the dense (unpruned) model to YOLOv5's loss
     distill_weight: float = 1.0  # the teacher term's weight (its parts carry YOLOv5's own box/obj/cls gains)
+    # with distill: a feature term on the neck outputs that feed Detect (the pruned model's channels matched to the
+    # teacher's), this share of YOLOv5's loss on the first training batch (0: off)
+    distill_features: float = 0.0
     # plain: prune, then fine-tune all epochs; regularize (structure: channel): the dense model first trains the
     # planned channels toward zero for regularize_share of the epochs, exactly that plan is removed, then the
     # smaller model is fine-tuned for the rest (training/recovery.py)

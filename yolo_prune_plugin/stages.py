@@ -199,6 +199,7 @@ def finetune_stage(out: Path, model: nn.Module, entry: ReportEntry, config: Prun
                              include=config.include, exclude=config.exclude, masks=masks or None,
                              warmup=ft_cfg.warmup, project=project, name=name, hyp_path=hyp_path, backend=ctx.backend, keep_architecture=channel,
                              teacher=dense if ft_cfg.distill else None, distill_weight=ft_cfg.distill_weight,
+                             distill_features=ft_cfg.distill_features,
                              keep="last" if ft_cfg.keep == "auto" else ft_cfg.keep, lr_schedule=ft_cfg.lr_schedule)
     if ft_cfg.keep == "auto":
         ft.best, ft.kept = choose_kept(ft.best, ft.kept, ctx)

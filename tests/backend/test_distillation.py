@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib
 
@@ -126,3 +127,111 @@ def test_distill_flags_reach_the_config(argv, prefix):
     ns, _ = build_parser().parse_known_args(argv)
     ft = _config_from_args(ns, prefix).finetune
     assert ft.epochs == 3 and ft.distill is True and ft.distill_weight == 1.0
+
+
+# -- the feature term (finetune.distill_features) ------------------------------------------------------------------
+
+def _channel_pruned(dense, amount=0.4):
+    from yolo_prune_plugin.prune.channel import channel_prune
+
+    m = copy.deepcopy(dense).float()
+    channel_prune(m, amount, importance="l1", round_to=4, imgsz=64, log=False)
+    return m
+
+
+def test_channel_index_finds_the_teacher_channels_a_channel_prune_kept(dense):
+    from yolo_prune_plugin.backend.distillation import channel_index
+
+    pruned = _channel_pruned(dense)
+    s, t = pruned.model[-1], dense.model[-1]
+    index, match = channel_index(s, t)
+    narrower = [i for i, (a, b) in enumerate(zip(s.m, t.m)) if a.weight.shape[1] < b.weight.shape[1]]
+    assert narrower  # the prune removed channels from at least one map that feeds Detect
+    for a, b, idx, sim in zip(s.m, t.m, index, match):
+        assert torch.equal(a.weight, b.weight[:, idx])  # every kept column is exactly the teacher's matched column
+        assert len(set(idx.tolist())) == len(idx) and sim == pytest.approx(1.0, abs=1e-5)
+    same, sims = channel_index(t, t)
+    assert all(torch.equal(i, torch.arange(c.weight.shape[1])) for i, c in zip(same, t.m)) and sims == [1.0] * len(t.m)
+
+
+def test_feature_term_is_zero_for_matched_maps_scale_free_and_positive_otherwise():
+    from yolo_prune_plugin.backend.distillation import feature_term
+
+    t = [seeded_rand(2, 8, 4, 4, seed=s) for s in range(3)]
+    idx = [torch.tensor([0, 2, 5]), torch.arange(8), torch.tensor([7, 1])]
+    s = [v[:, i] for v, i in zip(t, idx)]
+    assert float(feature_term(s, t, idx)) == pytest.approx(0.0, abs=1e-6)
+    assert float(feature_term([3.0 * v for v in s], t, idx)) == pytest.approx(0.0, abs=1e-6)  # per-image scale
+    other = [v + seeded_rand(*v.shape, seed=9) for v in s]
+    assert 0.01 < float(feature_term(other, t, idx)) <= 4.0
+
+
+def test_feature_term_trains_a_channel_pruned_model_against_the_dense_neck(backend, dense, tiny_data, tiny_cfg,
+                                                                            tmp_path, monkeypatch):
+    """Real train.main on a channel-pruned file (its own architecture): the feature term is on every training batch,
+    at distill_features x YOLOv5's loss on the first one; Detect.forward is YOLOv5's own again afterwards."""
+    import yolo_prune_plugin.training.finetune as FT
+
+    seen, real = {}, FT.distilled_loss
+
+    @contextlib.contextmanager
+    def spy(*a, **k):
+        with real(*a, **k) as stats:
+            seen["stats"] = stats
+            yield stats
+
+    monkeypatch.setattr(FT, "distilled_loss", spy)
+    det_cls = type(dense.model[-1])
+    forward = det_cls.__dict__.get("forward")
+    w = save_checkpoint(_channel_pruned(dense), tmp_path / "channel.pt")
+    res = finetune_checkpoint(w, _opt(backend, tiny_data, tiny_cfg, tmp_path), 1, masks=None, teacher=dense,
+                              distill_weight=0.0, distill_features=0.25, keep_architecture=True, project=tmp_path,
+                              name="ft", backend=backend)
+    assert det_cls.__dict__.get("forward") is forward  # the class-level wrap is undone
+    d = res.distill
+    assert d["features"] == 0.25 and d["feature_scale"] > 0 and d["feature_match"] == pytest.approx([1.0] * 3, abs=1e-5)
+    first = seen["stats"].first
+    assert first["loss_feature"] == pytest.approx(0.25 * first["loss_yolo"], rel=1e-4)
+    row = res.history[0]
+    assert row["loss_feature"] > 0 and row["loss_total"] == pytest.approx(row["loss_yolo"] + row["loss_teacher"]
+                                                                          + row["loss_feature"], rel=1e-5)
+    assert row["loss_teacher"] == 0 and d["batches"] == 2  # distill_weight 0: the feature term alone, every batch
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in res.model.modules())
+    assert "forward" not in vars(res.model.model[-1])  # nothing set on the module (it is saved in every checkpoint)
+    assert type(load_checkpoint(res.last)["model"].model[-1]).forward is forward
+
+
+@pytest.mark.parametrize("ft,match", [
+    ({"distill_features": 0.5}, r"'finetune.distill_features' \(0.5\).*needs 'finetune.distill: true'"),
+    ({"distill": True, "distill_features": 101}, r"'finetune.distill_features' must be in \[0, 100\]"),
+])
+def test_bad_feature_term_options_name_the_key(ft, match):
+    with pytest.raises(ConfigError, match=match):
+        config_from_dict({"finetune": {"epochs": 1, **ft}})
+
+
+@pytest.mark.parametrize("argv,prefix", [
+    (["prune", "--weights", "w.pt", "--finetune-epochs", "3", "--finetune-distill", "--finetune-distill-features",
+      "0.5", "--finetune-keep", "best", "--finetune-lr-schedule", "cosine"], ""),
+    (["train", "--prune-finetune-epochs", "3", "--prune-finetune-distill", "--prune-finetune-distill-features", "0.5",
+      "--prune-finetune-keep", "best", "--prune-finetune-lr-schedule", "cosine"], "prune-"),
+])
+def test_feature_keep_and_schedule_flags_reach_the_config(argv, prefix):
+    from yolo_prune_plugin.cli import _config_from_args, build_parser
+
+    ns, _ = build_parser().parse_known_args(argv)
+    ft = _config_from_args(ns, prefix).finetune
+    assert (ft.distill, ft.distill_features, ft.keep, ft.lr_schedule) == (True, 0.5, "best", "cosine")
+
+
+@pytest.mark.parametrize("flag,value,match", [
+    ("finetune-keep", "newest", r"^--finetune-keep: 'finetune.keep' must be one of auto, last, best"),
+    ("finetune-lr-schedule", "step", r"^--finetune-lr-schedule: 'finetune.lr_schedule' must be one of run"),
+    ("finetune-distill-features", "-1", r"^--finetune-distill-features: .*must be in \[0, 100\]"),
+])
+def test_bad_finetune_flags_name_the_flag(flag, value, match):
+    from yolo_prune_plugin.cli import _config_from_args, build_parser
+
+    ns, _ = build_parser().parse_known_args(["prune", "--weights", "w.pt", f"--{flag}", value])
+    with pytest.raises(ConfigError, match=match):
+        _config_from_args(ns, "")

@@ -1,4 +1,5 @@
-"""Output-level distillation from the dense model inside YOLOv5's own training loop (``finetune.distill``).
+"""Distillation from the dense model inside YOLOv5's own training loop (``finetune.distill``): an output term and,
+with ``finetune.distill_features``, a feature term on the neck outputs that feed ``Detect``.
 
 ``train()`` builds ``compute_loss = ComputeLoss(model)`` just before ``on_train_start`` and calls it once per
 training batch (``compute_loss(pred, targets)``) and from ``val.run`` (validation losses). Inside
@@ -8,6 +9,14 @@ is hooked on the student), the teacher (a frozen copy of the dense model in eval
 without gradients, and the returned
 loss is YOLOv5's plus ``weight x batch_size x`` the term of :func:`distill_term`. Validation calls (no
 training forward since the last call) get YOLOv5's loss alone; the three logged loss items stay YOLOv5's.
+
+The feature term (:func:`feature_term`) needs the inputs of the student's and the teacher's ``Detect``: while the
+loss exists, ``forward`` of their ``Detect`` class is wrapped at class level (nothing is set on a module, so nothing
+travels into a checkpoint) and records the input list of those two modules only. A channel-pruned student has
+fewer channels in these maps than the teacher: each student channel is matched to the teacher channel whose
+``Detect`` weights (the 1x1 convs that read the map, never pruned on their outputs) are the most similar
+(:func:`channel_index`; exact for a freshly pruned model, whose kept columns are the teacher's). Its strength is
+relative: ``distill_features`` x YOLOv5's loss on the first training batch (the term is rescaled once, then fixed).
 """
 
 from __future__ import annotations
@@ -44,6 +53,10 @@ class DistillStats:
     batches: int = 0
     epoch: dict = field(default_factory=dict)  # sums over this epoch's batches (loss_yolo, loss_teacher, kd_obj, ...)
     last: dict = field(default_factory=dict)  # the last training batch's values (tests)
+    first: dict = field(default_factory=dict)  # the first training batch's values
+    features: float = 0.0  # weight of the feature term, relative to YOLOv5's loss on the first batch (0: off)
+    feature_scale: Optional[float] = None  # the fixed factor that made the first batch's term that share
+    feature_match: list = field(default_factory=list)  # per Detect input: mean cosine of the matched channel weights
 
     def epoch_reset(self) -> None:
         self.epoch = {}
@@ -51,6 +64,7 @@ class DistillStats:
     def add(self, values: dict) -> None:
         self.batches += 1
         self.last = values
+        self.first = self.first or values
         for k, v in values.items():
             self.epoch[k] = self.epoch.get(k, 0.0) + v
         self.epoch["batches"] = self.epoch.get("batches", 0) + 1
@@ -105,11 +119,42 @@ def distill_term(student: list[torch.Tensor], teacher: list[torch.Tensor], loss:
     return term, {"obj": float(l_obj), "cls": float(l_cls), "box": float(l_box), "confident": box_n}
 
 
+def channel_index(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Tensor], list[float]]:
+    """For each input map of ``Detect`` (``student`` and ``teacher`` are ``Detect`` modules): the teacher channel
+    matched to each student channel, and the mean cosine similarity of the matched weight columns. Equal widths:
+    the identity (similarity 1)."""
+    index, match = [], []
+    for s, t in zip(student.m, teacher.m):
+        ws, wt = s.weight.detach().float().flatten(1), t.weight.detach().float().flatten(1)
+        if ws.shape[1] == wt.shape[1]:
+            index.append(torch.arange(ws.shape[1]))
+            match.append(1.0)
+            continue
+        sim = F.normalize(ws.T, dim=1) @ F.normalize(wt.T, dim=1).T  # (student channels, teacher channels)
+        best, idx = sim.max(1)
+        index.append(idx.cpu())
+        match.append(round(float(best.mean()), 6))
+    return index, match
+
+
+def feature_term(student: list[torch.Tensor], teacher: list[torch.Tensor], index: list[torch.Tensor]) -> torch.Tensor:
+    """Mean over the ``Detect`` inputs of the squared distance between the student's map and the teacher's matched
+    channels, each image's map scaled to unit norm (so the term is in [0, 4] whatever the features' scale)."""
+    total = torch.zeros((), device=student[0].device)
+    for s, t, idx in zip(student, teacher, index):
+        s = s.float().flatten(1)
+        t = t.float()[:, idx.to(t.device)].flatten(1)
+        total = total + (F.normalize(s, dim=1) - F.normalize(t, dim=1)).pow(2).sum(1).mean()
+    return total / max(len(student), 1)
+
+
 class DistillLoss:
     """YOLOv5's ``ComputeLoss`` plus the teacher term on training batches (see the module docstring)."""
 
-    def __init__(self, loss: Any, teacher: nn.Module, stats: DistillStats, bbox_iou: Any):
+    def __init__(self, loss: Any, teacher: nn.Module, stats: DistillStats, bbox_iou: Any,
+                 features: Optional["_DetectInputs"] = None):
         self.loss, self.teacher, self.stats, self._bbox_iou = loss, teacher, stats, bbox_iou
+        self.features = features
 
     def __getattr__(self, name: str) -> Any:  # YOLOv5's attributes (hyp, balance, gr, ...)
         if name == "loss":
@@ -130,9 +175,19 @@ class DistillLoss:
         t = t[1] if isinstance(t, tuple) else t  # eval-mode Detect: (inference, raw outputs)
         term, parts = distill_term(list(p), list(t), self.loss, self._bbox_iou)
         added = self.stats.weight * term * images.shape[0]
+        values = {"loss_yolo": float(loss), "loss_teacher": float(added), **{f"kd_{k}": v for k, v in parts.items()}}
+        if self.features is not None:
+            feats = self.features.take()
+            if feats is not None:
+                f = feature_term(*feats, self.features.index)
+                if self.stats.feature_scale is None:  # once: the first batch's term = features x YOLOv5's loss
+                    self.stats.feature_scale = float(loss.detach()) / images.shape[0] / max(float(f.detach()), 1e-9)
+                feat_added = self.stats.features * self.stats.feature_scale * f * images.shape[0]
+                added = added + feat_added
+                values.update(loss_feature=float(feat_added), kd_feature=float(f))
         total = loss + added
-        self.stats.add({"loss_yolo": float(loss), "loss_teacher": float(added), "loss_total": float(total),
-                        **{f"kd_{k}": v for k, v in parts.items()}})
+        values["loss_total"] = float(total)
+        self.stats.add(values)
         return total, items
 
 
@@ -158,21 +213,55 @@ def teacher_copy(model: nn.Module, device: torch.device) -> nn.Module:
     return t
 
 
+class _DetectInputs:
+    """The input maps of two ``Detect`` modules (student, teacher) as their last forward saw them (see the module
+    docstring: recorded by a class-level wrap of ``forward``, undone with the loss's context)."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module):
+        self.student, self.teacher = id(student), id(teacher)
+        self.index, self.match = channel_index(student, teacher)
+        self.seen: dict[int, list] = {}
+
+    def wrap(self, forward: Any) -> Any:
+        def recording_forward(module: nn.Module, x: Any, *args: Any, **kwargs: Any) -> Any:
+            if id(module) in (self.student, self.teacher):
+                self.seen[id(module)] = list(x)  # Detect.forward replaces the list's items in place
+            return forward(module, x, *args, **kwargs)
+        return recording_forward
+
+    def take(self) -> Optional[tuple[list, list]]:
+        s, t = self.seen.pop(self.student, None), self.seen.pop(self.teacher, None)
+        return None if s is None or t is None else (s, t)
+
+
+def _detect(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", model)  # DDP / DataParallel
+    return inner.model[-1]
+
+
 @contextlib.contextmanager
-def distilled_loss(backend: Backend, teacher: nn.Module, weight: float) -> Iterator[DistillStats]:
+def distilled_loss(backend: Backend, teacher: nn.Module, weight: float, features: float = 0.0) -> Iterator[DistillStats]:
     """Inside: the ``ComputeLoss`` that YOLOv5's ``train()`` builds adds the teacher term (see the module
-    docstring); ``teacher`` is copied (frozen, eval, moved to the student's device when the loss is built). The
-    name is restored on exit, also on exceptions. Yields the running statistics."""
+    docstring); ``teacher`` is copied (frozen, eval, moved to the student's device when the loss is built).
+    ``features`` > 0 adds the feature term on ``Detect``'s inputs at that strength. The name (and ``Detect.forward``)
+    is restored on exit, also on exceptions. Yields the running statistics."""
     original = backend.train.ComputeLoss
     bbox_iou = importlib.import_module(backend.prefix + "utils.metrics").bbox_iou
     nbytes = sum(q.numel() * (2 if torch.cuda.is_available() else 4) for q in teacher.parameters())
-    stats = DistillStats(weight=float(weight), teacher_mb=nbytes / 2 ** 20)
+    stats = DistillStats(weight=float(weight), teacher_mb=nbytes / 2 ** 20, features=float(features))
 
-    def factory(model: nn.Module, autobalance: bool = False) -> DistillLoss:
-        device = next(model.parameters()).device
-        stats.teacher = teacher_copy(teacher, device)
-        stats.teacher_mb = sum(q.numel() * q.element_size() for q in stats.teacher.parameters()) / 2 ** 20
-        return DistillLoss(original(model, autobalance), stats.teacher, stats, bbox_iou)
+    with contextlib.ExitStack() as wraps:
+        def factory(model: nn.Module, autobalance: bool = False) -> DistillLoss:
+            device = next(model.parameters()).device
+            stats.teacher = teacher_copy(teacher, device)
+            stats.teacher_mb = sum(q.numel() * q.element_size() for q in stats.teacher.parameters()) / 2 ** 20
+            inputs = None
+            if stats.features > 0:  # the wrap lives as long as the context (train() builds the loss once)
+                inputs = _DetectInputs(_detect(model), _detect(stats.teacher))
+                stats.feature_match = inputs.match
+                for cls in dict.fromkeys((type(_detect(model)), type(_detect(stats.teacher)))):
+                    wraps.enter_context(replaced(cls, "forward", inputs.wrap(cls.forward)))
+            return DistillLoss(original(model, autobalance), stats.teacher, stats, bbox_iou, inputs)
 
-    with replaced(backend.train, "ComputeLoss", factory):
-        yield stats
+        with replaced(backend.train, "ComputeLoss", factory):
+            yield stats
