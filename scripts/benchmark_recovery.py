@@ -18,7 +18,8 @@ Rows:
 * dense + N ep FT          the dense checkpoint fine-tuned with the identical recipe (the reference)
 * STRUCTURE:AMOUNT[:distill|:reg][:KEY=VALUE...]  e.g. ``channel:0.5``, ``channel:0.5:distill``, ``channel:0.5:reg``
                            (``finetune.recipe: regularize``), ``channel:0.5:lr_schedule=cosine:lr_scale=0.3`` (any
-                           ``finetune`` key, YAML-typed), ``obs:0.7``, ``global:0.5``: pruned
+                           ``finetune`` key, YAML-typed; ``channel:0.5:distill:distill_features=1`` adds the
+                           feature term, ``...:distill_weight=0:...`` leaves it alone), ``obs:0.7``, ``global:0.5``: pruned
                            and fine-tuned through the plugin's pipeline (``pipeline.run``, as ``yolo-prune prune
                            --finetune-epochs N``); one-shot and fine-tuned numbers
 ``--epochs 5,10,20`` runs every row at each length (separate runs: a curve of budgets, not one run's epochs).

@@ -139,19 +139,38 @@ def _channel_pruned(dense, amount=0.4):
     return m
 
 
-def test_channel_index_finds_the_teacher_channels_a_channel_prune_kept(dense):
+@pytest.mark.parametrize("bn", ["default", "trained"])
+def test_channel_index_finds_the_teacher_channels_a_channel_prune_kept(dense, bn):
+    """Default BatchNorm (scale 1, shift 0 everywhere: no pairing) -> by Detect's weight columns; distinct BatchNorm
+    values -> by the producing BatchNorm, still exact after Detect's columns were refit (as channel.reconstruct does)."""
     from yolo_prune_plugin.backend.distillation import channel_index
 
-    pruned = _channel_pruned(dense)
-    s, t = pruned.model[-1], dense.model[-1]
-    index, match = channel_index(s, t)
+    teacher = copy.deepcopy(dense).float()
+    if bn == "trained":
+        g = torch.Generator().manual_seed(3)
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.data = torch.rand(m.num_features, generator=g) + 0.5
+                m.bias.data = torch.randn(m.num_features, generator=g)
+    pruned = _channel_pruned(teacher)
+    s, t = pruned.model[-1], teacher.model[-1]
     narrower = [i for i, (a, b) in enumerate(zip(s.m, t.m)) if a.weight.shape[1] < b.weight.shape[1]]
     assert narrower  # the prune removed channels from at least one map that feeds Detect
-    for a, b, idx, sim in zip(s.m, t.m, index, match):
+    truth, _, how = channel_index(pruned, teacher)  # columns still exact here
+    for a, b, idx in zip(s.m, t.m, truth):
         assert torch.equal(a.weight, b.weight[:, idx])  # every kept column is exactly the teacher's matched column
-        assert len(set(idx.tolist())) == len(idx) and sim == pytest.approx(1.0, abs=1e-5)
-    same, sims = channel_index(t, t)
-    assert all(torch.equal(i, torch.arange(c.weight.shape[1])) for i, c in zip(same, t.m)) and sims == [1.0] * len(t.m)
+        assert len(set(idx.tolist())) == len(idx)
+    want = "batchnorm" if bn == "trained" else "columns"
+    assert [h for i, h in enumerate(how) if i in narrower] == [want] * len(narrower)
+    if bn == "trained":
+        with torch.no_grad():
+            for conv in s.m:  # refit Detect's columns: the BatchNorm pairing does not depend on them
+                conv.weight.add_(0.5 * seeded_rand(*conv.weight.shape, seed=4))
+        index, match, how = channel_index(pruned, teacher)
+        assert all(torch.equal(i, j) for i, j in zip(index, truth)) and min(match) < 0.99
+    same, sims, how = channel_index(teacher, teacher)
+    assert all(torch.equal(i, torch.arange(c.weight.shape[1])) for i, c in zip(same, t.m))
+    assert sims == pytest.approx([1.0] * len(t.m)) and how == ["identity"] * len(t.m)
 
 
 def test_feature_term_is_zero_for_matched_maps_scale_free_and_positive_otherwise():
@@ -190,6 +209,7 @@ def test_feature_term_trains_a_channel_pruned_model_against_the_dense_neck(backe
     assert det_cls.__dict__.get("forward") is forward  # the class-level wrap is undone
     d = res.distill
     assert d["features"] == 0.25 and d["feature_scale"] > 0 and d["feature_match"] == pytest.approx([1.0] * 3, abs=1e-5)
+    assert set(d["feature_matched_by"]) <= {"identity", "columns", "batchnorm"} and len(d["feature_matched_by"]) == 3
     first = seen["stats"].first
     assert first["loss_feature"] == pytest.approx(0.25 * first["loss_yolo"], rel=1e-4)
     row = res.history[0]

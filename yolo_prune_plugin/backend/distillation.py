@@ -13,10 +13,9 @@ training forward since the last call) get YOLOv5's loss alone; the three logged 
 The feature term (:func:`feature_term`) needs the inputs of the student's and the teacher's ``Detect``: while the
 loss exists, ``forward`` of their ``Detect`` class is wrapped at class level (nothing is set on a module, so nothing
 travels into a checkpoint) and records the input list of those two modules only. A channel-pruned student has
-fewer channels in these maps than the teacher: each student channel is matched to the teacher channel whose
-``Detect`` weights (the 1x1 convs that read the map, never pruned on their outputs) are the most similar
-(:func:`channel_index`; exact for a freshly pruned model, whose kept columns are the teacher's). Its strength is
-relative: ``distill_features`` x YOLOv5's loss on the first training batch (the term is rescaled once, then fixed).
+fewer channels in these maps than the teacher: each student channel is matched to a teacher channel
+(:func:`channel_index`: by the BatchNorm that produces the map, else by the ``Detect`` weight columns). Its strength
+is relative: ``distill_features`` x YOLOv5's loss on the first training batch (the term is rescaled once, then fixed).
 """
 
 from __future__ import annotations
@@ -57,6 +56,7 @@ class DistillStats:
     features: float = 0.0  # weight of the feature term, relative to YOLOv5's loss on the first batch (0: off)
     feature_scale: Optional[float] = None  # the fixed factor that made the first batch's term that share
     feature_match: list = field(default_factory=list)  # per Detect input: mean cosine of the matched channel weights
+    feature_matched_by: list = field(default_factory=list)  # per Detect input: identity | batchnorm | columns
 
     def epoch_reset(self) -> None:
         self.epoch = {}
@@ -116,25 +116,47 @@ def distill_term(student: list[torch.Tensor], teacher: list[torch.Tensor], loss:
     l_cls = cls_num / cls_den.clamp(min=1e-9)
     l_box = box_sum / max(box_n, 1)
     term = h["obj"] * l_obj + h["cls"] * l_cls + h["box"] * l_box
-    return term, {"obj": float(l_obj), "cls": float(l_cls), "box": float(l_box), "confident": box_n}
+    return term, {"obj": float(l_obj.detach()), "cls": float(l_cls.detach()), "box": float(l_box.detach()),
+                  "confident": box_n}
 
 
-def channel_index(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Tensor], list[float]]:
-    """For each input map of ``Detect`` (``student`` and ``teacher`` are ``Detect`` modules): the teacher channel
-    matched to each student channel, and the mean cosine similarity of the matched weight columns. Equal widths:
-    the identity (similarity 1)."""
-    index, match = [], []
-    for s, t in zip(student.m, teacher.m):
+def _producer_bn(model: nn.Module, layer: int) -> Optional[nn.BatchNorm2d]:
+    """The BatchNorm that ends YOLOv5 layer ``layer`` (``C3``: its ``cv3``; ``Conv``: itself), if any."""
+    mod = model.model[layer]
+    bn = getattr(getattr(mod, "cv3", mod), "bn", None)
+    return bn if isinstance(bn, nn.BatchNorm2d) else None
+
+
+def channel_index(student: nn.Module, teacher: nn.Module) -> tuple[list[torch.Tensor], list[float], list[str]]:
+    """For each input map of ``Detect`` (``student`` and ``teacher`` are YOLOv5 detection models): the teacher channel
+    matched to each student channel, the mean cosine similarity of the matched ``Detect`` weight columns, and how the
+    match was made. Equal widths: ``identity``. Otherwise ``batchnorm``: the teacher channel with the same scale and
+    shift in the BatchNorm that produces the map (a channel prune slices it, and neither reconstruction nor
+    BatchNorm recalibration changes it: exact for a freshly pruned model), when that pairs every student channel
+    with a different teacher channel; else ``columns``: the most similar ``Detect`` weight column (the 1x1 convs
+    that read the map never lose output channels; ``channel.reconstruct`` refits them, so this is approximate)."""
+    sd, td = _detect(student), _detect(teacher)
+    index, match, how = [], [], []
+    for i, (s, t) in enumerate(zip(sd.m, td.m)):
         ws, wt = s.weight.detach().float().flatten(1), t.weight.detach().float().flatten(1)
         if ws.shape[1] == wt.shape[1]:
-            index.append(torch.arange(ws.shape[1]))
-            match.append(1.0)
-            continue
-        sim = F.normalize(ws.T, dim=1) @ F.normalize(wt.T, dim=1).T  # (student channels, teacher channels)
-        best, idx = sim.max(1)
-        index.append(idx.cpu())
-        match.append(round(float(best.mean()), 6))
-    return index, match
+            idx, by = torch.arange(ws.shape[1]), "identity"
+        else:
+            idx, by = None, "columns"
+            bs, bt = _producer_bn(student, sd.f[i]), _producer_bn(teacher, td.f[i])
+            if bs is not None and bt is not None and (bs.num_features, bt.num_features) == (ws.shape[1], wt.shape[1]):
+                a = torch.stack((bs.weight, bs.bias), 1).detach().float().cpu()
+                b = torch.stack((bt.weight, bt.bias), 1).detach().float().cpu()
+                near = torch.cdist(a, b).argmin(1)
+                if len(set(near.tolist())) == len(near):
+                    idx, by = near, "batchnorm"
+            if idx is None:
+                sim = F.normalize(ws.T, dim=1) @ F.normalize(wt.T, dim=1).T  # (student channels, teacher channels)
+                idx = sim.argmax(1).cpu()
+        index.append(idx)
+        match.append(round(float(F.cosine_similarity(ws, wt[:, idx.to(wt.device)], dim=0).mean()), 6))
+        how.append(by)
+    return index, match, how
 
 
 def feature_term(student: list[torch.Tensor], teacher: list[torch.Tensor], index: list[torch.Tensor]) -> torch.Tensor:
@@ -175,7 +197,7 @@ class DistillLoss:
         t = t[1] if isinstance(t, tuple) else t  # eval-mode Detect: (inference, raw outputs)
         term, parts = distill_term(list(p), list(t), self.loss, self._bbox_iou)
         added = self.stats.weight * term * images.shape[0]
-        values = {"loss_yolo": float(loss), "loss_teacher": float(added), **{f"kd_{k}": v for k, v in parts.items()}}
+        values = {"loss_yolo": float(loss.detach()), "loss_teacher": float(added.detach()), **{f"kd_{k}": v for k, v in parts.items()}}
         if self.features is not None:
             feats = self.features.take()
             if feats is not None:
@@ -184,9 +206,9 @@ class DistillLoss:
                     self.stats.feature_scale = float(loss.detach()) / images.shape[0] / max(float(f.detach()), 1e-9)
                 feat_added = self.stats.features * self.stats.feature_scale * f * images.shape[0]
                 added = added + feat_added
-                values.update(loss_feature=float(feat_added), kd_feature=float(f))
+                values.update(loss_feature=float(feat_added.detach()), kd_feature=float(f.detach()))
         total = loss + added
-        values["loss_total"] = float(total)
+        values["loss_total"] = float(total.detach())
         self.stats.add(values)
         return total, items
 
@@ -218,8 +240,9 @@ class _DetectInputs:
     docstring: recorded by a class-level wrap of ``forward``, undone with the loss's context)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module):
-        self.student, self.teacher = id(student), id(teacher)
-        self.index, self.match = channel_index(student, teacher)
+        """``student``, ``teacher``: the two detection models (their ``Detect`` modules are watched)."""
+        self.student, self.teacher = id(_detect(student)), id(_detect(teacher))
+        self.index, self.match, self.how = channel_index(student, teacher)
         self.seen: dict[int, list] = {}
 
     def wrap(self, forward: Any) -> Any:
@@ -257,8 +280,8 @@ def distilled_loss(backend: Backend, teacher: nn.Module, weight: float, features
             stats.teacher_mb = sum(q.numel() * q.element_size() for q in stats.teacher.parameters()) / 2 ** 20
             inputs = None
             if stats.features > 0:  # the wrap lives as long as the context (train() builds the loss once)
-                inputs = _DetectInputs(_detect(model), _detect(stats.teacher))
-                stats.feature_match = inputs.match
+                inputs = _DetectInputs(getattr(model, "module", model), stats.teacher)
+                stats.feature_match, stats.feature_matched_by = inputs.match, inputs.how
                 for cls in dict.fromkeys((type(_detect(model)), type(_detect(stats.teacher)))):
                     wraps.enter_context(replaced(cls, "forward", inputs.wrap(cls.forward)))
             return DistillLoss(original(model, autobalance), stats.teacher, stats, bbox_iou, inputs)

@@ -291,6 +291,7 @@ def _distill_summary(stats: Any) -> Optional[dict]:
         return None
     return {"weight": stats.weight, "teacher_mb": round(stats.teacher_mb, 2), "batches": stats.batches,
             "features": stats.features, "feature_scale": stats.feature_scale, "feature_match": stats.feature_match,
+            "feature_matched_by": stats.feature_matched_by,
             "teacher_dtype": str(next(stats.teacher.parameters()).dtype) if stats.teacher is not None else None}
 
 
