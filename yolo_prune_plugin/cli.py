@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
 from ._version import __version__
-from .config import METHOD_CHOICES, PruneConfig, config_from_dict, load_config
+from .config import METHOD_CHOICES, PruneConfig, check_finetune_value, config_from_dict, load_config
 from .errors import ConfigError, PruneError
 
 LOGGER = logging.getLogger("yolo_prune_plugin")
@@ -135,9 +135,9 @@ def _config_from_args(ns: argparse.Namespace, prefix: str) -> Optional[PruneConf
         base = load_config(path).target if path else None
         overrides["target"] = {**(base.__dict__ if base else {}), **overrides["target"]}
     cfg = load_config(path, **overrides)
-    for k, v in finetune.items():  # each value checked under its flag's name ("--finetune-keep: ...")
-        alone = {k: v, "distill": True} if k == "distill_features" else {k: v}  # its pairing is checked below
-        config_from_dict({"finetune": alone}, source=f"--{prefix}finetune-{k.replace('_', '-')}")
+    for k, v in finetune.items():  # each value checked under its flag's name ("--finetune-keep: ..."); how the
+        # values combine with the rest of the config is checked once, below
+        check_finetune_value(k, v, f"--{prefix}finetune-{k.replace('_', '-')}")
     if finetune:
         cfg = cfg.with_overrides(finetune={**cfg.finetune.__dict__, **finetune})
     return cfg

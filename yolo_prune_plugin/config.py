@@ -81,6 +81,12 @@ _NESTED = {"export_options": ExportOptions, "calibration": CalibrationOptions, "
            "bn_recalibration": BNRecalibrationOptions, "target": TargetOptions}
 
 
+def check_finetune_value(key: str, value: Any, source: str) -> None:
+    """One ``finetune`` value checked alone (a command-line flag named by ``source``); how it combines with the rest
+    of the configuration is checked when the whole configuration is built. Raises :class:`ConfigError`."""
+    _nested(FinetuneOptions, {key: value}, "finetune", source)
+
+
 def _nested(cls: type, data: Any, key: str, where: str) -> Any:
     if isinstance(data, cls):
         return data
