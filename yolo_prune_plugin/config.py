@@ -82,8 +82,7 @@ _NESTED = {"export_options": ExportOptions, "calibration": CalibrationOptions, "
 
 
 def check_finetune_value(key: str, value: Any, source: str) -> None:
-    """One ``finetune`` value checked alone (a command-line flag named by ``source``); how it combines with the rest
-    of the configuration is checked when the whole configuration is built. Raises :class:`ConfigError`."""
+    """One ``finetune`` value alone (a flag named by ``source``; combinations: when the whole config is built)."""
     _nested(FinetuneOptions, {key: value}, "finetune", source)
 
 
@@ -139,12 +138,9 @@ def _nested(cls: type, data: Any, key: str, where: str) -> Any:
                 out[k] = _bool(v, q, where)
             elif k in ("distill_weight", "distill_features"):
                 out[k] = _in_range(v, q, where, 0, 100, lo_closed=True, hi_closed=True)
-            elif k == "recipe":
-                out[k] = _choice(v, q, where, FINETUNE_RECIPES)
-            elif k == "lr_schedule":
-                out[k] = _choice(v, q, where, FINETUNE_LR_SCHEDULES)
-            elif k == "keep":
-                out[k] = _choice(v, q, where, FINETUNE_KEEP)
+            elif k in ("recipe", "lr_schedule", "keep"):
+                out[k] = _choice(v, q, where, {"recipe": FINETUNE_RECIPES, "lr_schedule": FINETUNE_LR_SCHEDULES,
+                                               "keep": FINETUNE_KEEP}[k])
             elif k == "regularize_share":
                 out[k] = _in_range(v, q, where, 0, 1, lo_closed=True, hi_closed=True)
             elif k == "regularize_weight":
@@ -385,9 +381,8 @@ def config_from_dict(data: Mapping[str, Any] | None, source: str = "config") -> 
         raise ConfigError(f"{source}: 'schedule' (prune during training) and 'finetune' (prune, then train) are "
                           "alternatives; set only one")
     if cfg.finetune.distill_features > 0 and not cfg.finetune.distill:
-        raise ConfigError(f"{source}: 'finetune.distill_features' ({cfg.finetune.distill_features:g}) is a term of the "
-                          "distillation from the unpruned model: it needs 'finetune.distill: true' (or "
-                          "--finetune-distill)")
+        raise ConfigError(f"{source}: 'finetune.distill_features' ({cfg.finetune.distill_features:g}) needs "
+                          "'finetune.distill: true' (or --finetune-distill): it is a term of the distillation")
     if cfg.finetune.recipe == "regularize" and cfg.structure != "channel":
         raise ConfigError(f"{source}: 'finetune.recipe: regularize' trains away the channels a channel prune "
                           "removes: it needs 'structure: channel' (or finetune.recipe: plain)")
@@ -437,8 +432,7 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> PruneConfig
         data = dict(loaded)
     cfg = config_from_dict(data, source=source)
     if any(v is not None for v in overrides.values()):
-        cfg = config_from_dict(merge_overrides(cfg.to_dict(), overrides),
-                               source=f"{source} + flags")
+        cfg = config_from_dict(merge_overrides(cfg.to_dict(), overrides), source=f"{source} + flags")
     return cfg
 
 
