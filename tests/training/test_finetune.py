@@ -66,7 +66,7 @@ def test_api_prune_finetunes_a_channel_pruned_checkpoint_without_saved_options(b
     """One channel prune + 1-epoch fine-tune through the pipeline (``api.prune``), with distillation from the dense
     model: no saved ``opt``, so YOLOv5's defaults (hyp.scratch-low, batch 16 unless given) with the call's batch
     and size; the pruned architecture is what YOLOv5 trained and what is written (the same channel counts as the
-    fine-tune's best.pt, not the dense ones); the teacher term ran on every batch."""
+    fine-tune's best.pt, not the dense ones); the teacher's output and feature terms ran on every batch."""
     from yolo_prune_plugin.prune.unstructured import conv_layers
 
     def channels(model):
@@ -74,7 +74,7 @@ def test_api_prune_finetunes_a_channel_pruned_checkpoint_without_saved_options(b
 
     w = save_checkpoint(tiny_model, tmp_path / "model.pt")
     [e] = api.prune(w, tiny_data, imgsz=64, batch_size=2, device="cpu", workers=0, structure="channel", amount=0.3,
-                    finetune={"epochs": 1, "distill": True}, channel={"reconstruct": False})
+                    finetune={"epochs": 1, "distill": True, "distill_features": 0.5}, channel={"reconstruct": False})
     # (reconstruction off: on these 64-px train images it fits the student to the teacher's outputs exactly)
     assert e.mode == "finetune" and e.structure == "channel"
     assert e.finetune["epochs"] == 1 and Path(e.finetune["run"]).name == "model_finetune"
@@ -82,6 +82,7 @@ def test_api_prune_finetunes_a_channel_pruned_checkpoint_without_saved_options(b
     assert used["batch_size"] == 2 and used["imgsz"] == 64
     d = e.finetune["distill"]
     assert d["weight"] == 1.0 and d["batches"] == 2 and e.finetune["history"][0]["loss_teacher"] > 0
+    assert d["features"] == 0.5 and e.finetune["history"][0]["loss_feature"] > 0 and len(d["feature_matched_by"]) == 3
     final = load_checkpoint(tmp_path / "model_pruned.pt")["model"]
     ft_best = torch.load(Path(e.finetune["run"]) / "weights" / "best.pt")["model"]
     assert channels(final) == channels(ft_best) != channels(tiny_model)

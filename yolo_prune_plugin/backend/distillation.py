@@ -174,9 +174,9 @@ class DistillLoss:
     """YOLOv5's ``ComputeLoss`` plus the teacher term on training batches (see the module docstring)."""
 
     def __init__(self, loss: Any, teacher: nn.Module, stats: DistillStats, bbox_iou: Any,
-                 features: Optional["_DetectInputs"] = None):
+                 detect_inputs: Optional["_DetectInputs"] = None):
         self.loss, self.teacher, self.stats, self._bbox_iou = loss, teacher, stats, bbox_iou
-        self.features = features
+        self.detect_inputs = detect_inputs  # None: no feature term
 
     def __getattr__(self, name: str) -> Any:  # YOLOv5's attributes (hyp, balance, gr, ...)
         if name == "loss":
@@ -197,11 +197,12 @@ class DistillLoss:
         t = t[1] if isinstance(t, tuple) else t  # eval-mode Detect: (inference, raw outputs)
         term, parts = distill_term(list(p), list(t), self.loss, self._bbox_iou)
         added = self.stats.weight * term * images.shape[0]
-        values = {"loss_yolo": float(loss.detach()), "loss_teacher": float(added.detach()), **{f"kd_{k}": v for k, v in parts.items()}}
-        if self.features is not None:
-            feats = self.features.take()
+        values = {"loss_yolo": float(loss.detach()), "loss_teacher": float(added.detach()),
+                  **{f"kd_{k}": v for k, v in parts.items()}}
+        if self.detect_inputs is not None:
+            feats = self.detect_inputs.take()
             if feats is not None:
-                f = feature_term(*feats, self.features.index)
+                f = feature_term(*feats, self.detect_inputs.index)
                 if self.stats.feature_scale is None:  # once: the first batch's term = features x YOLOv5's loss
                     self.stats.feature_scale = float(loss.detach()) / images.shape[0] / max(float(f.detach()), 1e-9)
                 feat_added = self.stats.features * self.stats.feature_scale * f * images.shape[0]
@@ -258,12 +259,13 @@ class _DetectInputs:
 
 
 def _detect(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "module", model)  # DDP / DataParallel
-    return inner.model[-1]
+    """The ``Detect`` module of a YOLOv5 detection model (unwrapped: no DDP / DataParallel)."""
+    return model.model[-1]
 
 
 @contextlib.contextmanager
-def distilled_loss(backend: Backend, teacher: nn.Module, weight: float, features: float = 0.0) -> Iterator[DistillStats]:
+def distilled_loss(backend: Backend, teacher: nn.Module, weight: float,
+                   features: float = 0.0) -> Iterator[DistillStats]:
     """Inside: the ``ComputeLoss`` that YOLOv5's ``train()`` builds adds the teacher term (see the module
     docstring); ``teacher`` is copied (frozen, eval, moved to the student's device when the loss is built).
     ``features`` > 0 adds the feature term on ``Detect``'s inputs at that strength. The name (and ``Detect.forward``)
@@ -280,9 +282,10 @@ def distilled_loss(backend: Backend, teacher: nn.Module, weight: float, features
             stats.teacher_mb = sum(q.numel() * q.element_size() for q in stats.teacher.parameters()) / 2 ** 20
             inputs = None
             if stats.features > 0:  # the wrap lives as long as the context (train() builds the loss once)
-                inputs = _DetectInputs(getattr(model, "module", model), stats.teacher)
+                student = getattr(model, "module", model)  # DDP / DataParallel
+                inputs = _DetectInputs(student, stats.teacher)
                 stats.feature_match, stats.feature_matched_by = inputs.match, inputs.how
-                for cls in dict.fromkeys((type(_detect(model)), type(_detect(stats.teacher)))):
+                for cls in dict.fromkeys((type(_detect(student)), type(_detect(stats.teacher)))):
                     wraps.enter_context(replaced(cls, "forward", inputs.wrap(cls.forward)))
             return DistillLoss(original(model, autobalance), stats.teacher, stats, bbox_iou, inputs)
 

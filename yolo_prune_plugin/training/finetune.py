@@ -139,7 +139,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
                         project: str | Path | None = None, name: Optional[str] = None,
                         hyp_path: str | Path | None = None, backend: Optional[Backend] = None,
                         keep_architecture: bool = False, teacher: Optional[nn.Module] = None,
-                        distill_weight: float = 1.0, distill_features: float = 0.0, hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
+                        distill_weight: float = 1.0, distill_features: float = 0.0,
+                        hooks: Sequence[tuple[str, Callable[..., Any]]] = (),
                         keep: str = "best", lr_schedule: str = "run", **train_overrides: Any) -> FinetuneResult:
     """Train ``weights`` for ``epochs`` more epochs with YOLOv5's ``train.main``, holding ``masks`` at zero.
 
@@ -148,7 +149,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
     (dense fine-tune, e.g. a baseline). ``keep_architecture``: train the module stored in ``weights`` (a
     channel-pruned model) instead of YOLOv5 rebuilding its YAML. ``teacher``: the dense model to distil from
     (:mod:`~yolo_prune_plugin.backend.distillation`, weight ``distill_weight``, feature term ``distill_features``;
-    None: YOLOv5's loss alone, the loop untouched). ``hooks``: further ``(YOLOv5 callback name, function)`` pairs registered after the plugin's own
+    None: YOLOv5's loss alone, the loop untouched). ``hooks``: further ``(YOLOv5 callback name, function)`` pairs
+    registered after the plugin's own
     (e.g. the penalty phase's regulariser). ``keep``: ``"best"`` (YOLOv5's best.pt, its fitness on the data's val
     split) or ``"last"`` (the last epoch); ``lr_schedule``: ``"run"`` (``base_opt``'s ``cos_lr``), ``"linear"`` or
     ``"cosine"`` (YOLOv5's ``cos_lr``). ``train_overrides`` are further YOLOv5 options. The run goes to
@@ -248,8 +250,8 @@ def finetune_checkpoint(weights: str | Path, base_opt: Any, epochs: int, *, lr_s
             if keep_architecture:
                 scope.enter_context(keep_checkpoint_architecture(b, weights))
             if teacher is not None:
-                state["distill"] = scope.enter_context(distilled_loss(b, teacher, distill_weight,
-                                                                             distill_features))
+                state["distill"] = scope.enter_context(
+                    distilled_loss(b, teacher, distill_weight, distill_features))
             try:
                 b.train.main(opt, callbacks=cb)
             except torch.cuda.OutOfMemoryError:
